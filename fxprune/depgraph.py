@@ -1,0 +1,202 @@
+"""The channel-dependency graph: channel spaces, exact couplings between them, and their solution.
+
+A *space* is one dimension of one value: ``(value, dim)``. A value is a tensor produced by an FX node
+(``"conv1"``), one element of a node's tuple output (``"split#1"``), or a parameter/buffer
+(``"param:layer1.0.conv1.weight"``). A *coupling* says that index ``i`` of space A and index ``j`` of space
+B must be kept or removed together; identity couplings pair equal-sized spaces index by index, mapped
+couplings carry explicit index arrays (cat offsets, split slices, flatten blocks, grouped-conv strides).
+
+The couplings are edges of a ``networkx.MultiGraph`` whose nodes are spaces. Solving them gives
+*channel classes* (connected components over individual indices, computed with scipy), and classes that
+share a *producer* space (a parameter dim that creates channels: a conv's output filters) form a
+*coupled group*, the unit a pruning ratio applies to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from fxprune.errors import InvariantError
+
+SpaceKey = tuple[str, int]
+
+
+def param_value(qualname: str) -> str:
+    """Return the value name of a parameter or buffer."""
+    return f"param:{qualname}"
+
+
+def space_label(space: SpaceKey) -> str:
+    """Return a readable label for a space, e.g. ``layer1.conv.weight[0]``."""
+    value, dim = space
+    name = value[len("param:") :] if value.startswith("param:") else value
+    return f"{name}[{dim}]"
+
+
+@dataclass
+class DependencyGraph:
+    """Mutable builder of spaces and couplings; rules write into it through ``RuleContext``.
+
+    Attributes:
+        graph: the space-level multigraph; every edge carries ``a_index``/``b_index`` (None = identity).
+        sizes: size of every registered space.
+        pins: reason per pinned space (the first reason wins).
+        producers: spaces whose indices are created by a parameter (prunable sources).
+        inexact: node name -> reason, for ops where the mask oracle cannot hold exactly.
+    """
+
+    graph: nx.MultiGraph = field(default_factory=nx.MultiGraph)
+    sizes: dict[SpaceKey, int] = field(default_factory=dict)
+    pins: dict[SpaceKey, str] = field(default_factory=dict)
+    producers: list[SpaceKey] = field(default_factory=list)
+    inexact: dict[str, str] = field(default_factory=dict)
+
+    def add_space(self, space: SpaceKey, size: int) -> None:
+        """Register a space of ``size`` indices (idempotent; sizes must agree)."""
+        old = self.sizes.get(space)
+        if old is None:
+            self.sizes[space] = int(size)
+            self.graph.add_node(space, size=int(size))
+        elif old != size:
+            raise InvariantError(f"space {space_label(space)} registered with sizes {old} and {size}")
+
+    def couple(
+        self,
+        a: SpaceKey,
+        b: SpaceKey,
+        a_index: np.ndarray | None = None,
+        b_index: np.ndarray | None = None,
+        why: str = "",
+    ) -> None:
+        """Couple index ``a_index[k]`` of ``a`` with ``b_index[k]`` of ``b`` (identity when both are None)."""
+        if a_index is None and b_index is None and self.sizes[a] != self.sizes[b]:
+            raise InvariantError(
+                f"identity coupling of {space_label(a)} (size {self.sizes[a]}) and "
+                f"{space_label(b)} (size {self.sizes[b]}) ({why})"
+            )
+        self.graph.add_edge(a, b, a_index=a_index, b_index=b_index, why=why)
+
+    def pin(self, space: SpaceKey, reason: str) -> None:
+        """Forbid pruning any channel that touches ``space``."""
+        self.pins.setdefault(space, reason)
+
+    def produce(self, space: SpaceKey) -> None:
+        """Mark ``space`` as a producer: its indices are channels a parameter creates."""
+        self.producers.append(space)
+
+    def solve(self) -> Solution:
+        """Compute channel classes, pins and coupled groups from the couplings."""
+        return _solve(self)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The solved dependency graph.
+
+    Attributes:
+        offsets: first element id of every space (elements of a space are contiguous).
+        labels: class label of every element.
+        n_classes: number of classes.
+        class_pin: per class, the pin reason or "" when free.
+        class_group: per class, the group id or -1 when the class has no producer.
+        groups: per group, the sorted class labels it holds (canonical order: by first element).
+        group_producers: per group, its producer spaces.
+    """
+
+    offsets: dict[SpaceKey, int]
+    sizes: dict[SpaceKey, int]
+    labels: np.ndarray
+    n_classes: int
+    class_pin: list[str]
+    class_group: np.ndarray
+    groups: list[np.ndarray]
+    group_producers: list[list[SpaceKey]]
+
+    def space_labels(self, space: SpaceKey) -> np.ndarray:
+        """Return the class label of each index of ``space``."""
+        start = self.offsets[space]
+        return self.labels[start : start + self.sizes[space]]
+
+
+def _solve(dep: DependencyGraph) -> Solution:
+    offsets: dict[SpaceKey, int] = {}
+    total = 0
+    for space, size in dep.sizes.items():
+        offsets[space] = total
+        total += size
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    for a, b, data in dep.graph.edges(data=True):
+        ai, bi = data["a_index"], data["b_index"]
+        if ai is None:
+            ai = np.arange(dep.sizes[a]) if bi is None else np.arange(len(bi))
+        if bi is None:
+            bi = np.arange(dep.sizes[b]) if data["a_index"] is None else np.arange(len(ai))
+        rows.append(offsets[a] + np.asarray(ai, dtype=np.int64))
+        cols.append(offsets[b] + np.asarray(bi, dtype=np.int64))
+    if rows:
+        r = np.concatenate(rows)
+        c = np.concatenate(cols)
+    else:
+        r = c = np.zeros(0, dtype=np.int64)
+    adjacency = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(total, total)).tocsr()
+    n_classes, raw = connected_components(adjacency, directed=False)
+    # Canonical labels: classes numbered by their first element, so results never depend on scipy's order.
+    first = np.full(n_classes, total, dtype=np.int64)
+    np.minimum.at(first, raw, np.arange(total))
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(n_classes, dtype=np.int64)
+    rank[order] = np.arange(n_classes)
+    labels = rank[raw]
+
+    class_pin = [""] * n_classes
+    for space, reason in dep.pins.items():
+        for lab in np.unique(labels[offsets[space] : offsets[space] + dep.sizes[space]]):
+            if not class_pin[lab]:
+                class_pin[lab] = f"{reason} (at {space_label(space)})"
+
+    # Groups: producers that share a class belong together (bipartite components producer <-> class).
+    producers = list(dict.fromkeys(dep.producers))
+    p_rows: list[np.ndarray] = []
+    p_cols: list[np.ndarray] = []
+    for j, space in enumerate(producers):
+        labs = np.unique(labels[offsets[space] : offsets[space] + dep.sizes[space]])
+        p_rows.append(np.full(len(labs), j, dtype=np.int64))
+        p_cols.append(len(producers) + labs)
+    n_nodes = len(producers) + n_classes
+    if p_rows:
+        pr, pc = np.concatenate(p_rows), np.concatenate(p_cols)
+    else:
+        pr = pc = np.zeros(0, dtype=np.int64)
+    bip = coo_matrix((np.ones(len(pr), dtype=np.int8), (pr, pc)), shape=(n_nodes, n_nodes)).tocsr()
+    _, comp = connected_components(bip, directed=False)
+    comp_of_producer = comp[: len(producers)]
+    group_ids: dict[int, int] = {}
+    for c in comp_of_producer:  # numbered in order of first producer: deterministic
+        group_ids.setdefault(int(c), len(group_ids))
+    class_group = np.full(n_classes, -1, dtype=np.int64)
+    has_producer = np.zeros(n_classes, dtype=bool)
+    if len(pc):
+        has_producer[pc - len(producers)] = True
+    class_comp = comp[len(producers) :]
+    for lab in np.nonzero(has_producer)[0]:
+        class_group[lab] = group_ids[int(class_comp[lab])]
+    groups = [np.nonzero(class_group == g)[0] for g in range(len(group_ids))]
+    group_producers: list[list[SpaceKey]] = [[] for _ in group_ids]
+    for space, c in zip(producers, comp_of_producer, strict=True):
+        group_producers[group_ids[int(c)]].append(space)
+    return Solution(
+        offsets=offsets,
+        sizes=dict(dep.sizes),
+        labels=labels,
+        n_classes=n_classes,
+        class_pin=class_pin,
+        class_group=class_group,
+        groups=groups,
+        group_producers=group_producers,
+    )

@@ -1,0 +1,31 @@
+"""The public error hierarchy: every failure fxprune reports on purpose derives from FxPruneError."""
+
+from __future__ import annotations
+
+
+class FxPruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class TraceError(FxPruneError):
+    """The model could not be captured as an FX graph, even with leaf fallback."""
+
+
+class ShapeError(FxPruneError):
+    """Shape propagation failed: example inputs are missing, of the wrong shape, or the model does not run."""
+
+
+class UnsupportedOpError(FxPruneError):
+    """An op cannot be handled by any rule and pinning it is not enough to keep the model valid."""
+
+
+class PlanMismatchError(FxPruneError):
+    """A pruning plan does not fit the model it is applied to."""
+
+
+class InvariantError(FxPruneError):
+    """fxprune broke one of its own invariants (a bug); the message names the node."""
+
+
+class ExportError(FxPruneError):
+    """ONNX export, simplification or the onnxruntime check failed."""

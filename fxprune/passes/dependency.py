@@ -1,0 +1,190 @@
+"""Build and solve the channel-dependency graph of a traced model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
+from fxprune.rules import lookup
+from fxprune.rules.common import pin_all, values_of
+from fxprune.rules.context import Regroup, RuleContext
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DependencyResult:
+    """The solved dependencies of one traced model (analysis only; nothing is modified).
+
+    Attributes:
+        dep: the channel-dependency graph (spaces, couplings, pins, producers).
+        solution: channel classes and coupled groups.
+        value_shapes: shape of every tensor value and parameter referenced.
+        params: canonical parameter/buffer name per value name ``param:<name>``.
+    """
+
+    dep: DependencyGraph
+    solution: Solution
+    value_shapes: dict[str, Shape]
+    params: dict[str, str]
+
+
+def canonical_names(gm: nn.Module) -> dict[int, str]:
+    """Map ``id(tensor)`` of every parameter and buffer to its first qualified name (tied weights share one)."""
+    names: dict[int, str] = {}
+    for name, t in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(t), name)
+    for name, t in gm.named_buffers(remove_duplicate=False):
+        names.setdefault(id(t), name)
+    return names
+
+
+def _matches(name: str, module: nn.Module, ignore: Iterable[str | type]) -> bool:
+    for item in ignore:
+        if isinstance(item, str) and (name == item or name.startswith(item + ".")):
+            return True
+        if isinstance(item, type) and isinstance(module, item):
+            return True
+    return False
+
+
+def build_dependencies(
+    gm: fx.GraphModule,
+    value_shapes: dict[str, Shape],
+    ignore: Iterable[str | type] = (),
+    opaque: dict[str, str] | None = None,
+) -> DependencyResult:
+    """Apply the rule of every node, resolve reshapes, and solve the couplings.
+
+    Args:
+        gm: the traced model.
+        value_shapes: output of shape propagation (``passes/shapes.py``).
+        ignore: module names (prefixes) or types whose channels must not be pruned.
+        opaque: submodules kept opaque by the tracer, with the reason (used in pin messages).
+    """
+    ignore = list(ignore)
+    opaque = opaque or {}
+    dep = DependencyGraph()
+    ctx = RuleContext(gm, dep, canonical_names(gm))
+    ctx.value_shapes = dict(value_shapes)
+    for node in gm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            for v in values_of(node, ctx):
+                ctx.pin(v, "model input")
+        elif node.op == "output":
+            pin_all(node, ctx, "model output")
+        elif node.op == "get_attr":
+            _get_attr(node, ctx)
+        else:
+            if node.op == "call_module" and str(node.target) in opaque:
+                pin_all(node, ctx, f"opaque module {node.target}: {opaque[str(node.target)]}")
+            else:
+                lookup(node, gm)(node, ctx)
+            if node.op == "call_module":
+                mod = gm.get_submodule(str(node.target))
+                if _matches(str(node.target), mod, ignore):
+                    _pin_module(node, mod, ctx)
+    _resolve_regroups(dep, ctx.regroups)
+    params = {v: v[len("param:") :] for v in ctx.value_shapes if v.startswith("param:")}
+    return DependencyResult(dep=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params)
+
+
+def _get_attr(node: fx.Node, ctx: RuleContext) -> None:
+    y = ctx.out()
+    if y is None:
+        return
+    owner_name, _, attr = str(node.target).rpartition(".")
+    owner = ctx.gm.get_submodule(owner_name)
+    p = ctx.param(owner, attr)
+    if p is None:
+        ctx.pin(y, f"{node.name}: constant tensor attribute that is not a parameter or buffer")
+        return
+    for d in range(ctx.ndim(y)):
+        ctx.same(y, d, p, d)
+
+
+def _pin_module(node: fx.Node, mod: nn.Module, ctx: RuleContext) -> None:
+    reason = f"ignored by the user: {node.target}"
+    pin_all(node, ctx, reason)
+    for name, _ in list(mod.named_parameters()) + list(mod.named_buffers()):
+        owner_name, _, attr = name.rpartition(".")
+        p = ctx.param(mod.get_submodule(owner_name) if owner_name else mod, attr)
+        if p is not None:
+            ctx.pin(p, reason)
+
+
+def _channel_like(sol: Solution, space: SpaceKey) -> bool:
+    labs = sol.space_labels(space)
+    return bool(np.any((sol.class_group[labs] >= 0) & np.array([not sol.class_pin[i] for i in labs])))
+
+
+def _free(sol: Solution, space: SpaceKey) -> bool:
+    return sol.sizes[space] > 1 and not all(sol.class_pin[i] for i in sol.space_labels(space))
+
+
+def _couple_factor(dep: DependencyGraph, rg: Regroup, k: int | None) -> None:
+    reason = f"{rg.node}: reshape merges/splits dims and only one of them can be pruned"
+    if k is None:
+        dep.pin(rg.product, reason)
+    sizes = rg.factor_sizes
+    for j, f in enumerate(rg.factors):
+        if j != k:
+            dep.pin(f, reason)
+    if k is None:
+        return
+    inner = int(np.prod(sizes[k + 1 :])) if k + 1 < len(sizes) else 1
+    f_idx = np.arange(int(np.prod(sizes)))
+    dep.couple(rg.product, rg.factors[k], f_idx, (f_idx // inner) % sizes[k], why=rg.node)
+
+
+def _policy(rg: Regroup, cands: list[int]) -> int:
+    # Prefer the largest factor (channels over a small group count; head_dim over heads); ties: innermost.
+    return max(cands, key=lambda k: (rg.factor_sizes[k], k))
+
+
+def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup]) -> None:
+    """Pick the factor each merge/split couples to: the one that carries channels.
+
+    A factor is a candidate when it is not pinned and longer than 1. Rounds resolve every reshape whose
+    candidates already reach a producer (a flatten after a conv couples the conv's channels, not the
+    spatial dims); when no round makes progress, reshapes whose product carries channels take the largest
+    candidate, and the rest are pinned.
+    """
+    pending = list(regroups)
+    while pending:
+        sol = dep.solve()
+        progress = False
+        waiting: list[Regroup] = []
+        for rg in pending:
+            cands = [k for k, f in enumerate(rg.factors) if _free(sol, f)]
+            chan = [k for k in cands if _channel_like(sol, rg.factors[k])]
+            if chan:
+                _couple_factor(dep, rg, _policy(rg, chan))
+                progress = True
+            elif not cands:
+                _couple_factor(dep, rg, None)
+                progress = True
+            else:
+                waiting.append(rg)
+        if not progress:
+            for rg in waiting:
+                cands = [k for k, f in enumerate(rg.factors) if _free(sol, f)]
+                k = _policy(rg, cands) if _channel_like(sol, rg.product) else None
+                _couple_factor(dep, rg, k)
+                log.debug("fxprune: %s couples %s", rg.node, space_label(rg.factors[k]) if k is not None else "nothing")
+            waiting = []
+        pending = waiting
+
+
+def param_shapes(result: DependencyResult) -> dict[str, Shape]:
+    """Shapes of every parameter value referenced by a rule, keyed by canonical name."""
+    return {name: result.value_shapes[param_value(name)] for name in result.params.values()}

@@ -1,0 +1,136 @@
+"""Physically remove the dropped channels: slice parameters, fix module attributes, rewrite literal sizes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.errors import InvariantError
+from fxprune.passes.base import PassResult
+from fxprune.passes.dependency import DependencyResult
+from fxprune.plan import PruningPlan
+from fxprune.rules.literals import rewriter_for
+from fxprune.rules.modules import fix_module
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+def kept_indices(deps: DependencyResult, plan: PruningPlan) -> dict[tuple[str, int], np.ndarray]:
+    """Kept indices of every space that loses at least one index."""
+    sol = deps.solution
+    dropped = plan.dropped_mask(sol.n_classes)
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for space in sol.offsets:
+        keep = ~dropped[sol.space_labels(space)]
+        if not keep.all():
+            out[space] = np.nonzero(keep)[0]
+    return out
+
+
+def new_shapes(deps: DependencyResult, kept: dict[tuple[str, int], np.ndarray]) -> dict[str, Shape]:
+    """The shape every value must have after pruning."""
+    out: dict[str, Shape] = {}
+    for value, shape in deps.value_shapes.items():
+        out[value] = tuple(len(kept[(value, d)]) if (value, d) in kept else s for d, s in enumerate(shape))
+    return out
+
+
+class RewritePass:
+    """Apply a ``PruningPlan`` to the traced model it was computed on (in place on that GraphModule).
+
+    The GraphModule must be a private copy: the caller's model is never handed to this pass.
+    """
+
+    def __init__(self, deps: DependencyResult, plan: PruningPlan) -> None:
+        self.deps = deps
+        self.plan = plan
+        self.kept = kept_indices(deps, plan)
+        self.shapes = new_shapes(deps, self.kept)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if not self.kept:
+            return PassResult(gm, modified=False)
+        changed = self._slice_parameters(gm)
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self._fix_module(gm, node, changed)
+            else:
+                rewrite = rewriter_for(node)
+                if rewrite is not None:
+                    old = [self.deps.value_shapes[v] for v in values_of_name(node, self.deps)]
+                    new = [self.shapes[v] for v in values_of_name(node, self.deps)]
+                    if old:
+                        rewrite(node, old, new)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified=True)
+
+    def _slice_parameters(self, gm: fx.GraphModule) -> set[str]:
+        owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+        for mod_name, mod in gm.named_modules(remove_duplicate=False):
+            for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if t is not None:
+                    owners.setdefault(id(t), []).append((mod, attr, mod_name))
+        by_name = dict(gm.named_parameters(remove_duplicate=False))
+        by_name.update(dict(gm.named_buffers(remove_duplicate=False)))
+        changed: set[str] = set()
+        for value, qual in self.deps.params.items():
+            t = by_name[qual]
+            dims = [(d, self.kept[(value, d)]) for d in range(t.dim()) if (value, d) in self.kept]
+            if not dims:
+                continue
+            with torch.no_grad():
+                data = t.detach()
+                for d, idx in dims:
+                    data = data.index_select(d, torch.as_tensor(idx, dtype=torch.long, device=data.device))
+                data = data.clone().contiguous()
+            if isinstance(t, nn.Parameter):
+                new: torch.Tensor = nn.Parameter(data, requires_grad=t.requires_grad)
+            else:
+                new = data
+            for mod, attr, mod_name in owners[id(t)]:
+                if isinstance(t, nn.Parameter):
+                    mod._parameters[attr] = new  # type: ignore[assignment]
+                else:
+                    mod._buffers[attr] = new
+                changed.add(mod_name)
+        return changed
+
+    def _fix_module(self, gm: fx.GraphModule, node: fx.Node, changed: set[str]) -> None:
+        x = node.args[0] if node.args else None
+        new_in = None
+        if isinstance(x, fx.Node) and x.name in self.shapes:
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                cd = len(self.shapes[x.name]) - len(mod.kernel_size) - 1
+                new_in = self.shapes[x.name][cd]
+        if str(node.target) in changed or new_in is not None:
+            mod = gm.get_submodule(str(node.target))
+            fix_module(mod, new_in)
+            _check_divisible(node, mod)
+
+
+def values_of_name(node: fx.Node, deps: DependencyResult) -> list[str]:
+    """Value names a node produces (itself, or its tuple elements)."""
+    if node.name in deps.value_shapes:
+        return [node.name]
+    out = []
+    while f"{node.name}#{len(out)}" in deps.value_shapes:
+        out.append(f"{node.name}#{len(out)}")
+    return out
+
+
+def _check_divisible(node: fx.Node, mod: nn.Module) -> None:
+    if isinstance(mod, nn.modules.conv._ConvNd) and (
+        mod.in_channels % mod.groups or mod.out_channels % mod.groups
+    ):
+        raise InvariantError(
+            f"{node.format_node()}: channels {mod.in_channels}->{mod.out_channels} not divisible by groups={mod.groups}"
+        )
+

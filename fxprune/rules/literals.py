@@ -1,0 +1,83 @@
+"""Rewrite literal sizes in the graph (view/reshape/expand shapes, split sizes) after channels were removed.
+
+Each entry takes the node, its old output shape(s) and its new output shape(s), and edits ``node.args``
+in place. Sizes that come from other nodes (``x.size(0)``) are computed at run time and left alone; the
+shape check after rewriting proves they came out right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from fxprune.errors import InvariantError
+
+Shape = tuple[int, ...]
+Rewriter = Callable[[fx.Node, list[Shape], list[Shape]], None]
+
+
+def _new_sizes(node: fx.Node, sizes: list[object], old: Shape, new: Shape) -> list[object]:
+    if len(sizes) != len(old):
+        raise InvariantError(f"shape argument of {node.format_node()} has {len(sizes)} entries for rank {len(old)}")
+    out = list(sizes)
+    for d, (o, n) in enumerate(zip(old, new, strict=True)):
+        if o != n and isinstance(out[d], int) and out[d] != -1:
+            out[d] = n
+    return out
+
+
+def shape_args(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
+    """``x.view(a, b, c)`` / ``x.view((a, b, c))`` / ``torch.reshape(x, shape)`` / ``x.expand(...)``."""
+    if old[0] == new[0]:
+        return
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        node.args = (node.args[0], type(rest[0])(_new_sizes(node, list(rest[0]), old[0], new[0])))
+    elif "shape" in node.kwargs or "size" in node.kwargs:
+        key = "shape" if "shape" in node.kwargs else "size"
+        kwargs = dict(node.kwargs)
+        kwargs[key] = tuple(_new_sizes(node, list(kwargs[key]), old[0], new[0]))
+        node.kwargs = kwargs
+    else:
+        node.args = (node.args[0], *_new_sizes(node, list(rest), old[0], new[0]))
+
+
+def split_sizes(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
+    """split/chunk: always written back as explicit section sizes (``chunk`` becomes ``split``)."""
+    if old == new:
+        return
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = int(dim) % len(new[0])  # type: ignore[arg-type]
+    sizes = [s[dim] for s in new]
+    kwargs = {k: v for k, v in node.kwargs.items() if k not in ("split_size_or_sections", "split_size", "chunks", "dim")}
+    node.args = (node.args[0], sizes, dim)
+    node.kwargs = kwargs
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+
+
+FUNCTION_REWRITERS: dict[object, Rewriter] = {
+    torch.reshape: shape_args,
+    torch.split: split_sizes,
+    torch.chunk: split_sizes,
+}
+METHOD_REWRITERS: dict[str, Rewriter] = {
+    "view": shape_args,
+    "reshape": shape_args,
+    "expand": shape_args,
+    "split": split_sizes,
+    "chunk": split_sizes,
+}
+
+
+def rewriter_for(node: fx.Node) -> Rewriter | None:
+    """Return the literal rewriter of a node, if its op carries sizes in its arguments."""
+    if node.op == "call_function":
+        return FUNCTION_REWRITERS.get(node.target)
+    if node.op == "call_method":
+        return METHOD_REWRITERS.get(str(node.target))
+    return None

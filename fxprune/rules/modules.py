@@ -1,0 +1,253 @@
+"""Channel rules for ``call_module`` nodes, one entry per module type, and their attribute fix-ups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.rules.common import channelwise, pin_all, reshape_like, unary
+from fxprune.rules.context import RuleContext
+
+
+def _io(node: fx.Node, ctx: RuleContext) -> tuple[str, str] | None:
+    x = ctx.tensor(node.args[0]) if node.args else None
+    y = ctx.out()
+    if x is None or y is None:
+        pin_all(node, ctx, f"{node.name}: unexpected inputs")
+        return None
+    return x, y
+
+
+def conv(node: fx.Node, ctx: RuleContext) -> None:
+    """Conv1d/2d/3d: filters produce output channels; depthwise and grouped convs keep groups divisible.
+
+    Grouped convs couple input channel ``i`` with every ``i + k * in_per_group`` (and likewise for outputs),
+    so the same number of channels leaves every group and ``groups`` stays unchanged.
+    """
+    io = _io(node, ctx)
+    if io is None:
+        return
+    x, y = io
+    m = ctx.module()
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    n_sp = len(m.kernel_size)
+    cd = ctx.ndim(x) - n_sp - 1
+    w = ctx.param(m, "weight")
+    b = ctx.param(m, "bias")
+    assert w is not None
+    for d in range(cd):
+        ctx.same(x, d, y, d)
+    ctx.pin(x, f"{node.name}: conv spatial dims", list(range(cd + 1, ctx.ndim(x))))
+    ctx.same(y, cd, w, 0)
+    if b is not None:
+        ctx.same(w, 0, b, 0)
+    ctx.produce(w, 0)
+    cin, cout, g = m.in_channels, m.out_channels, m.groups
+    if g == 1:
+        ctx.same(x, cd, w, 1)
+    elif g == cin:
+        mult = cout // cin
+        o = np.arange(cout)
+        ctx.mapped(y, cd, o, x, cd, o // mult)
+    else:
+        in_pg, out_pg = cin // g, cout // g
+        i = np.arange(cin)
+        ctx.mapped(x, cd, i, w, 1, i % in_pg)
+        # Couple output k*out_pg + j across groups k through the weight's own dim 0 (a mapped self-edge).
+        o = np.arange(cout)
+        ctx.mapped(w, 0, o, w, 0, o % out_pg)
+
+
+def conv_transpose(node: fx.Node, ctx: RuleContext) -> None:
+    """ConvTranspose1d/2d/3d with groups == 1: weight is [in, out, *k]."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    x, y = io
+    m = ctx.module()
+    assert isinstance(m, nn.modules.conv._ConvTransposeNd)
+    if m.groups != 1:
+        pin_all(node, ctx, f"{node.name}: grouped ConvTranspose is not pruned")
+        return
+    n_sp = len(m.kernel_size)
+    cd = ctx.ndim(x) - n_sp - 1
+    w = ctx.param(m, "weight")
+    b = ctx.param(m, "bias")
+    assert w is not None
+    for d in range(cd):
+        ctx.same(x, d, y, d)
+    ctx.pin(x, f"{node.name}: conv spatial dims", list(range(cd + 1, ctx.ndim(x))))
+    ctx.same(x, cd, w, 0)
+    ctx.same(y, cd, w, 1)
+    if b is not None:
+        ctx.same(w, 1, b, 0)
+    ctx.produce(w, 1)
+
+
+def linear(node: fx.Node, ctx: RuleContext) -> None:
+    """Linear: out features are produced; leading dims pass through."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    x, y = io
+    m = ctx.module()
+    w = ctx.param(m, "weight")
+    b = ctx.param(m, "bias")
+    assert w is not None
+    for d in range(ctx.ndim(x) - 1):
+        ctx.same(x, d, y, d)
+    ctx.same(x, -1, w, 1)
+    ctx.same(y, -1, w, 0)
+    if b is not None:
+        ctx.same(w, 0, b, 0)
+    ctx.produce(w, 0)
+
+
+def batch_norm(node: fx.Node, ctx: RuleContext) -> None:
+    """BatchNorm: per-channel affine and running statistics follow dim 1."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    x, y = io
+    unary(node, ctx)
+    m = ctx.module()
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        p = ctx.param(m, attr)
+        if p is not None:
+            ctx.same(x, 1, p, 0)
+
+
+def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
+    """LayerNorm over the last dims: weight/bias follow them; pruning them changes the statistics."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    x, y = io
+    unary(node, ctx)
+    m = ctx.module()
+    assert isinstance(m, nn.LayerNorm)
+    k = len(m.normalized_shape)
+    for j in range(k):
+        d = ctx.ndim(x) - k + j
+        ctx.inexact(x, d, f"{node.name}: LayerNorm normalises over this dim")
+        for attr in ("weight", "bias"):
+            p = ctx.param(m, attr)
+            if p is not None:
+                ctx.same(x, d, p, j)
+    if k > 1:
+        ctx.pin(x, f"{node.name}: LayerNorm over several dims", list(range(ctx.ndim(x) - k, ctx.ndim(x) - 1)))
+
+
+def group_norm(node: fx.Node, ctx: RuleContext) -> None:
+    """GroupNorm: channels are pinned (group statistics would change)."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    unary(node, ctx)
+    pin_all(node, ctx, f"{node.name}: GroupNorm statistics span channel groups")
+
+
+def embedding(node: fx.Node, ctx: RuleContext) -> None:
+    """Embedding: the embedding dim is produced by the table; index dims pass through."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    x, y = io
+    w = ctx.param(ctx.module(), "weight")
+    assert w is not None
+    for d in range(ctx.ndim(x)):
+        ctx.same(x, d, y, d)
+    ctx.same(y, -1, w, 1)
+    ctx.pin(w, f"{node.name}: vocabulary rows", [0])
+    ctx.produce(w, 1)
+
+
+def _pool(n_spatial: int) -> Callable[[fx.Node, RuleContext], None]:
+    def rule(node: fx.Node, ctx: RuleContext) -> None:
+        io = _io(node, ctx)
+        if io is not None:
+            channelwise(ctx, io[0], io[1], n_spatial, node.name)
+
+    rule.__doc__ = f"Pooling/upsampling over {n_spatial} spatial dims: channels pass through."
+    return rule
+
+
+MODULE_RULES: dict[type, Callable[[fx.Node, RuleContext], None]] = {
+    nn.Conv1d: conv,
+    nn.Conv2d: conv,
+    nn.Conv3d: conv,
+    nn.ConvTranspose1d: conv_transpose,
+    nn.ConvTranspose2d: conv_transpose,
+    nn.ConvTranspose3d: conv_transpose,
+    nn.Linear: linear,
+    nn.BatchNorm1d: batch_norm,
+    nn.BatchNorm2d: batch_norm,
+    nn.BatchNorm3d: batch_norm,
+    nn.LayerNorm: layer_norm,
+    nn.GroupNorm: group_norm,
+    nn.Embedding: embedding,
+    nn.Flatten: reshape_like,
+    nn.Unflatten: reshape_like,
+}
+for _t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d):
+    MODULE_RULES[_t] = _pool(1)
+for _t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+           nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+    MODULE_RULES[_t] = _pool(2)
+for _t in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d):
+    MODULE_RULES[_t] = _pool(3)
+for _t in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+           nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU,
+           nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):
+    MODULE_RULES[_t] = unary
+# PReLU with one slope per channel is not elementwise-uniform; give it its own rule.
+
+
+def prelu(node: fx.Node, ctx: RuleContext) -> None:
+    """PReLU: a per-channel slope follows dim 1 (a single shared slope couples nothing)."""
+    unary(node, ctx)
+    x = ctx.tensor(node.args[0]) if node.args else None
+    p = ctx.param(ctx.module(), "weight")
+    if x is not None and p is not None and ctx.shape_of(p)[0] > 1:
+        ctx.same(x, 1, p, 0)
+
+
+MODULE_RULES[nn.PReLU] = prelu
+
+
+# ---- attribute fix-ups after parameters were sliced ------------------------------------------------
+
+def fix_conv(m: nn.Module, new_in: int) -> None:
+    """Recompute a conv's channel attributes from its sliced weight and its new input width."""
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    was_depthwise = m.groups == m.in_channels and m.groups > 1
+    if m.transposed:
+        m.out_channels = m.weight.shape[1] * m.groups
+    else:
+        m.out_channels = m.weight.shape[0]
+        if was_depthwise:
+            m.groups = new_in
+    m.in_channels = new_in
+
+
+def fix_module(m: nn.Module, new_in: int | None) -> None:
+    """Update the size attributes of a module whose parameters were sliced."""
+    if isinstance(m, nn.modules.conv._ConvNd) and new_in is not None:
+        fix_conv(m, new_in)
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = m.running_mean if m.running_mean is not None else m.weight
+        if ref is not None:
+            m.num_features = ref.shape[0]
+    elif isinstance(m, nn.LayerNorm):
+        ref = m.weight if m.weight is not None else m.bias
+        if ref is not None:
+            m.normalized_shape = tuple(ref.shape)
+    elif isinstance(m, nn.Embedding):
+        m.embedding_dim = m.weight.shape[1]
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.shape[0]

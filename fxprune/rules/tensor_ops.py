@@ -1,0 +1,288 @@
+"""Channel rules for ``call_function`` and ``call_method`` nodes: one entry per op."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxprune.rules.common import broadcast, channelwise, no_channels, pin_all, reshape_like, unary, values_of
+from fxprune.rules.context import RuleContext
+
+Rule = Callable[[fx.Node, RuleContext], None]
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: object = None) -> object:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def cat(node: fx.Node, ctx: RuleContext) -> None:
+    """torch.cat: the cat dim of the output is the inputs laid end to end; other dims are shared."""
+    y = ctx.out()
+    tensors = _arg(node, 0, "tensors")
+    if y is None or not isinstance(tensors, (list, tuple)):
+        pin_all(node, ctx, f"{node.name}: cat of a non-list")
+        return
+    dim = int(_arg(node, 1, "dim", 0)) % ctx.ndim(y)  # type: ignore[arg-type]
+    offset = 0
+    for t in tensors:
+        x = ctx.tensor(t)
+        if x is None:
+            pin_all(node, ctx, f"{node.name}: cat of a non-tensor")
+            return
+        n = ctx.shape_of(x)[dim]
+        if n:
+            idx = np.arange(n)
+            ctx.mapped(x, dim, idx, y, dim, offset + idx)
+        for d in range(ctx.ndim(y)):
+            if d != dim:
+                ctx.same(x, d, y, d)
+        offset += n
+
+
+def stack(node: fx.Node, ctx: RuleContext) -> None:
+    """torch.stack: a new dim is inserted; every other dim is shared by all inputs."""
+    y = ctx.out()
+    tensors = _arg(node, 0, "tensors")
+    if y is None or not isinstance(tensors, (list, tuple)):
+        pin_all(node, ctx, f"{node.name}: stack of a non-list")
+        return
+    dim = int(_arg(node, 1, "dim", 0)) % ctx.ndim(y)  # type: ignore[arg-type]
+    ctx.pin(y, f"{node.name}: stacked dim", [dim])
+    for t in tensors:
+        x = ctx.tensor(t)
+        if x is None:
+            pin_all(node, ctx, f"{node.name}: stack of a non-tensor")
+            return
+        for d in range(ctx.ndim(x)):
+            ctx.same(x, d, y, d if d < dim else d + 1)
+
+
+def split(node: fx.Node, ctx: RuleContext) -> None:
+    """split/chunk: output ``i`` is a slice of the split dim at its offset; other dims are shared."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    parts = values_of(node, ctx)
+    if x is None or not parts:
+        pin_all(node, ctx, f"{node.name}: split of a non-tensor")
+        return
+    dim_default = 0
+    dim = _arg(node, 2, "dim", dim_default)
+    dim = int(dim) % ctx.ndim(x)  # type: ignore[arg-type]
+    offset = 0
+    for p in parts:
+        n = ctx.shape_of(p)[dim]
+        if n:
+            idx = np.arange(n)
+            ctx.mapped(x, dim, offset + idx, p, dim, idx)
+        for d in range(ctx.ndim(x)):
+            if d != dim:
+                ctx.same(x, d, p, d)
+        offset += n
+
+
+def getitem(node: fx.Node, ctx: RuleContext) -> None:
+    """``a[i]`` on a tuple output, or basic indexing of a tensor (full slices pass through)."""
+    src, idx = node.args[0], node.args[1]
+    if not isinstance(src, fx.Node):
+        return
+    y = ctx.out()
+    parts = values_of(src, ctx)
+    if isinstance(idx, int) and parts and parts[0] != src.name:
+        part = parts[idx]
+        if y is not None:
+            for d in range(ctx.ndim(y)):
+                ctx.same(part, d, y, d)
+        return
+    x = ctx.tensor(src)
+    if x is None:
+        if y is not None:  # a tensor picked out of an untracked container
+            ctx.pin(y, f"{node.name}: item of an untracked container")
+        return
+    if y is None:
+        pin_all(node, ctx, f"{node.name}: tensor indexing with a non-tensor result")
+        return
+    _index_tensor(node, ctx, x, y, idx)
+
+
+def _index_tensor(node: fx.Node, ctx: RuleContext, x: str, y: str, idx: object) -> None:
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+        pin_all(node, ctx, f"{node.name}: advanced indexing")
+        return
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items = items[:k] + [slice(None)] * (ctx.ndim(x) - n_real) + items[k + 1 :]
+    items += [slice(None)] * (ctx.ndim(x) - sum(1 for i in items if i is not None))
+    xd = yd = 0
+    for i in items:
+        if i is None:
+            yd += 1
+        elif isinstance(i, slice) and i == slice(None):
+            ctx.same(x, xd, y, yd)
+            xd += 1
+            yd += 1
+        elif isinstance(i, slice):
+            reason = f"{node.name}: partial slice {i}"
+            ctx.pin(x, reason, [xd])
+            ctx.pin(y, reason, [yd])
+            xd += 1
+            yd += 1
+        else:
+            ctx.pin(x, f"{node.name}: integer index", [xd])
+            xd += 1
+
+
+def permute(node: fx.Node, ctx: RuleContext) -> None:
+    """permute/transpose/t: output dim ``i`` is input dim ``perm[i]``."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    y = ctx.out()
+    if x is None or y is None:
+        pin_all(node, ctx, f"{node.name}: permute of a non-tensor")
+        return
+    n = ctx.ndim(x)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in ("transpose", "swapaxes", "swapdims"):
+        d0 = int(_arg(node, 1, "dim0")) % n  # type: ignore[arg-type]
+        d1 = int(_arg(node, 2, "dim1")) % n  # type: ignore[arg-type]
+        perm = list(range(n))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    elif name == "t":
+        perm = list(range(n))[::-1]
+    else:
+        rest = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),)
+        perm = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        perm = [int(p) % n for p in perm]  # type: ignore[arg-type]
+    for i, p in enumerate(perm):
+        ctx.same(x, p, y, i)
+
+
+def reduction(keeps_exact: bool) -> Rule:
+    """sum (exact under zeroed channels) or mean/amax/var (divisor or statistic changes: reduced dims pinned)."""
+
+    def rule(node: fx.Node, ctx: RuleContext) -> None:
+        x = ctx.tensor(node.args[0]) if node.args else None
+        y = ctx.out()
+        if x is None or y is None:
+            pin_all(node, ctx, f"{node.name}: reduction without a single tensor result")
+            return
+        n = ctx.ndim(x)
+        dims = _arg(node, 1, "dim")
+        if dims is None:
+            reduced = list(range(n))
+        else:
+            reduced = [int(d) % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])]  # type: ignore[arg-type]
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        yd = 0
+        for d in range(n):
+            if d in reduced:
+                if not keeps_exact:
+                    ctx.pin(x, f"{node.name}: reduced by {node.target}", [d])
+                if keepdim:
+                    yd += 1
+            else:
+                ctx.same(x, d, y, yd)
+                yd += 1
+
+    rule.__doc__ = "Reduction over dims: kept dims pass through."
+    return rule
+
+
+def softmax(node: fx.Node, ctx: RuleContext) -> None:
+    """softmax/log_softmax: shape-preserving, but the normalised dim is pinned."""
+    unary(node, ctx)
+    x = ctx.tensor(node.args[0]) if node.args else None
+    dim = _arg(node, 1, "dim")
+    if x is not None and isinstance(dim, int):
+        ctx.pin(x, f"{node.name}: softmax normalises over this dim", [dim % ctx.ndim(x)])
+    elif x is not None:
+        pin_all(node, ctx, f"{node.name}: softmax without a literal dim")
+
+
+def pool_fn(n_spatial: int) -> Rule:
+    """Functional pooling / interpolation over ``n_spatial`` trailing dims."""
+
+    def rule(node: fx.Node, ctx: RuleContext) -> None:
+        x = ctx.tensor(node.args[0]) if node.args else None
+        y = ctx.out()
+        if x is None or y is None:
+            pin_all(node, ctx, f"{node.name}: pooling without a single tensor result")
+            return
+        channelwise(ctx, x, y, n_spatial, node.name)
+
+    return rule
+
+
+def interpolate(node: fx.Node, ctx: RuleContext) -> None:
+    """F.interpolate: resamples every dim after the channel dim."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    y = ctx.out()
+    if x is None or y is None:
+        pin_all(node, ctx, f"{node.name}: interpolate without a tensor")
+        return
+    channelwise(ctx, x, y, ctx.ndim(x) - 2, node.name)
+
+
+_ELEMENTWISE_FNS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+    torch.true_divide, torch.rsub, torch.masked_fill, torch.pow, operator.pow, operator.floordiv,
+    operator.mod,
+]
+_UNARY_FNS = [
+    torch.relu, torch.relu_, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid,
+    torch.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp, torch.clip, torch.exp,
+    torch.neg, operator.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.square,
+    torch.clone, torch.erf, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
+    torch.nn.functional.logsigmoid, torch.nan_to_num, torch.sign,
+]
+_ELEMENTWISE_METHODS = [
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "truediv", "masked_fill", "masked_fill_",
+    "where", "maximum", "minimum", "type_as", "pow", "rsub",
+]
+_UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "contiguous",
+    "float", "double", "half", "bfloat16", "to", "exp", "neg", "abs", "sqrt", "rsqrt", "clone", "detach",
+    "square", "zero_", "fill_", "erf", "sign", "hardtanh",
+]
+
+FUNCTION_RULES: dict[object, Rule] = {
+    torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
+    torch.stack: stack,
+    torch.split: split, torch.chunk: split,
+    operator.getitem: getitem,
+    torch.flatten: reshape_like, torch.reshape: reshape_like, torch.squeeze: reshape_like,
+    torch.unsqueeze: reshape_like,
+    torch.permute: permute, torch.transpose: permute, torch.swapaxes: permute, torch.t: permute,
+    torch.sum: reduction(True), torch.mean: reduction(False), torch.amax: reduction(False),
+    torch.amin: reduction(False),
+    F.softmax: softmax, torch.softmax: softmax, F.log_softmax: softmax, torch.log_softmax: softmax,
+    F.max_pool1d: pool_fn(1), F.avg_pool1d: pool_fn(1), F.adaptive_avg_pool1d: pool_fn(1),
+    F.adaptive_max_pool1d: pool_fn(1),
+    F.max_pool2d: pool_fn(2), F.avg_pool2d: pool_fn(2), F.adaptive_avg_pool2d: pool_fn(2),
+    F.adaptive_max_pool2d: pool_fn(2),
+    F.max_pool3d: pool_fn(3), F.avg_pool3d: pool_fn(3), F.adaptive_avg_pool3d: pool_fn(3),
+    F.interpolate: interpolate, F.upsample: interpolate,
+    getattr: no_channels, len: no_channels,
+}
+FUNCTION_RULES.update({f: broadcast for f in _ELEMENTWISE_FNS})
+FUNCTION_RULES.update({f: unary for f in _UNARY_FNS})
+
+METHOD_RULES: dict[str, Rule] = {
+    "view": reshape_like, "reshape": reshape_like, "flatten": reshape_like, "squeeze": reshape_like,
+    "unsqueeze": reshape_like, "view_as": reshape_like, "reshape_as": reshape_like,
+    "permute": permute, "transpose": permute, "swapaxes": permute, "t": permute,
+    "split": split, "chunk": split,
+    "sum": reduction(True), "mean": reduction(False), "amax": reduction(False), "amin": reduction(False),
+    "softmax": softmax, "log_softmax": softmax,
+    "size": no_channels, "dim": no_channels, "numel": no_channels, "ndimension": no_channels,
+}
+METHOD_RULES.update({m: broadcast for m in _ELEMENTWISE_METHODS})
+METHOD_RULES.update({m: unary for m in _UNARY_METHODS})
