@@ -43,7 +43,8 @@ class DependencyGraph:
     """Mutable builder of spaces and couplings; rules write into it through ``RuleContext``.
 
     Attributes:
-        graph: the space-level multigraph; every edge carries ``a_index``/``b_index`` (None = identity).
+        graph: the space-level multigraph; every edge carries its endpoints ``a``/``b`` and
+            ``a_index``/``b_index`` (None = identity).
         sizes: size of every registered space.
         pins: reason per pinned space (the first reason wins).
         producers: spaces whose indices are created by a parameter (prunable sources).
@@ -79,7 +80,8 @@ class DependencyGraph:
                 f"identity coupling of {space_label(a)} (size {self.sizes[a]}) and "
                 f"{space_label(b)} (size {self.sizes[b]}) ({why})"
             )
-        self.graph.add_edge(a, b, a_index=a_index, b_index=b_index, why=why)
+        # Endpoints are stored in the data: an undirected graph may report the edge as (b, a).
+        self.graph.add_edge(a, b, a=a, b=b, a_index=a_index, b_index=b_index, why=why)
 
     def pin(self, space: SpaceKey, reason: str) -> None:
         """Forbid pruning any channel that touches ``space``."""
@@ -131,8 +133,8 @@ def _solve(dep: DependencyGraph) -> Solution:
         total += size
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
-    for a, b, data in dep.graph.edges(data=True):
-        ai, bi = data["a_index"], data["b_index"]
+    for _, _, data in dep.graph.edges(data=True):
+        a, b, ai, bi = data["a"], data["b"], data["a_index"], data["b_index"]
         if ai is None:
             ai = np.arange(dep.sizes[a]) if bi is None else np.arange(len(bi))
         if bi is None:

@@ -176,12 +176,16 @@ def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup]) -> None:
             else:
                 waiting.append(rg)
         if not progress:
-            for rg in waiting:
+            # Nothing resolved from evidence: split the reshapes whose product carries channels by policy,
+            # then re-solve so the reshapes downstream of them see the channels. Pin the rest only when
+            # none of them carries channels.
+            carrying = [rg for rg in waiting if _channel_like(sol, rg.product)]
+            for rg in carrying or waiting:
                 cands = [k for k, f in enumerate(rg.factors) if _free(sol, f)]
-                k = _policy(rg, cands) if _channel_like(sol, rg.product) else None
+                k = _policy(rg, cands) if carrying else None
                 _couple_factor(dep, rg, k)
                 log.debug("fxprune: %s couples %s", rg.node, space_label(rg.factors[k]) if k is not None else "nothing")
-            waiting = []
+            waiting = [rg for rg in waiting if carrying and rg not in carrying]
         pending = waiting
 
 

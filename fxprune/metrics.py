@@ -1,0 +1,188 @@
+"""Model cost metrics: unique parameter count, MACs and CPU/GPU latency.
+
+All functions leave the model exactly as they found it: the per-module training flags are restored and
+no parameter or buffer is written (the model runs in eval mode under ``torch.no_grad``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatencyReport", "count_macs", "count_params", "eval_mode", "measure_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """Wall-clock latency of one forward pass.
+
+    Attributes:
+        median_ms: Median latency over the timed runs, in milliseconds.
+        p90_ms: 90th percentile latency (linear interpolation), in milliseconds.
+        runs: Number of timed runs (warm-up runs excluded).
+        threads: ``torch.get_num_threads()`` while the runs were timed.
+    """
+
+    median_ms: float
+    p90_ms: float
+    runs: int
+    threads: int
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore every submodule's own training flag on exit.
+
+    ``model.train(flag)`` would overwrite mixed states (e.g. a frozen BatchNorm kept in eval inside a
+    training model); this restores each module's flag individually.
+
+    Args:
+        model: The module to switch.
+
+    Yields:
+        The same module, in eval mode.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _as_tuple(example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Accept a single tensor or a sequence of tensors and return a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Count the model's parameters, each distinct tensor once.
+
+    Tied weights count once whether they are the same ``nn.Parameter`` object registered under two names
+    or two ``nn.Parameter`` objects viewing the same memory with the same shape and layout.
+
+    Args:
+        model: The module to count.
+
+    Returns:
+        The number of scalar parameters.
+    """
+    seen: set[object] = set()
+    total = 0
+    for param in model.parameters():  # already deduplicates identical Parameter objects
+        if param.device.type == "meta" or param.data_ptr() == 0:
+            key: object = id(param)
+        else:
+            key = (str(param.device), param.data_ptr(), tuple(param.shape), param.stride(), param.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += param.numel()
+    return total
+
+
+def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> int:
+    """Count multiply-accumulates of one forward pass with ``torch.utils.flop_counter``.
+
+    Counts what ``FlopCounterMode`` counts: convolutions, linear layers (``addmm``/``mm``), ``matmul``,
+    ``bmm``/``baddbmm`` and scaled-dot-product attention; element-wise ops, norms and bias additions
+    are not counted. MACs are ``flops // 2``.
+
+    Args:
+        model: The module to measure; it is run in eval mode under ``torch.no_grad``.
+        example_inputs: Positional inputs of one forward call.
+
+    Returns:
+        The number of MACs.
+    """
+    inputs = _as_tuple(example_inputs)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(*inputs)
+    flops = int(counter.get_total_flops())
+    logger.debug("count_macs: %d flops -> %d MACs", flops, flops // 2)
+    return flops // 2
+
+
+def _uses_cuda(inputs: tuple[torch.Tensor, ...], model: nn.Module) -> bool:
+    """Whether the model or its inputs live on a GPU (then timing must synchronize)."""
+    first_param = next(model.parameters(), None)
+    tensors = [*inputs, first_param]
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+def _no_op() -> None:
+    """Do nothing (stands in for ``torch.cuda.synchronize`` on CPU)."""
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> LatencyReport:
+    """Time the forward pass with ``time.perf_counter``.
+
+    Args:
+        model: The module to time; it is run in eval mode under ``torch.no_grad``.
+        example_inputs: Positional inputs of one forward call.
+        runs: Number of timed runs (at least 1).
+        warmup: Number of untimed runs before timing.
+        threads: If given, ``torch.set_num_threads(threads)`` for the measurement; the previous
+            setting is restored afterwards.
+
+    Returns:
+        The latency report.
+
+    Raises:
+        ValueError: If ``runs < 1``, ``warmup < 0`` or ``threads < 1``.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    inputs = _as_tuple(example_inputs)
+    sync = torch.cuda.synchronize if _uses_cuda(inputs, model) else _no_op
+    previous_threads = torch.get_num_threads()
+    times_ms: list[float] = []
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
+        with eval_mode(model), torch.no_grad():
+            for _ in range(warmup):
+                model(*inputs)
+            sync()
+            for _ in range(runs):
+                start = time.perf_counter()
+                model(*inputs)
+                sync()
+                times_ms.append((time.perf_counter() - start) * 1e3)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous_threads)
+    report = LatencyReport(
+        median_ms=float(np.median(times_ms)),
+        p90_ms=float(np.percentile(times_ms, 90)),
+        runs=runs,
+        threads=used_threads,
+    )
+    logger.debug("measure_latency: %s", report)
+    return report

@@ -1,0 +1,309 @@
+"""One tiny hand-built module per channel rule; each is pruned and checked by the mask oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from fxprune.passes.dependency import build_dependencies
+from fxprune.passes.shapes import record_shapes
+from fxprune.passes.trace import trace
+from tests.conftest import check_pruned
+
+
+def cbr(cin: int, cout: int, k: int = 3, groups: int = 1, stride: int = 1) -> nn.Sequential:
+    bn = nn.BatchNorm2d(cout)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), bn, nn.ReLU())
+
+
+class Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 8), cbr(3, 6), cbr(14, 5)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class SplitChunk(nn.Module):
+    def __init__(self, use_chunk: bool) -> None:
+        super().__init__()
+        self.use_chunk = use_chunk
+        self.a, self.m, self.out = cbr(3, 16), cbr(8, 8), cbr(24, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = y.chunk(2, 1) if self.use_chunk else torch.split(y, [8, 8], dim=1)
+        return self.out(torch.cat([p, q, self.m(q)], 1))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.head = cbr(3, 8), cbr(8, 8), cbr(8, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y + self.b(y)
+        y = self.c(y) + y
+        return self.head(y)
+
+
+class Grouped(nn.Module):
+    def __init__(self, groups: int, mult: int = 1) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.g = cbr(16, 16 * mult, groups=groups)
+        self.out = nn.Conv2d(16 * mult, 3, 1)
+
+    def forward(self, x):
+        return self.out(self.g(self.a(x)))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.a = cbr(3, 8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = self.pool(self.a(x))
+        if self.style == "view":
+            y = y.view(y.size(0), -1)
+        elif self.style == "flatten":
+            y = torch.flatten(y, 1)
+        else:
+            y = y.reshape(-1, 8 * 4 * 4)
+        return self.fc(y)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet-style channel shuffle: view -> transpose -> view with literal group count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = cbr(3, 8), cbr(3, 8), cbr(16, 4)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.out(y)
+
+
+class ShuffleLiteral(nn.Module):
+    """Channel shuffle written with literal sizes, which fxprune must rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = cbr(3, 16), cbr(16, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y.view(1, 2, 8, 8, 8).transpose(1, 2).reshape(1, 16, 8, 8)
+        return self.out(y)
+
+
+class SE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.out = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        s = y.mean((2, 3))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        return self.out(y * s[:, :, None, None])
+
+
+class Transposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8, stride=2)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.out = nn.Conv2d(6 + 3, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([F.relu(self.up(self.a(x))), x], 1))
+
+
+class Permuted(nn.Module):
+    """Channels-last detour: permute, Linear on the last dim, permute back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.fc = nn.Linear(8, 12)
+        self.out = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x).permute(0, 2, 3, 1)
+        y = F.gelu(self.fc(y))
+        return self.out(y.permute(0, 3, 1, 2))
+
+
+class Interp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = cbr(3, 8, stride=2), cbr(8, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = F.interpolate(self.b(y), scale_factor=2.0, mode="nearest")
+        return self.out(F.adaptive_avg_pool2d(y, 4) + F.max_pool2d(y, 2))
+
+
+class Sliced(nn.Module):
+    """A partial channel slice pins what it touches; the untouched producer is still pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = cbr(3, 8), cbr(3, 8), nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(x)[:, :4], self.b(x)], 1))
+
+
+CASES = {
+    "cat": (Cat, (1, 3, 8, 8)),
+    "split": (lambda: SplitChunk(False), (1, 3, 8, 8)),
+    "chunk": (lambda: SplitChunk(True), (1, 3, 8, 8)),
+    "residual": (Residual, (1, 3, 8, 8)),
+    "depthwise": (lambda: Grouped(16), (1, 3, 8, 8)),
+    "depthwise_multiplier": (lambda: Grouped(16, 2), (1, 3, 8, 8)),
+    "grouped": (lambda: Grouped(4), (1, 3, 8, 8)),
+    "flatten_view": (lambda: FlattenLinear("view"), (2, 3, 8, 8)),
+    "flatten_fn": (lambda: FlattenLinear("flatten"), (2, 3, 8, 8)),
+    "flatten_reshape_literal": (lambda: FlattenLinear("reshape"), (2, 3, 8, 8)),
+    "shuffle": (Shuffle, (1, 3, 8, 8)),
+    "shuffle_literal": (ShuffleLiteral, (1, 3, 8, 8)),
+    "se": (SE, (2, 3, 8, 8)),
+    "conv_transpose": (Transposed, (1, 3, 8, 8)),
+    "permute_linear": (Permuted, (1, 3, 8, 8)),
+    "interpolate_pool": (Interp, (1, 3, 8, 8)),
+    "partial_slice": (Sliced, (1, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("importance", ["l2", "random"])
+def test_rule_oracle(name: str, importance: str) -> None:
+    torch.manual_seed(0)
+    build, shape = CASES[name]
+    model = build().eval()
+    check_pruned(model, (torch.randn(*shape),), 0.5, importance=importance)
+
+
+def test_grouped_conv_keeps_groups_divisible() -> None:
+    torch.manual_seed(0)
+    model = Grouped(4).eval()
+    r = check_pruned(model, (torch.randn(1, 3, 8, 8),), 0.5)
+    g = r.model.get_submodule("g.0")
+    assert g.groups == 4 and g.in_channels == 8 and g.out_channels == 8
+
+
+def test_depthwise_follows_its_input() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Grouped(16, 2).eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    g = r.model.get_submodule("g.0")
+    assert g.groups == g.in_channels == 8 and g.out_channels == 16
+
+
+def test_chunk_becomes_split_with_sizes() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(SplitChunk(True).eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert ".split([" in r.model.code and ".chunk(" not in r.model.code
+
+
+def test_literal_sizes_rewritten() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(ShuffleLiteral().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert "view(1, 2, 4, 8, 8)" in r.model.code
+    assert "reshape(1, 8, 8, 8)" in r.model.code
+
+
+def test_shuffle_couples_both_halves() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Shuffle().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert r.model.get_submodule("a.0").out_channels == r.model.get_submodule("b.0").out_channels == 4
+
+
+def test_partial_slice_pins_only_the_sliced_producer() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Sliced().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert r.model.get_submodule("a.0").out_channels == 8
+    assert r.model.get_submodule("b.0").out_channels == 4
+
+
+def _deps(model: nn.Module, x: torch.Tensor):
+    gm, opaque = trace(model)
+    shapes, _ = record_shapes(gm, (x,))
+    return build_dependencies(gm, shapes, opaque=opaque)
+
+
+def test_unknown_op_pins_with_reason() -> None:
+    class Weird(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = cbr(3, 8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(torch.cumsum(self.a(x), 1))
+
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(Weird().eval(), torch.randn(1, 3, 8, 8))
+    reasons = [g.reason for g in analysis.groups if not g.prunable]
+    assert any("cumsum" in r for r in reasons), reasons
+
+
+def test_softmax_over_channels_pins_them() -> None:
+    class Soft(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = cbr(3, 8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.a(x).softmax(1))
+
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(Soft().eval(), torch.randn(1, 3, 8, 8))
+    group = next(g for g in analysis.groups if "a.0.weight[0]" in g.producers)
+    assert not group.prunable and "softmax" in group.reason
+
+
+def test_layernorm_is_marked_inexact() -> None:
+    class LN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.ln, self.fc2 = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(self.ln(self.fc1(x)))
+
+    torch.manual_seed(0)
+    r = fxprune.prune(LN().eval(), 0.5, example_inputs=(torch.randn(2, 8),), verify=True)
+    assert r.oracle is not None and not r.oracle.applicable and "LayerNorm" in r.oracle.reason
+    assert r.model.get_submodule("ln").normalized_shape == (8,)
+    assert r.model(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_dependency_graph_is_networkx_with_index_maps() -> None:
+    torch.manual_seed(0)
+    deps = _deps(Cat().eval(), torch.randn(1, 3, 8, 8))
+    g = deps.dep.graph
+    mapped = [d for _, _, d in g.edges(data=True) if d["a_index"] is not None]
+    assert mapped, "cat must produce offset couplings"
+    offsets = sorted(int(d["b_index"][0]) for _, _, d in g.edges(data=True) if d["why"].startswith("cat") and d["a_index"] is not None)
+    assert offsets == [0, 8]
