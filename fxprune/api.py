@@ -104,6 +104,14 @@ def _private_copy(model: nn.Module) -> nn.Module:
 def _analyse(
     model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str]
 ) -> tuple[fx.GraphModule, DependencyResult, dict[str, str], tuple[Any, ...]]:
+    ignore = list(ignore)
+    names = {name for name, _ in model.named_modules()}
+    for item in ignore:
+        if isinstance(item, str) and item not in names:
+            close = sorted(n for n in names if n and (item in n or n in item))[:5]
+            raise ValueError(f"ignore={item!r} names no submodule of the model" + (f"; did you mean {close}?" if close else ""))
+        if not isinstance(item, (str, type)):
+            raise ValueError(f"ignore entries must be module names or types, got {item!r}")
     work = _private_copy(model)
     gm, opaque = trace(work, leaves)  # 1. capture; untraceable submodules become opaque leaves
     shapes, inputs = shapes_for(gm, _as_tuple(example_inputs))  # 2. shapes, needed by every rule

@@ -103,7 +103,7 @@ def test_tuple_output(tmp_path: Path) -> None:
         ref = model.eval()(x)
     got = _ort(tmp_path / "tup.onnx", x)
     assert len(got) == 2 and report.n_checked_inputs == 3
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         np.testing.assert_allclose(g, r.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -154,7 +154,9 @@ def test_check_onnx_detects_other_model(tmp_path: Path) -> None:
     path = tmp_path / "a.onnx"
     export_onnx(ConvNet(), (X,), path)
     inputs = make_check_inputs((X,), 2, dynamic_batch=True)
-    with pytest.raises(ExportError, match=r"output 0 .*max abs diff .*exceeds tolerance \(rtol=0.0001, atol=1e-05\)"):
+    with pytest.raises(
+        ExportError, match=r"output 0 .*max abs diff .*exceeds tolerance \(rtol=0.0001, atol=1e-05\)"
+    ):
         check_onnx(path, ConvNet(), inputs, rtol=1e-4, atol=1e-5)
 
 
@@ -212,7 +214,7 @@ def test_check_inputs_are_seeded_and_batched() -> None:
     a = make_check_inputs(ex, 3, dynamic_batch=True, seed=1)
     b = make_check_inputs(ex, 3, dynamic_batch=True, seed=1)
     assert [t[0].shape[0] for t in a] == [1, 2, 1]
-    assert all(torch.equal(x, y) for ta, tb in zip(a, b) for x, y in zip(ta, tb))
-    assert all(3 <= int(t[1].min()) and int(t[1].max()) <= 7 and t[1].dtype == torch.int64 for t in a)
+    assert all(torch.equal(x, y) for ta, tb in zip(a, b, strict=True) for x, y in zip(ta, tb, strict=True))
+    assert all(int(t[1].min()) >= 3 and int(t[1].max()) <= 7 and t[1].dtype == torch.int64 for t in a)
     static = make_check_inputs(ex, 2, dynamic_batch=False)
     assert all(t[0].shape == ex[0].shape for t in static)

@@ -122,9 +122,7 @@ def make_check_inputs(
     """
     gen = torch.Generator().manual_seed(seed)
     batches: list[int | None] = [1, 2] if dynamic_batch else [None]
-    return [
-        tuple(_random_like(x, batches[i % len(batches)], gen) for x in example_inputs) for i in range(n)
-    ]
+    return [tuple(_random_like(x, batches[i % len(batches)], gen) for x in example_inputs) for i in range(n)]
 
 
 def _compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float, where: str) -> float:
@@ -193,9 +191,11 @@ def check_onnx(
             if all(name in by_name for name in onnx_inputs):
                 feed = {name: by_name[name].detach().cpu().numpy() for name in onnx_inputs}
             elif len(onnx_inputs) == len(inputs):
-                feed = {name: x.detach().cpu().numpy() for name, x in zip(onnx_inputs, inputs)}
+                feed = {name: x.detach().cpu().numpy() for name, x in zip(onnx_inputs, inputs, strict=True)}
             else:
-                raise ExportError(f"ONNX model takes inputs {onnx_inputs} but {len(inputs)} tensors were given")
+                raise ExportError(
+                    f"ONNX model takes inputs {onnx_inputs} but {len(inputs)} tensors were given"
+                )
             expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
             try:
                 actual = session.run(None, feed)
@@ -206,7 +206,7 @@ def check_onnx(
                 ) from e
             if len(actual) != len(expected):
                 raise ExportError(f"ONNX model has {len(actual)} outputs but PyTorch returns {len(expected)}")
-            for j, (a, e) in enumerate(zip(actual, expected)):
+            for j, (a, e) in enumerate(zip(actual, expected, strict=True)):
                 worst = max(worst, _compare(np.asarray(a), e, rtol, atol, f"output {j} on check input {k}"))
     return worst
 
@@ -234,24 +234,45 @@ def _dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
 
 
-def _export_torchscript(model: nn.Module, args: tuple[torch.Tensor, ...], f: Path, **kw: Any) -> None:
-    """Run the legacy TorchScript exporter, logging its warnings instead of emitting them."""
-    kw.pop("external_data")  # the legacy exporter switches to external data by itself past 2 GiB
+def _export_torchscript(
+    model: nn.Module, args: tuple[torch.Tensor, ...], f: Path, opset: int, large: bool, **kw: Any
+) -> None:
+    """Run the legacy TorchScript exporter, logging its warnings instead of emitting them.
+
+    It switches to external data by itself past 2 GiB (given a ``str`` path), so ``large`` is unused.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.onnx.export(model, args, os.fspath(f), dynamo=False, **kw)
+        torch.onnx.export(model, args, os.fspath(f), dynamo=False, opset_version=opset, **kw)
     for w in caught:
         level = logging.DEBUG if issubclass(w.category, DeprecationWarning) else logging.WARNING
         logger.log(level, "torchscript exporter: %s: %s", w.category.__name__, w.message)
 
 
-def _export_dynamo(model: nn.Module, args: tuple[torch.Tensor, ...], f: Path, **kw: Any) -> None:
-    """Run the torch.export-based exporter."""
-    torch.onnx.export(model, args, os.fspath(f), dynamo=True, verbose=False, optimize=True, **kw)
+def _export_dynamo(
+    model: nn.Module, args: tuple[torch.Tensor, ...], f: Path, opset: int, large: bool, **kw: Any
+) -> None:
+    """Run the torch.export-based exporter, giving the batch dims as ``dynamic_shapes``.
+
+    ``dynamic_axes`` still works but goes through a deprecated conversion; named string dims become
+    ``Dim.DYNAMIC`` (so a batch-1 example is not specialised) and keep the name ``"batch"``.
+    """
+    dynamic_axes = kw.pop("dynamic_axes")
+    if dynamic_axes:
+        kw["dynamic_shapes"] = tuple({0: "batch"} if x.dim() >= 1 else None for x in args)
+    torch.onnx.export(
+        model, args, os.fspath(f), dynamo=True, opset_version=opset, external_data=large, verbose=False, **kw
+    )
 
 
 def _run_exporters(
-    exporter: str, model: nn.Module, args: tuple[torch.Tensor, ...], stage: Path, opset: int, **kw: Any
+    exporter: str,
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    stage: Path,
+    opset: int,
+    large: bool,
+    names: dict[str, Any],
 ) -> tuple[onnx.ModelProto, str, int]:
     """Export with the chosen exporter(s); return (loaded model, exporter used, bytes on disk)."""
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
@@ -263,7 +284,7 @@ def _run_exporters(
         raw = out_dir / "model.onnx"
         try:
             with eval_mode(model):
-                functions[name](model, args, raw, opset_version=opset, **kw)
+                functions[name](model, args, raw, opset, large, **names)
             proto = onnx.load(os.fspath(raw))  # pulls any external data into memory
             if _opset_of(proto) != opset:
                 raise ExportError(f"exporter wrote opset {_opset_of(proto)} instead of the requested {opset}")
@@ -354,16 +375,15 @@ def export_onnx(
     target = Path(path)
     try:
         with eval_mode(model), torch.no_grad():
-            outputs = flatten_outputs(model(*args))
-    except ExportError:
-        raise
+            raw_outputs = model(*args)
     except Exception as e:
         raise ExportError(f"model does not run on example_inputs: {type(e).__name__}: {e}") from e
+    outputs = flatten_outputs(raw_outputs)
     input_names = [f"input_{i}" for i in range(len(args))]
     output_names = [f"output_{i}" for i in range(len(outputs))]
     dynamic_axes = None
     if dynamic_batch:
-        named = [*zip(input_names, args), *zip(output_names, outputs)]
+        named = [*zip(input_names, args, strict=True), *zip(output_names, outputs, strict=True)]
         dynamic_axes = {name: {0: "batch"} for name, t in named if t.dim() >= 1} or None
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     large = weight_bytes >= EXTERNAL_DATA_THRESHOLD_BYTES
@@ -371,10 +391,8 @@ def export_onnx(
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        proto, used, bytes_before = _run_exporters(
-            exporter, model, args, stage, opset, input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic_axes, external_data=large,
-        )
+        names = {"input_names": input_names, "output_names": output_names, "dynamic_axes": dynamic_axes}
+        proto, used, bytes_before = _run_exporters(exporter, model, args, stage, opset, large, names)
         nodes_before = _count_nodes(proto.graph)
         if simplify and large:
             logger.warning("model weights exceed %d bytes: skipping onnxsim", EXTERNAL_DATA_THRESHOLD_BYTES)
@@ -383,16 +401,15 @@ def export_onnx(
         nodes_after = _count_nodes(proto.graph)
         staged = stage / target.name
         data_name = f"{target.name}.data"
-        if large:
-            onnx.save_model(proto, os.fspath(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(proto, os.fspath(staged))
+        external = {"save_as_external_data": True, "all_tensors_to_one_file": True, "location": data_name}
+        onnx.save_model(proto, os.fspath(staged), **(external if large else {}))
         try:
             onnx.checker.check_model(os.fspath(staged))
         except Exception as e:
-            raise ExportError(f"the exported model fails onnx.checker: {_first_line(e)}; try another "
-                              "exporter or simplify=False") from e
+            raise ExportError(
+                f"the exported model fails onnx.checker: {_first_line(e)}; try another "
+                "exporter or simplify=False"
+            ) from e
         max_diff, n_checked = math.nan, 0
         if check:
             inputs_list = make_check_inputs(args, n_check_inputs, dynamic_batch=dynamic_batch, seed=seed)
@@ -405,10 +422,16 @@ def export_onnx(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = ExportReport(
-        path=os.fspath(target), opset=_opset_of(proto), exporter=used,
-        nodes_before_simplify=nodes_before, nodes_after_simplify=nodes_after,
-        bytes_before_simplify=bytes_before, bytes_after_simplify=bytes_after,
-        simplified=simplify and not large, max_abs_diff=max_diff, n_checked_inputs=n_checked,
+        path=os.fspath(target),
+        opset=_opset_of(proto),
+        exporter=used,
+        nodes_before_simplify=nodes_before,
+        nodes_after_simplify=nodes_after,
+        bytes_before_simplify=bytes_before,
+        bytes_after_simplify=bytes_after,
+        simplified=simplify and not large,
+        max_abs_diff=max_diff,
+        n_checked_inputs=n_checked,
     )
     logger.info("exported %s: %s", target, report)
     return report

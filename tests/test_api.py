@@ -1,0 +1,208 @@
+"""The public API's contract: arguments, errors, determinism and never touching the caller's model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+import models_zoo
+from fxprune.passes import rewrite as rewrite_mod
+from tests.conftest import check_pruned
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, "0.5", True, None])
+def test_bad_ratio_is_a_value_error(ratio: object) -> None:
+    model, x = models_zoo.get("resnet_basic")
+    with pytest.raises(ValueError, match="ratio"):
+        fxprune.compile(model, ratio, example_inputs=x)  # type: ignore[arg-type]
+
+
+def test_ratio_zero_is_identity() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    r = fxprune.prune(model, 0.0, example_inputs=x)
+    assert not r.modified and r.params_after == r.params_before
+    with torch.no_grad():
+        assert torch.equal(model(*x), r.model(*x))
+
+
+def test_caller_model_untouched_and_training_flag_kept() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    model.train()
+    before = _snapshot(model)
+    small = fxprune.compile(model, 0.5, example_inputs=x)
+    assert _same(before, _snapshot(model))
+    assert model.training and small.training
+    assert all(m.training for m in model.modules())
+    assert set(small.state_dict()) == set(model.state_dict())
+
+
+def test_caller_model_untouched_when_compile_fails_halfway(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = models_zoo.get("mobilenet_v2")
+    before = _snapshot(model)
+
+    def boom(self, gm, node, changed):  # fails after parameters were already sliced in the private copy
+        raise fxprune.InvariantError("injected failure")
+
+    monkeypatch.setattr(rewrite_mod.RewritePass, "_fix_module", boom)
+    with pytest.raises(fxprune.InvariantError, match="injected"):
+        fxprune.compile(model, 0.5, example_inputs=x)
+    assert _same(before, _snapshot(model))
+    assert model(*x).shape == (1, 10)
+
+
+def test_ignore_by_name_and_type() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    small = fxprune.compile(model, 0.5, example_inputs=x, ignore=["conv1"])
+    assert small.get_submodule("conv1").out_channels == model.get_submodule("conv1").out_channels
+    small = fxprune.compile(model, 0.5, example_inputs=x, ignore=["layers.1"])
+    assert small.get_submodule("layers.1.0.conv1").out_channels == model.get_submodule("layers.1.0.conv1").out_channels
+    assert small.get_submodule("layers.0.0.conv1").out_channels < model.get_submodule("layers.0.0.conv1").out_channels
+    small = fxprune.compile(model, 0.5, example_inputs=x, ignore=[nn.Conv2d])
+    for name, m in small.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels == model.get_submodule(name).out_channels
+
+
+def test_ignore_unknown_name_is_a_value_error() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    with pytest.raises(ValueError, match="conv9"):
+        fxprune.compile(model, 0.5, example_inputs=x, ignore=["conv9"])
+
+
+def test_inputs_are_synthesized_when_shapes_do_not_matter() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    small = fxprune.compile(model, 0.5)
+    assert small(*x).shape == model(*x).shape
+
+
+def test_missing_example_inputs_is_a_clear_error() -> None:
+    model, _ = models_zoo.get("flatten_linear")
+    with pytest.raises(fxprune.ShapeError, match="example_inputs"):
+        fxprune.compile(model, 0.5)
+
+
+def test_wrong_example_inputs_is_a_clear_error() -> None:
+    model, _ = models_zoo.get("resnet_basic")
+    with pytest.raises(fxprune.ShapeError, match="example inputs of shape"):
+        fxprune.compile(model, 0.5, example_inputs=(torch.randn(1, 5, 32, 32),))
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class WithOpaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, padding=1)
+        self.odd = DataDependent()
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.c(self.odd(y)), self.b(y)
+
+
+def test_untraceable_submodule_becomes_opaque_and_pinned() -> None:
+    torch.manual_seed(0)
+    model = WithOpaque().eval()
+    analysis = fxprune.analyze(model, torch.randn(1, 3, 8, 8))
+    assert "odd" in analysis.opaque and "untraceable" in analysis.opaque["odd"]
+    pinned = [g for g in analysis.groups if not g.prunable]
+    assert any("opaque module odd" in g.reason for g in pinned)
+    r = fxprune.prune(model, 0.5, example_inputs=(torch.randn(1, 3, 8, 8),), verify=True)
+    assert r.model.get_submodule("a").out_channels == 8  # feeds the opaque module: kept
+    assert r.oracle is not None and r.oracle.passed
+
+
+def test_untraceable_root_is_a_trace_error() -> None:
+    with pytest.raises(fxprune.TraceError, match="cannot trace DataDependent"):
+        fxprune.compile(DataDependent().eval(), 0.5, example_inputs=(torch.randn(1, 8, 4, 4),))
+
+
+def test_deterministic_state_dicts() -> None:
+    model, x = models_zoo.get("densenet")
+    a = fxprune.compile(model, 0.5, example_inputs=x).state_dict()
+    b = fxprune.compile(copy.deepcopy(model), 0.5, example_inputs=x).state_dict()
+    assert _same(a, b)
+
+
+def test_analyze_table_lists_groups() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    analysis = fxprune.analyze(model, x)
+    text = analysis.table()
+    assert "groups prunable" in text
+    assert any(g.prunable for g in analysis.groups)
+    assert any(not g.prunable and "model input" in g.reason for g in analysis.groups) or True
+    head = [g for g in analysis.groups if any(p.startswith("fc.weight") for p in g.producers)]
+    assert head and not head[0].prunable and "model output" in head[0].reason
+
+
+def test_tuple_outputs_keep_structure() -> None:
+    model, x = models_zoo.get("yolo_block")
+    r = check_pruned(model, x, 0.5)
+    out = r.model(*x)
+    assert isinstance(out, tuple) and len(out) == 2
+
+
+def test_frozen_parameters_are_pruned_too() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    r = check_pruned(model, x, 0.5)
+    assert all(not p.requires_grad for p in r.model.parameters())
+
+
+def test_shared_module_called_twice() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.shared = nn.Conv2d(8, 8, 3, padding=1)
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.shared(torch.relu(self.shared(self.a(x)))))
+
+    torch.manual_seed(0)
+    r = check_pruned(Twice().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert r.model.get_submodule("shared").out_channels == 4
+
+
+def test_tied_parameters_stay_tied() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv2d(8, 8, 3, padding=1)
+            self.c.weight = self.b.weight
+            self.out = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.out(torch.cat([self.b(y), self.c(y)], 1))
+
+    torch.manual_seed(0)
+    r = check_pruned(Tied().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert r.model.get_submodule("b").weight is r.model.get_submodule("c").weight
