@@ -64,6 +64,17 @@ def _ort(path: Path, x: torch.Tensor) -> list[np.ndarray]:
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
 
 
+def _break_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_mod._call_exporter
+
+    def call(name: str, *args: object, **kwargs: object) -> None:
+        if name == "torchscript":
+            raise RuntimeError("legacy exporter broken")
+        real(name, *args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "_call_exporter", call)
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -125,10 +136,7 @@ def test_graph_module_both_exporters(tmp_path: Path) -> None:
 
 
 def test_auto_falls_back_to_dynamo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("legacy exporter broken")
-
-    monkeypatch.setattr(export_mod, "_export_torchscript", broken)
+    _break_torchscript(monkeypatch)
     report = export_onnx(TupleNet(), (X,), tmp_path / "fb.onnx", n_check_inputs=2)
     assert report.exporter == "dynamo" and report.n_checked_inputs == 2
     assert os.listdir(tmp_path) == ["fb.onnx"]
@@ -137,10 +145,7 @@ def test_auto_falls_back_to_dynamo(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_dynamo_wrong_opset_is_an_error_and_all_exporters_failing_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("legacy exporter broken")
-
-    monkeypatch.setattr(export_mod, "_export_torchscript", broken)
+    _break_torchscript(monkeypatch)
     # dynamo cannot down-convert a Conv/BatchNorm net to opset 13; it must not pass silently as 18.
     with pytest.raises(ExportError, match="opset") as info:
         export_onnx(ConvNet(), (X,), tmp_path / "x.onnx", opset=13)

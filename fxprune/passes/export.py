@@ -8,10 +8,9 @@ Exporter choice (torch 2.14): the default ``"auto"`` uses the legacy TorchScript
 (``dynamo=False``) and falls back to the torch.export-based one (``dynamo=True``) when it raises.
 TorchScript honours the requested opset exactly and is 10-100x faster on small CNNs; the dynamo exporter
 only implements opset 18 and silently leaves the model at 18 when its down-conversion fails (it does for
-Conv/BatchNorm nets at opsets 13 and 17), and it rejects 3-D ``scaled_dot_product_attention``. The
-legacy exporter needs explicit input *and* output names for ``torch.fx.GraphModule`` models with
-dynamic axes (it otherwise reads ``model.graph.outputs()``, a TorchScript API), so names are always
-given.
+Conv/BatchNorm nets at opsets 13 and 17), and it rejects 3-D ``scaled_dot_product_attention``. Input
+and output names are always given: without them legacy export of a GraphModule with dynamic axes
+fails (it calls ``model.graph.outputs()``, a TorchScript API).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EXPORTERS", "ExportReport", "check_onnx", "export_onnx", "flatten_outputs", "make_check_inputs"]
 
+Inputs = tuple[torch.Tensor, ...]
 EXPORTERS = ("auto", "torchscript", "dynamo")
-# Models whose weights reach this size are written with one external ``<name>.data`` file: a single
-# protobuf cannot exceed 2 GiB, and the graph itself needs some headroom.
+# Weights from this size on go to one external ``<name>.data`` file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**27
 
 
@@ -76,9 +76,7 @@ class ExportReport:
 
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
-    """Flatten nested tuples, lists and dicts (values in insertion order) of tensors, skipping ``None``.
-
-    This is the order both torch exporters give the ONNX graph outputs.
+    """Flatten nested tuples/lists/dicts of tensors in the order the exporters give ONNX outputs.
 
     Raises:
         ExportError: If a leaf is neither a tensor nor ``None``.
@@ -102,19 +100,15 @@ def _random_like(example: torch.Tensor, batch: int | None, gen: torch.Generator)
     shape = list(example.shape)
     if batch is not None and shape:
         shape[0] = batch
-    if example.dtype == torch.bool:
-        out = torch.randint(0, 2, shape, generator=gen).bool()
-    elif example.dtype.is_floating_point:
-        out = torch.randn(shape, generator=gen).to(example.dtype)
-    else:  # integer inputs (e.g. indices): stay inside the example's value range
-        lo, hi = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
-        out = torch.randint(lo, hi + 1, shape, generator=gen).to(example.dtype)
-    return out.to(example.device)
+    if example.dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(example.dtype).to(example.device)
+    # integer inputs (e.g. indices) stay inside the example's value range; bools are 0/1
+    lo, hi = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
+    lo, hi = (0, 1) if example.dtype == torch.bool else (lo, hi)
+    return torch.randint(lo, hi + 1, shape, generator=gen).to(example.dtype).to(example.device)
 
 
-def make_check_inputs(
-    example_inputs: tuple[torch.Tensor, ...], n: int, *, dynamic_batch: bool, seed: int = 0
-) -> list[tuple[torch.Tensor, ...]]:
+def make_check_inputs(example_inputs: Inputs, n: int, *, dynamic_batch: bool, seed: int = 0) -> list[Inputs]:
     """Seeded random input tuples shaped like ``example_inputs``.
 
     With ``dynamic_batch`` the batch dimension alternates 1, 2, 1, ...; otherwise the example's shapes
@@ -135,8 +129,7 @@ def _compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float,
     if actual.size == 0:
         return 0.0
     a, e = actual.astype(np.float64), expected.astype(np.float64)
-    both_nan = np.isnan(a) & np.isnan(e)
-    diff = np.where(both_nan, 0.0, np.abs(a - e))
+    diff = np.where(np.isnan(a) & np.isnan(e), 0.0, np.abs(a - e))
     max_diff = float(np.nan_to_num(diff, nan=np.inf).max())
     if not np.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True).all():
         raise ExportError(
@@ -187,15 +180,12 @@ def check_onnx(
     with eval_mode(model), torch.no_grad():
         for k, inputs in enumerate(inputs_list):
             inputs = tuple(inputs)
-            by_name = {f"input_{i}": x for i, x in enumerate(inputs)}
-            if all(name in by_name for name in onnx_inputs):
-                feed = {name: by_name[name].detach().cpu().numpy() for name in onnx_inputs}
-            elif len(onnx_inputs) == len(inputs):
-                feed = {name: x.detach().cpu().numpy() for name, x in zip(onnx_inputs, inputs, strict=True)}
-            else:
-                raise ExportError(
-                    f"ONNX model takes inputs {onnx_inputs} but {len(inputs)} tensors were given"
-                )
+            source = {f"input_{i}": x for i, x in enumerate(inputs)}
+            if not set(onnx_inputs) <= source.keys():  # not named by export_onnx: match by position
+                if len(onnx_inputs) != len(inputs):
+                    raise ExportError(f"ONNX model takes inputs {onnx_inputs}, got {len(inputs)} tensors")
+                source = dict(zip(onnx_inputs, inputs, strict=True))
+            feed = {name: source[name].detach().cpu().numpy() for name in onnx_inputs}
             expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
             try:
                 actual = session.run(None, feed)
@@ -206,22 +196,17 @@ def check_onnx(
                 ) from e
             if len(actual) != len(expected):
                 raise ExportError(f"ONNX model has {len(actual)} outputs but PyTorch returns {len(expected)}")
-            for j, (a, e) in enumerate(zip(actual, expected, strict=True)):
-                worst = max(worst, _compare(np.asarray(a), e, rtol, atol, f"output {j} on check input {k}"))
+            for j, (got, ref) in enumerate(zip(actual, expected, strict=True)):
+                worst = max(
+                    worst, _compare(np.asarray(got), ref, rtol, atol, f"output {j} on check input {k}")
+                )
     return worst
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:
     """Count nodes of ``graph`` including those of subgraphs (If/Loop/Scan bodies)."""
-    total = 0
-    for node in graph.node:
-        total += 1
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                total += _count_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                total += sum(_count_nodes(g) for g in attr.graphs)
-    return total
+    subgraphs = [g for node in graph.node for attr in node.attribute for g in [attr.g, *attr.graphs]]
+    return len(graph.node) + sum(_count_nodes(g) for g in subgraphs)
 
 
 def _opset_of(proto: onnx.ModelProto) -> int:
@@ -234,49 +219,31 @@ def _dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
 
 
-def _export_torchscript(
-    model: nn.Module, args: tuple[torch.Tensor, ...], f: Path, opset: int, large: bool, **kw: Any
-) -> None:
-    """Run the legacy TorchScript exporter, logging its warnings instead of emitting them.
+def _call_exporter(name: str, model: nn.Module, args: Inputs, f: Path, opset: int, **kw: Any) -> None:
+    """Run one torch exporter (``"torchscript"`` or ``"dynamo"``), logging its warnings.
 
-    It switches to external data by itself past 2 GiB (given a ``str`` path), so ``large`` is unused.
+    TorchScript switches to external data by itself past 2 GiB. Dynamo gets the batch dims as
+    ``dynamic_shapes`` (not the deprecated ``dynamic_axes``); a string dim becomes ``Dim.DYNAMIC`` named
+    ``"batch"``, so a batch-1 example is not specialised.
     """
+    external_data = kw.pop("external_data")
+    if name == "dynamo":
+        if kw.pop("dynamic_axes"):
+            kw["dynamic_shapes"] = tuple({0: "batch"} if x.dim() >= 1 else None for x in args)
+        kw.update(external_data=external_data, verbose=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.onnx.export(model, args, os.fspath(f), dynamo=False, opset_version=opset, **kw)
+        torch.onnx.export(model, args, os.fspath(f), dynamo=name == "dynamo", opset_version=opset, **kw)
     for w in caught:
         level = logging.DEBUG if issubclass(w.category, DeprecationWarning) else logging.WARNING
-        logger.log(level, "torchscript exporter: %s: %s", w.category.__name__, w.message)
-
-
-def _export_dynamo(
-    model: nn.Module, args: tuple[torch.Tensor, ...], f: Path, opset: int, large: bool, **kw: Any
-) -> None:
-    """Run the torch.export-based exporter, giving the batch dims as ``dynamic_shapes``.
-
-    ``dynamic_axes`` still works but goes through a deprecated conversion; named string dims become
-    ``Dim.DYNAMIC`` (so a batch-1 example is not specialised) and keep the name ``"batch"``.
-    """
-    dynamic_axes = kw.pop("dynamic_axes")
-    if dynamic_axes:
-        kw["dynamic_shapes"] = tuple({0: "batch"} if x.dim() >= 1 else None for x in args)
-    torch.onnx.export(
-        model, args, os.fspath(f), dynamo=True, opset_version=opset, external_data=large, verbose=False, **kw
-    )
+        logger.log(level, "%s exporter: %s: %s", name, w.category.__name__, w.message)
 
 
 def _run_exporters(
-    exporter: str,
-    model: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    stage: Path,
-    opset: int,
-    large: bool,
-    names: dict[str, Any],
+    exporter: str, model: nn.Module, args: Inputs, stage: Path, opset: int, names: dict[str, Any], large: bool
 ) -> tuple[onnx.ModelProto, str, int]:
     """Export with the chosen exporter(s); return (loaded model, exporter used, bytes on disk)."""
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-    functions = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
     failures: list[tuple[str, Exception]] = []
     for name in order:
         out_dir = stage / f"raw-{name}"
@@ -284,7 +251,7 @@ def _run_exporters(
         raw = out_dir / "model.onnx"
         try:
             with eval_mode(model):
-                functions[name](model, args, raw, opset, large, **names)
+                _call_exporter(name, model, args, raw, opset, external_data=large, **names)
             proto = onnx.load(os.fspath(raw))  # pulls any external data into memory
             if _opset_of(proto) != opset:
                 raise ExportError(f"exporter wrote opset {_opset_of(proto)} instead of the requested {opset}")
@@ -292,10 +259,10 @@ def _run_exporters(
         except Exception as e:
             failures.append((name, e))
             more = "; trying the next exporter" if name != order[-1] else ""
-            logger.warning("%s ONNX exporter failed: %s: %s%s", name, type(e).__name__, _first_line(e), more)
+            logger.warning("%s ONNX exporter failed: %s%s", name, _first_line(e), more)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-    summary = "; ".join(f"{n}: {type(e).__name__}: {_first_line(e)}" for n, e in failures)
+    summary = "; ".join(f"{n}: {_first_line(e)}" for n, e in failures)
     raise ExportError(
         f"ONNX export failed ({summary}). Check that the model runs on example_inputs and uses only ops "
         f"opset {opset} supports; try opset >= 18 or another exporter ({', '.join(EXPORTERS)})"
@@ -303,9 +270,11 @@ def _run_exporters(
 
 
 def _first_line(e: BaseException) -> str:
-    """First non-empty line of an exception message, shortened."""
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:300]
+    """``Type: first line`` of the innermost cause of ``e`` (the dynamo exporter wraps the real error)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    return f"{type(e).__name__}: " + next((ln for ln in text.splitlines() if ln.strip()), "")[:300]
 
 
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -318,7 +287,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
             kwargs["certify"] = False
         simplified, ok = onnxsim.simplify(proto, **kwargs)
     except Exception as e:
-        raise ExportError(f"onnxsim failed: {type(e).__name__}: {_first_line(e)}; pass simplify=False") from e
+        raise ExportError(f"onnxsim failed: {_first_line(e)}; pass simplify=False") from e
     if not ok:
         raise ExportError("onnxsim could not validate the simplified model; pass simplify=False")
     return simplified
@@ -326,7 +295,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: Inputs,
     path: str | os.PathLike[str],
     *,
     opset: int = 18,
@@ -381,23 +350,21 @@ def export_onnx(
     outputs = flatten_outputs(raw_outputs)
     input_names = [f"input_{i}" for i in range(len(args))]
     output_names = [f"output_{i}" for i in range(len(outputs))]
-    dynamic_axes = None
-    if dynamic_batch:
-        named = [*zip(input_names, args, strict=True), *zip(output_names, outputs, strict=True)]
-        dynamic_axes = {name: {0: "batch"} for name, t in named if t.dim() >= 1} or None
+    named = [*zip(input_names, args, strict=True), *zip(output_names, outputs, strict=True)]
+    dynamic_axes = {name: {0: "batch"} for name, t in named if dynamic_batch and t.dim() >= 1} or None
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     large = weight_bytes >= EXTERNAL_DATA_THRESHOLD_BYTES
+    names = {"input_names": input_names, "output_names": output_names, "dynamic_axes": dynamic_axes}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        names = {"input_names": input_names, "output_names": output_names, "dynamic_axes": dynamic_axes}
-        proto, used, bytes_before = _run_exporters(exporter, model, args, stage, opset, large, names)
+        proto, used, bytes_before = _run_exporters(exporter, model, args, stage, opset, names, large)
         nodes_before = _count_nodes(proto.graph)
-        if simplify and large:
-            logger.warning("model weights exceed %d bytes: skipping onnxsim", EXTERNAL_DATA_THRESHOLD_BYTES)
         if simplify and not large:
             proto = _simplify(proto)
+        elif simplify:
+            logger.warning("model weights exceed %d bytes: skipping onnxsim", EXTERNAL_DATA_THRESHOLD_BYTES)
         nodes_after = _count_nodes(proto.graph)
         staged = stage / target.name
         data_name = f"{target.name}.data"
@@ -406,10 +373,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(os.fspath(staged))
         except Exception as e:
-            raise ExportError(
-                f"the exported model fails onnx.checker: {_first_line(e)}; try another "
-                "exporter or simplify=False"
-            ) from e
+            raise ExportError(f"onnx.checker failed: {_first_line(e)}; try simplify=False") from e
         max_diff, n_checked = math.nan, 0
         if check:
             inputs_list = make_check_inputs(args, n_check_inputs, dynamic_batch=dynamic_batch, seed=seed)

@@ -33,13 +33,15 @@ def norm_importance(gm: fx.GraphModule, deps: DependencyResult, p: int = 2) -> n
     for value, qual in deps.params.items():
         if qual in buffers:
             continue
-        t = _param_tensor(gm, qual).detach().to(torch.float64)
-        for d in range(t.dim()):
+        dims = [d for d in range(_param_tensor(gm, qual).dim()) if (value, d) in sol.offsets]
+        if not dims:
+            continue
+        t = _param_tensor(gm, qual).detach().float()
+        powered = t * t if p == 2 else t.abs().pow(p)  # once per tensor, summed per dim below
+        for d in dims:
             space = (value, d)
-            if space not in sol.offsets:
-                continue
             other = [k for k in range(t.dim()) if k != d]
-            per_index = t.abs().pow(p).sum(dim=other).numpy() if other else t.abs().pow(p).numpy()
+            per_index = (powered.sum(dim=other) if other else powered).double().numpy()
             labels = sol.space_labels(space)
             uniq, inv = np.unique(labels, return_inverse=True)
             sums = np.bincount(inv, weights=per_index, minlength=len(uniq))
