@@ -3,7 +3,7 @@
     small = fxprune.compile(model, ratio=0.5, example_inputs=(torch.randn(1, 3, 224, 224),), onnx="small.onnx")
 """
 
-from fxprune.api import Analysis, PruneResult, analyze, compile, prune
+from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
 from fxprune.errors import (
     ExportError,
     FxPruneError,
@@ -13,6 +13,7 @@ from fxprune.errors import (
     TraceError,
     UnsupportedOpError,
 )
+from fxprune.passes.importance import GroupTensors, MemberSlice, Taylor
 from fxprune.plan import ChannelGroup, PruningPlan
 
 __version__ = "0.1.0"
@@ -21,6 +22,9 @@ __all__ = [
     "Analysis",
     "ChannelGroup",
     "ExportError",
+    "GroupTensors",
+    "MemberSlice",
+    "Taylor",
     "FxPruneError",
     "InvariantError",
     "PlanMismatchError",
@@ -30,6 +34,7 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "analyze",
+    "apply",
     "compile",
     "prune",
 ]

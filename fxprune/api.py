@@ -1,27 +1,24 @@
-"""The public entry points: ``compile`` (prune and return a smaller model), ``prune`` and ``analyze``."""
+"""The public entry points: ``compile``, ``prune``, ``apply`` and ``analyze``."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError, InvariantError
+from fxprune.errors import PlanMismatchError
 from fxprune.metrics import count_params
-from fxprune.passes.dependency import DependencyResult, build_dependencies
-from fxprune.passes.importance import IMPORTANCE, Importance
-from fxprune.passes.rewrite import RewritePass
-from fxprune.passes.select import describe_groups, select_channels
-from fxprune.passes.shapes import shapes_for
-from fxprune.passes.trace import trace
-from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
+from fxprune.passes.budget import CostModel, plan_for_budget
+from fxprune.passes.importance import Criterion, resolve, score_groups
+from fxprune.passes.select import Policy, plan_from_kept, select_channels
+from fxprune.passes.verify import OracleReport
+from fxprune.pipeline import analyse, finish
 from fxprune.plan import ChannelGroup, PruningPlan
 
 log = logging.getLogger(__name__)
@@ -35,15 +32,17 @@ class Analysis:
         groups: every coupled channel group.
         opaque: submodules kept opaque by the tracer, with the reason.
         example_inputs: the inputs used for shape propagation (given or synthesized).
+        fingerprint: hash of the traced graph (what a saved plan is checked against).
     """
 
     groups: tuple[ChannelGroup, ...]
     opaque: dict[str, str]
     example_inputs: tuple[Any, ...]
+    fingerprint: str
 
     def table(self) -> str:
         """A readable table: one line per group."""
-        lines = [f"{'group':>5}  {'channels':>8}  {'pinned':>6}  status / first producer"]
+        lines = [f"{'group':>5}  {'channels':>8}  {'pinned':>6}  status  [first producer]"]
         for g in self.groups:
             what = g.producers[0] if g.producers else "-"
             status = "prunable" if g.prunable else f"kept: {g.reason}"
@@ -59,10 +58,12 @@ class PruneResult:
 
     Attributes:
         model: the pruned, dense GraphModule (a new object; the input model is untouched).
-        plan: the channels kept per group.
+        plan: the channels kept per group (save it with ``plan.save(path)``).
         modified: False when nothing was removed (ratio 0 or nothing prunable).
         params_before: parameter count of the input model.
         params_after: parameter count of the pruned model (equals the plan's prediction).
+        macs_before: MACs of the input model at the example inputs (conv, linear, matmul, attention).
+        macs_after: MACs of the pruned model.
         oracle: the mask-equivalence report when ``verify=True``, else None.
         seconds: wall time of analysis and rewrite.
     """
@@ -72,51 +73,140 @@ class PruneResult:
     modified: bool
     params_before: int
     params_after: int
+    macs_before: int
+    macs_after: int
     oracle: OracleReport | None
     seconds: float
 
 
-def _check_ratio(ratio: float) -> float:
+def _check_ratio(ratio: float, what: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio must be a number with 0 <= ratio < 1 (the fraction of channels removed), got {ratio!r}")
+        raise ValueError(f"{what} must be a number with 0 <= {what} < 1 (the fraction of channels removed), got {ratio!r}")
     return float(ratio)
 
 
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise ValueError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+def _versions() -> dict[str, str]:
+    from fxprune import __version__
+
+    return {"fxprune": __version__, "torch": torch.__version__}
 
 
-def _private_copy(model: nn.Module) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        return copy.deepcopy(model).eval()
-    except Exception as e:
-        raise FxPruneError(f"cannot copy the model ({e}); fxprune never prunes the caller's model in place") from e
+def prune(
+    model: nn.Module,
+    ratio: float = 0.5,
+    *,
+    example_inputs: Any = None,
+    ignore: Iterable[str | type] = (),
+    importance: str | Criterion = "l2",
+    global_ranking: bool = False,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    group_ratios: Mapping[int, float] | None = None,
+    round_to: int | None = None,
+    min_channels: int = 1,
+    leaves: Sequence[str] = (),
+    verify: bool = False,
+    onnx: str | None = None,
+    onnx_opset: int = 18,
+) -> PruneResult:
+    """Prune and return the model together with its plan, counts and proof. See ``compile`` for arguments."""
+    ratio = _check_ratio(ratio)
+    for key, r in {**(ratios or {}), **{str(k): v for k, v in (group_ratios or {}).items()}}.items():
+        _check_ratio(r, f"ratio for {key!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be a positive integer, got {min_channels!r}")
+    criterion = resolve(importance)
+    t0 = time.perf_counter()
+    training = model.training
+    params_before = count_params(model)
+    a = analyse(model, example_inputs, ignore, leaves)
+    scores = score_groups(a.gm, a.deps, a.groups, criterion)  # importance of every channel, per group
+    policy = Policy(ratio, ratios, group_ratios, global_ranking, round_to=round_to, min_channels=min_channels)
+    cost = CostModel(a.gm, a.deps, params_before)
+    if target_macs is not None or target_params is not None:
+        plan = plan_for_budget(cost, a.groups, scores, policy, target_macs, target_params)
+    else:
+        plan = select_channels(a.deps, a.groups, scores, policy)
+    plan = replace(plan, fingerprint=a.fingerprint, versions=_versions())
+    done = finish(a, plan, cost, training=training, verify=verify, onnx=onnx, onnx_opset=onnx_opset)
+    seconds = time.perf_counter() - t0
+    log.info("fxprune: %d -> %d parameters in %.2fs", params_before, done.params_after, seconds)
+    return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
+                       done.macs_after, done.oracle, seconds)
 
 
-def _analyse(
-    model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str]
-) -> tuple[fx.GraphModule, DependencyResult, dict[str, str], tuple[Any, ...]]:
-    ignore = list(ignore)
-    names = {name for name, _ in model.named_modules()}
-    for item in ignore:
-        if isinstance(item, str) and item not in names:
-            close = sorted(n for n in names if n and (item in n or n in item))[:5]
-            raise ValueError(f"ignore={item!r} names no submodule of the model" + (f"; did you mean {close}?" if close else ""))
-        if not isinstance(item, (str, type)):
-            raise ValueError(f"ignore entries must be module names or types, got {item!r}")
-    work = _private_copy(model)
-    gm, opaque = trace(work, leaves)  # 1. capture; untraceable submodules become opaque leaves
-    shapes, inputs = shapes_for(gm, _as_tuple(example_inputs))  # 2. shapes, needed by every rule
-    deps = build_dependencies(gm, shapes, ignore, opaque)  # 3. channel rules -> coupled classes
-    return gm, deps, opaque, inputs
+def compile(  # noqa: A001 - the public name users expect
+    model: nn.Module,
+    ratio: float = 0.5,
+    *,
+    example_inputs: Any = None,
+    **kwargs: Any,
+) -> fx.GraphModule:
+    """Return a physically smaller, dense copy of ``model`` with ``ratio`` of each coupled group's channels removed.
+
+    Args:
+        model: the model to prune; it is never modified.
+        ratio: fraction of channels removed in every prunable coupled group, 0 <= ratio < 1.
+        example_inputs: a tensor or tuple of tensors the model accepts; optional when fxprune can infer
+            the input shape from the first layer (a clear ``ShapeError`` says when it cannot).
+        **kwargs: the policy and output options:
+            ``ignore`` (module names or types whose channels stay), ``importance`` ("l2", "l1", "random",
+            "bn_scale", "lamp", a ``Taylor(batches)`` or any ``(GroupTensors) -> scores`` callable),
+            ``global_ranking``, ``target_macs`` / ``target_params`` (fraction of the original to keep;
+            the ratio is searched), ``ratios`` (per-module overrides), ``group_ratios`` (per-group),
+            ``round_to`` (kept counts multiple of N), ``min_channels``, ``leaves`` (submodules kept
+            opaque), ``verify`` (run the mask oracle), ``onnx`` (path of a verified, simplified ONNX
+            file), ``onnx_opset``.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the same call signature, output structure and parameter names.
+    """
+    return prune(model, ratio, example_inputs=example_inputs, **kwargs).model
+
+
+def apply(
+    model: nn.Module,
+    plan: PruningPlan | str,
+    example_inputs: Any = None,
+    *,
+    ignore: Iterable[str | type] = (),
+    leaves: Sequence[str] = (),
+    verify: bool = False,
+) -> fx.GraphModule:
+    """Replay a saved plan on a fresh instance of the model it was made for.
+
+    The result has exactly the pruned shapes, so ``load_state_dict`` accepts the pruned weights.
+
+    Raises:
+        PlanMismatchError: the model differs from the planned one; names the first differing group.
+    """
+    if isinstance(plan, str):
+        plan = PruningPlan.load(plan)
+    training = model.training
+    a = analyse(model, example_inputs, ignore, leaves)
+    if len(a.groups) != len(plan.groups):
+        raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
+    for mine, theirs in zip(a.groups, plan.groups, strict=True):
+        if (mine.size, mine.producers) != (theirs.size, theirs.producers):
+            raise PlanMismatchError(
+                f"group {mine.id} differs: the plan has {theirs.size} channels from {list(theirs.producers)[:3]}, "
+                f"this model {mine.size} from {list(mine.producers)[:3]}"
+            )
+    if plan.fingerprint and plan.fingerprint != a.fingerprint:
+        raise PlanMismatchError(
+            f"graph fingerprint {a.fingerprint} differs from the plan's {plan.fingerprint} (same groups, other ops "
+            "or shapes: check example_inputs and the model version)"
+        )
+    for g, kept in zip(a.groups, plan.kept, strict=True):
+        if any(k < 0 or k >= g.size for k in kept) or len(set(kept)) != len(kept) or not kept:
+            raise PlanMismatchError(f"group {g.id}: kept positions {list(kept)[:8]} do not fit its {g.size} channels")
+    replay = plan_from_kept(a.deps, a.groups, list(plan.kept), plan.ratio)
+    replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions)
+    cost = CostModel(a.gm, a.deps, count_params(model))
+    return finish(a, replay, cost, training=training, verify=verify, onnx=None, onnx_opset=18).model
 
 
 def analyze(
@@ -134,102 +224,5 @@ def analyze(
         ignore: module names (prefixes) or types whose channels must stay.
         leaves: submodules to keep opaque.
     """
-    _, deps, opaque, inputs = _analyse(model, example_inputs, ignore, leaves)
-    return Analysis(groups=describe_groups(deps), opaque=opaque, example_inputs=inputs)
-
-
-def prune(
-    model: nn.Module,
-    ratio: float = 0.5,
-    *,
-    example_inputs: Any = None,
-    ignore: Iterable[str | type] = (),
-    importance: str | Importance = "l2",
-    leaves: Sequence[str] = (),
-    verify: bool = False,
-    onnx: str | None = None,
-    onnx_opset: int = 18,
-) -> PruneResult:
-    """Prune ``ratio`` of the channels of every coupled group and return the result with its plan.
-
-    See ``compile`` for the arguments; ``prune`` also returns the plan, counts and the oracle report.
-    """
-    ratio = _check_ratio(ratio)
-    score_fn = IMPORTANCE.get(importance) if isinstance(importance, str) else importance
-    if score_fn is None:
-        raise ValueError(f"unknown importance {importance!r}; choose one of {sorted(IMPORTANCE)} or pass a callable")
-    t0 = time.perf_counter()
-    was_training = model.training
-    params_before = count_params(model)
-    gm, deps, _, inputs = _analyse(model, example_inputs, ignore, leaves)
-    groups = describe_groups(deps)
-    plan = select_channels(deps, groups, score_fn(gm, deps), ratio)  # 4. choose channels per group
-    reference = copy.deepcopy(gm) if verify else None
-    param_names = {name for name, _ in gm.named_parameters()}
-    rewrite = RewritePass(deps, plan)
-    result = rewrite(gm)  # 5. slice parameters, fix attributes, rewrite literal sizes
-    pruned = result.model
-    check_shapes(pruned, inputs, rewrite.shapes)  # invariant: every value has its planned shape
-    params_after = count_params(pruned)
-    predicted = params_before - _removed_params(deps, rewrite, param_names)
-    if params_after != predicted:
-        raise InvariantError(f"pruned model has {params_after} parameters, the plan predicted {predicted}")
-    seconds = time.perf_counter() - t0
-    oracle = None
-    if verify:
-        assert reference is not None
-        oracle = mask_oracle(reference, pruned, deps, plan, inputs)
-        if oracle.applicable and not oracle.passed:
-            raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
-    pruned.train(was_training)
-    if onnx is not None:
-        from fxprune.passes.export import export_onnx
-
-        export_onnx(pruned, inputs, onnx, opset=onnx_opset)
-        pruned.train(was_training)
-    log.info("fxprune: %d -> %d parameters in %.2fs", params_before, params_after, seconds)
-    return PruneResult(pruned, plan, result.modified, params_before, params_after, oracle, seconds)
-
-
-def _removed_params(deps: DependencyResult, rewrite: RewritePass, param_names: set[str]) -> int:
-    """Parameters the plan removes (buffers such as running statistics do not count)."""
-    removed = 0
-    for value, qual in deps.params.items():
-        if qual in param_names:
-            removed += torch.Size(deps.value_shapes[value]).numel() - torch.Size(rewrite.shapes[value]).numel()
-    return removed
-
-
-def compile(  # noqa: A001 - the public name users expect
-    model: nn.Module,
-    ratio: float = 0.5,
-    *,
-    example_inputs: Any = None,
-    ignore: Iterable[str | type] = (),
-    importance: str | Importance = "l2",
-    leaves: Sequence[str] = (),
-    verify: bool = False,
-    onnx: str | None = None,
-    onnx_opset: int = 18,
-) -> fx.GraphModule:
-    """Return a physically smaller, dense copy of ``model`` with ``ratio`` of each coupled group's channels removed.
-
-    Args:
-        model: the model to prune; it is never modified.
-        ratio: fraction of channels removed in every prunable coupled group, 0 <= ratio < 1.
-        example_inputs: a tensor or tuple of tensors the model accepts; optional when fxprune can infer
-            the input shape from the first layer (a clear ``ShapeError`` says when it cannot).
-        ignore: module names (prefixes) or types whose channels must stay.
-        importance: "l2" (default), "l1", "random", or a callable ``(gm, deps) -> scores per class``.
-        leaves: submodules to keep opaque (their channels stay).
-        verify: run the mask-equivalence oracle and raise if it fails.
-        onnx: write a simplified, onnxruntime-checked ONNX file of the pruned model to this path.
-        onnx_opset: ONNX opset for ``onnx``.
-
-    Returns:
-        A ``torch.fx.GraphModule`` with the same call signature, output structure and parameter names.
-    """
-    return prune(
-        model, ratio, example_inputs=example_inputs, ignore=ignore, importance=importance, leaves=leaves,
-        verify=verify, onnx=onnx, onnx_opset=onnx_opset,
-    ).model
+    a = analyse(model, example_inputs, ignore, leaves)
+    return Analysis(groups=a.groups, opaque=a.opaque, example_inputs=a.inputs, fingerprint=a.fingerprint)

@@ -1,10 +1,21 @@
-"""Frozen records of an analysis: coupled channel groups and the pruning plan chosen for them."""
+"""Frozen records of an analysis: coupled channel groups and the pruning plan chosen for them.
+
+A ``PruningPlan`` saves to JSON (groups, kept channel positions, a fingerprint of the traced graph and the
+library versions) and replays on a fresh instance of the same model with ``fxprune.apply``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+
+from fxprune.errors import PlanMismatchError
+
+PLAN_FORMAT = "fxprune-plan/1"
 
 
 @dataclass(frozen=True)
@@ -47,16 +58,20 @@ class PruningPlan:
     """Which channel classes of each group are kept.
 
     Attributes:
-        ratio: the requested fraction of channels removed per prunable group.
+        ratio: the fraction of channels removed per prunable group that was applied.
         groups: the analysed groups.
         kept: per group, the kept positions in the group's canonical class order.
         dropped_labels: class labels removed (sorted), as used by the rewrite and the oracle.
+        fingerprint: hash of the traced graph the plan was computed on ("" when unknown).
+        versions: library versions that produced the plan.
     """
 
     ratio: float
     groups: tuple[ChannelGroup, ...]
     kept: tuple[tuple[int, ...], ...]
     dropped_labels: tuple[int, ...]
+    fingerprint: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_dropped(self) -> int:
@@ -68,3 +83,41 @@ class PruningPlan:
         mask = np.zeros(n_classes, dtype=bool)
         mask[list(self.dropped_labels)] = True
         return mask
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (class labels are not stored: they are recomputed on replay)."""
+        return {
+            "format": PLAN_FORMAT,
+            "fingerprint": self.fingerprint,
+            "versions": dict(self.versions),
+            "ratio": self.ratio,
+            "groups": [
+                {**asdict(g), "kept": list(k)} for g, k in zip(self.groups, self.kept, strict=True)
+            ],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON (diffable: one group per entry, sorted keys)."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> PruningPlan:
+        """Read a plan written by ``to_dict``; labels are filled in by ``fxprune.apply``."""
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanMismatchError(f"not an fxprune plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        groups, kept = [], []
+        for g in data["groups"]:
+            kept.append(tuple(int(k) for k in g["kept"]))
+            groups.append(ChannelGroup(
+                id=int(g["id"]), size=int(g["size"]), producers=tuple(g["producers"]), members=tuple(g["members"]),
+                n_pinned=int(g["n_pinned"]), pin_reasons=tuple(g["pin_reasons"]),
+            ))
+        return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (), data.get("fingerprint", ""),
+                           dict(data.get("versions", {})))
+
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> PruningPlan:
+        """Read a plan saved with ``save``."""
+        with open(path) as f:
+            return PruningPlan.from_dict(json.load(f))

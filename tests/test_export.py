@@ -160,7 +160,7 @@ def test_check_onnx_detects_other_model(tmp_path: Path) -> None:
     export_onnx(ConvNet(), (X,), path)
     inputs = make_check_inputs((X,), 2, dynamic_batch=True)
     with pytest.raises(
-        ExportError, match=r"output 0 .*max abs diff .*exceeds tolerance \(rtol=0.0001, atol=1e-05\)"
+        ExportError, match=r"output 0 .*max abs diff .*exceeds tolerance \(rtol=0.0001, atol=1e-05 x scale"
     ):
         check_onnx(path, ConvNet(), inputs, rtol=1e-4, atol=1e-5)
 
@@ -223,3 +223,19 @@ def test_check_inputs_are_seeded_and_batched() -> None:
     assert all(int(t[1].min()) >= 3 and int(t[1].max()) <= 7 and t[1].dtype == torch.int64 for t in a)
     static = make_check_inputs(ex, 2, dynamic_batch=False)
     assert all(t[0].shape == ex[0].shape for t in static)
+
+
+def test_tolerance_scales_with_output_magnitude() -> None:
+    ref = np.array([100.0, 0.001, -50.0], dtype=np.float32)
+    noisy = ref + np.array([0.0, 5e-5, 0.0], dtype=np.float32)  # fp32 noise at the scale of 100
+    assert export_mod._compare(noisy, ref, 1e-4, 1e-5, "out") == pytest.approx(5e-5, rel=1e-2)
+    wrong = ref + np.array([0.0, 0.05, 0.0], dtype=np.float32)  # a real error still fails
+    with pytest.raises(ExportError, match="out: .*max abs diff 0.05"):
+        export_mod._compare(wrong, ref, 1e-4, 1e-5, "out")
+    with pytest.raises(ExportError, match="max abs diff 2e-05"):  # unit-scale outputs keep atol 1e-5
+        export_mod._compare(np.array([0.5, 2e-5]), np.array([0.5, 0.0]), 1e-4, 1e-5, "out")
+    nan_inf = np.array([np.nan, np.inf, 1.0])
+    assert export_mod._compare(nan_inf, nan_inf.copy(), 1e-4, 1e-5, "out") == 0.0
+    assert export_mod._compare(np.zeros((0, 3)), np.zeros((0, 3)), 1e-4, 1e-5, "out") == 0.0
+    with pytest.raises(ExportError, match="shape"):
+        export_mod._compare(np.zeros((1, 3)), np.zeros((2, 3)), 1e-4, 1e-5, "out")

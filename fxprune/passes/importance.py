@@ -1,71 +1,241 @@
-"""Importance of channel classes: the L2 norm of every parameter slice a class touches, summed over members."""
+"""Importance criteria: each scores the channels of one coupled group from every parameter slice they touch.
+
+A criterion is a callable ``criterion(group: GroupTensors) -> np.ndarray`` of ``group.size`` scores (higher =
+more important). ``GroupTensors`` hands it, per member parameter dim, the rows of that parameter (the dim
+moved first and the rest flattened) and the group-local channel each row belongs to, so a criterion never
+needs to know about flatten blocks, grouped convs or tied weights.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
+from fxprune.depgraph import space_label
 from fxprune.passes.dependency import DependencyResult
-
-Importance = Callable[[fx.GraphModule, DependencyResult], np.ndarray]
-
-
-def _param_tensor(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
-    owner, _, attr = qualname.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+from fxprune.plan import ChannelGroup
 
 
-def norm_importance(gm: fx.GraphModule, deps: DependencyResult, p: int = 2) -> np.ndarray:
-    """Score every class by the Lp norm of each member parameter slice, summed over members.
+@dataclass(frozen=True)
+class MemberSlice:
+    """One parameter dim of a group.
 
-    A class that touches several indices of one parameter dim (a flatten block, a grouped conv) gets the
-    norm of all of them together. Buffers (running statistics) do not count.
-
-    Returns:
-        float64 scores, one per class label.
+    Attributes:
+        name: readable label, e.g. ``layer1.0.conv1.weight[0]``.
+        param: qualified parameter name.
+        dim: the dim of the parameter that the group's channels index.
+        module_type: type name of the module owning the parameter (e.g. ``BatchNorm2d``).
+        rows: float32 tensor ``[n_rows, rest]``: the parameter with ``dim`` first, rest flattened.
+        position: group-local channel position of every row (int array of ``n_rows``).
+        grad: the gradient in the same layout when a criterion asked for gradients, else None.
     """
+
+    name: str
+    param: str
+    dim: int
+    module_type: str
+    rows: torch.Tensor
+    position: np.ndarray
+    grad: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class GroupTensors:
+    """A coupled group together with its parameter slices (see module docstring)."""
+
+    group: ChannelGroup
+    members: tuple[MemberSlice, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of channels (classes) in the group."""
+        return self.group.size
+
+    def per_channel(self, values: torch.Tensor, member: MemberSlice) -> np.ndarray:
+        """Sum a per-row quantity of ``member`` into one value per channel of the group."""
+        return np.bincount(member.position, weights=values.double().numpy(), minlength=self.size)
+
+
+Criterion = Callable[[GroupTensors], np.ndarray]
+
+
+def _owners(gm: nn.Module) -> dict[str, str]:
+    out = {}
+    for mod_name, mod in gm.named_modules(remove_duplicate=False):
+        for attr, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            out[f"{mod_name}.{attr}" if mod_name else attr] = type(mod).__name__
+    return out
+
+
+def group_tensors(
+    gm: fx.GraphModule,
+    deps: DependencyResult,
+    groups: Iterable[ChannelGroup],
+    grads: dict[str, torch.Tensor] | None = None,
+) -> Iterator[GroupTensors]:
+    """Yield the parameter slices of every group (parameters only; running statistics are skipped)."""
     sol = deps.solution
-    scores = np.zeros(sol.n_classes, dtype=np.float64)
-    buffers = {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    owners = _owners(gm)
+    position = np.full(sol.n_classes, -1, dtype=np.int64)
+    for classes in sol.groups:
+        position[classes] = np.arange(len(classes))
+    per_group: dict[int, list[MemberSlice]] = {}
     for value, qual in deps.params.items():
-        if qual in buffers:
+        t = params.get(qual)
+        if t is None:
             continue
-        dims = [d for d in range(_param_tensor(gm, qual).dim()) if (value, d) in sol.offsets]
-        if not dims:
-            continue
-        t = _param_tensor(gm, qual).detach().float()
-        powered = t * t if p == 2 else t.abs().pow(p)  # once per tensor, summed per dim below
-        for d in dims:
+        for d in range(t.dim()):
             space = (value, d)
-            other = [k for k in range(t.dim()) if k != d]
-            per_index = (powered.sum(dim=other) if other else powered).double().numpy()
+            if space not in sol.offsets:
+                continue
             labels = sol.space_labels(space)
-            uniq, inv = np.unique(labels, return_inverse=True)
-            sums = np.bincount(inv, weights=per_index, minlength=len(uniq))
-            scores[uniq] += sums ** (1.0 / p)
-    return scores
+            gids = sol.class_group[labels]
+            for g in np.unique(gids[gids >= 0]):
+                rows_idx = np.nonzero(gids == g)[0]
+                idx = torch.as_tensor(rows_idx)
+                rows = t.detach().float().movedim(d, 0).reshape(t.shape[d], -1)[idx]
+                grad = None
+                if grads is not None and qual in grads:
+                    grad = grads[qual].float().movedim(d, 0).reshape(t.shape[d], -1)[idx]
+                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), rows,
+                                     position[labels[rows_idx]], grad)
+                per_group.setdefault(int(g), []).append(member)
+    for group in groups:
+        yield GroupTensors(group, tuple(per_group.get(group.id, ())))
 
 
-def l2_importance(gm: fx.GraphModule, deps: DependencyResult) -> np.ndarray:
-    """L2 importance (the default)."""
-    return norm_importance(gm, deps, 2)
+def norm(p: float = 2.0) -> Criterion:
+    """Lp norm of every member slice per channel, summed over members (``l2``: p=2, ``l1``: p=1)."""
+
+    def score(g: GroupTensors) -> np.ndarray:
+        out = np.zeros(g.size)
+        for m in g.members:
+            out += g.per_channel(m.rows.abs().pow(p).sum(1), m) ** (1.0 / p)
+        return out
+
+    score.__name__ = f"l{p:g}"
+    return score
 
 
-def l1_importance(gm: fx.GraphModule, deps: DependencyResult) -> np.ndarray:
-    """L1 importance."""
-    return norm_importance(gm, deps, 1)
+def random(seed: int = 0) -> Criterion:
+    """Seeded random scores (a baseline; also random plans for the oracle)."""
 
-
-def random_importance(seed: int = 0) -> Importance:
-    """Seeded random scores (a baseline, and random plans for the oracle tests)."""
-
-    def score(gm: fx.GraphModule, deps: DependencyResult) -> np.ndarray:
-        return np.random.default_rng(seed).random(deps.solution.n_classes)
+    def score(g: GroupTensors) -> np.ndarray:
+        return np.random.default_rng([seed, g.group.id]).random(g.size)
 
     return score
 
 
-IMPORTANCE: dict[str, Importance] = {"l2": l2_importance, "l1": l1_importance, "random": random_importance(0)}
+def bn_scale(g: GroupTensors) -> np.ndarray:
+    """|gamma| of the BatchNorm members (network slimming); groups without BatchNorm fall back to L2."""
+    bns = [m for m in g.members if m.module_type.startswith("BatchNorm") and m.param.endswith(".weight")]
+    if not bns:
+        return norm(2.0)(g)
+    out = np.zeros(g.size)
+    for m in bns:
+        out += g.per_channel(m.rows.abs().sum(1), m)
+    return out
+
+
+def lamp(g: GroupTensors) -> np.ndarray:
+    """LAMP: squared L2 score divided by the sum of the scores of every channel at least as important."""
+    s = norm(2.0)(g) ** 2
+    order = np.argsort(s, kind="stable")
+    tail = np.cumsum(s[order][::-1])[::-1]  # sum over channels ranked at or above each one
+    out = np.empty_like(s)
+    out[order] = s[order] / np.maximum(tail, 1e-30)
+    return out
+
+
+class Taylor:
+    """First-order Taylor importance |w * dL/dw| from a few user batches.
+
+    Args:
+        batches: an iterable of ``(inputs, target)`` pairs; ``inputs`` is a tensor or a tuple of tensors.
+        loss_fn: ``loss_fn(output, target) -> scalar``; default cross-entropy.
+    """
+
+    needs_grad = True
+
+    def __init__(self, batches: Iterable[tuple[Any, Any]], loss_fn: Callable[[Any, Any], torch.Tensor] | None = None):
+        self.batches = list(batches)
+        self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
+        if not self.batches:
+            raise ValueError("Taylor importance needs at least one (inputs, target) batch")
+
+    def gradients(self, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+        """Accumulate gradients of the loss over the batches on the private copy (eval mode)."""
+        params = dict(gm.named_parameters())
+        saved = {n: p.requires_grad for n, p in params.items()}
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            for inputs, target in self.batches:
+                gm.zero_grad(set_to_none=True)
+                out = gm(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+                self.loss_fn(out, target).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        grads[n] += p.grad.detach()
+        finally:
+            gm.zero_grad(set_to_none=True)
+            for n, p in params.items():
+                p.requires_grad_(saved[n])
+        return grads
+
+    def __call__(self, g: GroupTensors) -> np.ndarray:
+        out = np.zeros(g.size)
+        for m in g.members:
+            if m.grad is not None:
+                out += g.per_channel((m.rows * m.grad).sum(1).abs(), m)
+        return out
+
+
+CRITERIA: dict[str, Criterion] = {
+    "l2": norm(2.0),
+    "l1": norm(1.0),
+    "random": random(0),
+    "bn_scale": bn_scale,
+    "lamp": lamp,
+}
+
+
+def resolve(importance: str | Criterion) -> Criterion:
+    """Return the criterion for a name or a callable."""
+    if callable(importance):
+        return importance
+    if importance == "taylor":
+        raise ValueError("taylor importance needs data: pass importance=fxprune.Taylor(batches, loss_fn)")
+    if importance not in CRITERIA:
+        raise ValueError(f"unknown importance {importance!r}; choose one of {sorted(CRITERIA) + ['taylor']} or pass a callable")
+    return CRITERIA[importance]
+
+
+def random_importance(seed: int = 0) -> Criterion:
+    """Seeded random scores (kept for the tests' and fuzzer's vocabulary)."""
+    return random(seed)
+
+
+def score_groups(
+    gm: fx.GraphModule, deps: DependencyResult, groups: tuple[ChannelGroup, ...], criterion: Criterion
+) -> list[np.ndarray]:
+    """Score every group with ``criterion``; unprunable groups get zeros without calling it."""
+    grads = criterion.gradients(gm) if getattr(criterion, "needs_grad", False) else None  # type: ignore[attr-defined]
+    out: list[np.ndarray] = []
+    for gt in group_tensors(gm, deps, groups, grads):
+        if not gt.group.prunable:
+            out.append(np.zeros(gt.size))
+            continue
+        s = np.asarray(criterion(gt), dtype=np.float64)
+        if s.shape != (gt.size,):
+            raise ValueError(f"importance returned shape {s.shape} for group {gt.group.id} of {gt.size} channels")
+        out.append(s)
+    return out

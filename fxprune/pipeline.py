@@ -1,0 +1,136 @@
+"""The pipeline stages shared by ``prune``, ``apply``, ``analyze`` and ``sensitivity``, in order.
+
+    analyse:  private copy -> trace -> shapes -> dependency graph -> groups
+    finish:   rewrite -> shape invariant -> parameter accounting -> oracle (optional) -> ONNX (optional)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.errors import FxPruneError, InvariantError
+from fxprune.passes.budget import CostModel
+from fxprune.passes.dependency import DependencyResult, build_dependencies
+from fxprune.passes.fingerprint import graph_fingerprint
+from fxprune.passes.rewrite import RewritePass
+from fxprune.passes.select import describe_groups
+from fxprune.passes.shapes import shapes_for
+from fxprune.passes.trace import trace
+from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
+from fxprune.plan import ChannelGroup, PruningPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """A private, traced copy of a model with its dependency analysis (internal)."""
+
+    gm: fx.GraphModule
+    deps: DependencyResult
+    groups: tuple[ChannelGroup, ...]
+    opaque: dict[str, str]
+    inputs: tuple[Any, ...]
+    fingerprint: str
+
+
+def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    """Normalise example inputs to a tuple (None stays None)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ValueError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
+    names = {name for name, _ in model.named_modules()}
+    for item in ignore:
+        if not isinstance(item, (str, type)):
+            raise ValueError(f"ignore entries must be module names or types, got {item!r}")
+        if isinstance(item, str) and item not in names:
+            close = sorted(n for n in names if n and (item in n or n in item))[:5]
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"ignore={item!r} names no submodule of the model{hint}")
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode: fxprune never touches the caller's model."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        return copy.deepcopy(model).eval()
+    except Exception as e:
+        raise FxPruneError(f"cannot copy the model ({e}); fxprune never prunes the caller's model in place") from e
+
+
+def analyse(model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str]) -> Analysed:
+    """Trace a private copy and solve its channel dependencies."""
+    ignore = list(ignore)
+    _check_ignore(model, ignore)
+    work = private_copy(model)
+    gm, opaque = trace(work, leaves)  # 1. capture; untraceable submodules become opaque leaves
+    shapes, inputs = shapes_for(gm, as_inputs(example_inputs))  # 2. shapes, needed by every rule
+    deps = build_dependencies(gm, shapes, ignore, opaque)  # 3. channel rules -> coupled classes
+    groups = describe_groups(deps)
+    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The verified output of ``finish``."""
+
+    model: fx.GraphModule
+    modified: bool
+    params_after: int
+    macs_after: int
+    oracle: OracleReport | None
+
+
+def finish(
+    a: Analysed,
+    plan: PruningPlan,
+    cost: CostModel,
+    *,
+    training: bool,
+    verify: bool,
+    onnx: str | None,
+    onnx_opset: int,
+) -> Finished:
+    """Rewrite the private copy by ``plan`` and prove the result.
+
+    Raises:
+        InvariantError: a value's shape, the parameter count or the oracle disagrees with the plan.
+    """
+    from fxprune.metrics import count_params
+
+    reference = copy.deepcopy(a.gm) if verify else None
+    macs_after, predicted = cost.absolute(plan)
+    rewrite = RewritePass(a.deps, plan)
+    result = rewrite(a.gm)  # slice parameters, fix module attributes, rewrite literal sizes
+    pruned = result.model
+    check_shapes(pruned, a.inputs, rewrite.shapes)  # invariant: every value has its planned shape
+    params_after = count_params(pruned)
+    if params_after != predicted:
+        raise InvariantError(f"pruned model has {params_after} parameters, the plan predicted {predicted}")
+    oracle = None
+    if reference is not None:
+        oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
+        if oracle.applicable and not oracle.passed:
+            raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
+    if onnx is not None:
+        from fxprune.passes.export import export_onnx
+
+        export_onnx(pruned, a.inputs, onnx, opset=onnx_opset)
+    pruned.train(training)
+    return Finished(pruned, result.modified, params_after, macs_after, oracle)
