@@ -4,6 +4,7 @@
 """
 
 from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
+from fxprune.sensitivity import SensitivityResult, sensitivity
 from fxprune.errors import (
     ExportError,
     FxPruneError,
@@ -30,6 +31,7 @@ __all__ = [
     "PlanMismatchError",
     "PruneResult",
     "PruningPlan",
+    "SensitivityResult",
     "ShapeError",
     "TraceError",
     "UnsupportedOpError",
@@ -37,4 +39,5 @@ __all__ = [
     "apply",
     "compile",
     "prune",
+    "sensitivity",
 ]

@@ -173,3 +173,26 @@ def test_plan_mismatch_names_the_group(tmp_path: Path) -> None:
     other, y = models_zoo.get("resnet_bottleneck")
     with pytest.raises(fxprune.PlanMismatchError, match="group|channel groups"):
         fxprune.apply(other, str(tmp_path / "plan.json"), y)
+
+
+def test_sensitivity_curves_and_allocation(tmp_path: Path) -> None:
+    model, x = models_zoo.get("resnet_basic")
+    batch = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        target = model(batch)
+
+    def fidelity(m: nn.Module) -> float:  # agreement with the unpruned outputs: higher is better
+        with torch.no_grad():
+            return -float((m(batch) - target).pow(2).mean())
+
+    sens = fxprune.sensitivity(model, x, fidelity, ratios=(0.25, 0.5, 0.75), progress=False)
+    assert sens.baseline == pytest.approx(0.0, abs=1e-10)
+    assert sens.groups and all(len(v) == 3 for v in sens.metric.values())
+    values = [v for g in sens.groups for v in sens.metric[g.id]]
+    assert all(v <= 0.0 for v in values) and min(values) < -1e-6  # every cut moves the output away
+    assert "r=0.5" in sens.table()
+    sens.plot(str(tmp_path / "sens.png"))
+    assert (tmp_path / "sens.png").stat().st_size > 1000
+    ratios = sens.allocate(target_macs=0.6)
+    r = check_pruned(model, x, 0.0, group_ratios=ratios)
+    assert r.macs_after / r.macs_before <= 0.6
