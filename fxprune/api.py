@@ -57,7 +57,8 @@ class PruneResult:
     """Everything ``prune`` produced.
 
     Attributes:
-        model: the pruned, dense GraphModule (a new object; the input model is untouched).
+        model: the pruned, dense model (a new object; the input model is untouched): a GraphModule, or
+            with ``output="module"`` a copy of the user's own module tree proven equal to it.
         plan: the channels kept per group (save it with ``plan.save(path)``).
         modified: False when nothing was removed (ratio 0 or nothing prunable).
         params_before: parameter count of the input model.
@@ -68,7 +69,7 @@ class PruneResult:
         seconds: wall time of analysis and rewrite.
     """
 
-    model: fx.GraphModule
+    model: nn.Module
     plan: PruningPlan
     modified: bool
     params_before: int
@@ -109,6 +110,7 @@ def prune(
     verify: bool = False,
     onnx: str | None = None,
     onnx_opset: int = 18,
+    output: str = "graph",
 ) -> PruneResult:
     """Prune and return the model together with its plan, counts and proof. See ``compile`` for arguments."""
     ratio = _check_ratio(ratio)
@@ -118,6 +120,8 @@ def prune(
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be a positive integer, got {min_channels!r}")
+    if output not in ("graph", "module"):
+        raise ValueError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), got {output!r}")
     criterion = resolve(importance)
     t0 = time.perf_counter()
     training = model.training
@@ -131,7 +135,7 @@ def prune(
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
     plan = replace(plan, fingerprint=a.fingerprint, versions=_versions())
-    done = finish(a, plan, cost, training=training, verify=verify, onnx=onnx, onnx_opset=onnx_opset)
+    done = finish(a, plan, cost, training=training, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output)
     seconds = time.perf_counter() - t0
     log.info("fxprune: %d -> %d parameters in %.2fs", params_before, done.params_after, seconds)
     return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
@@ -144,7 +148,7 @@ def compile(  # noqa: A001 - the public name users expect
     *,
     example_inputs: Any = None,
     **kwargs: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Return a physically smaller, dense copy of ``model`` with ``ratio`` of each coupled group's channels removed.
 
     Args:
@@ -159,10 +163,12 @@ def compile(  # noqa: A001 - the public name users expect
             the ratio is searched), ``ratios`` (per-module overrides), ``group_ratios`` (per-group),
             ``round_to`` (kept counts multiple of N), ``min_channels``, ``leaves`` (submodules kept
             opaque), ``verify`` (run the mask oracle), ``onnx`` (path of a verified, simplified ONNX
-            file), ``onnx_opset``.
+            file), ``onnx_opset``, ``output`` ("graph": a GraphModule, the default; "module": a copy of
+            your own module tree with the pruned weights, picklable as your classes, proven equal).
 
     Returns:
-        A ``torch.fx.GraphModule`` with the same call signature, output structure and parameter names.
+        A ``torch.fx.GraphModule`` (or your own classes with ``output="module"``) with the same call
+        signature, output structure and parameter names.
     """
     return prune(model, ratio, example_inputs=example_inputs, **kwargs).model
 

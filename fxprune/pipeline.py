@@ -24,6 +24,7 @@ from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import describe_groups
 from fxprune.passes.shapes import shapes_for
 from fxprune.passes.trace import trace
+from fxprune.passes.writeback import write_back
 from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
 from fxprune.plan import ChannelGroup, PruningPlan
 
@@ -40,6 +41,7 @@ class Analysed:
     opaque: dict[str, str]
     inputs: tuple[Any, ...]
     fingerprint: str
+    work: nn.Module
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -83,14 +85,14 @@ def analyse(model: nn.Module, example_inputs: Any, ignore: Iterable[str | type],
     shapes, inputs = shapes_for(gm, as_inputs(example_inputs))  # 2. shapes, needed by every rule
     deps = build_dependencies(gm, shapes, ignore, opaque)  # 3. channel rules -> coupled classes
     groups = describe_groups(deps)
-    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps))
+    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work)
 
 
 @dataclass(frozen=True)
 class Finished:
     """The verified output of ``finish``."""
 
-    model: fx.GraphModule
+    model: nn.Module
     modified: bool
     params_after: int
     macs_after: int
@@ -106,6 +108,7 @@ def finish(
     verify: bool,
     onnx: str | None,
     onnx_opset: int,
+    output: str = "graph",
 ) -> Finished:
     """Rewrite the private copy by ``plan`` and prove the result.
 
@@ -128,9 +131,12 @@ def finish(
         oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
         if oracle.applicable and not oracle.passed:
             raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
+    model: nn.Module = pruned
+    if output == "module":
+        model = write_back(a.work, pruned, a.inputs)  # the user's classes, proven equal to the graph
     if onnx is not None:
         from fxprune.passes.export import export_onnx
 
-        export_onnx(pruned, a.inputs, onnx, opset=onnx_opset)
-    pruned.train(training)
-    return Finished(pruned, result.modified, params_after, macs_after, oracle)
+        export_onnx(model, a.inputs, onnx, opset=onnx_opset)
+    model.train(training)
+    return Finished(model, result.modified, params_after, macs_after, oracle)

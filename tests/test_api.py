@@ -206,3 +206,29 @@ def test_tied_parameters_stay_tied() -> None:
     torch.manual_seed(0)
     r = check_pruned(Tied().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
     assert r.model.get_submodule("b").weight is r.model.get_submodule("c").weight
+
+
+def test_output_module_keeps_user_classes_and_pickles(tmp_path) -> None:
+    model, x = models_zoo.get("resnet_basic")
+    r = fxprune.prune(model, 0.5, example_inputs=x, output="module")
+    assert type(r.model) is type(model)
+    assert r.model.get_submodule("conv1").out_channels < model.get_submodule("conv1").out_channels
+    torch.save(r.model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(*x), r.model(*x))
+    assert _same(_snapshot(model), _snapshot(models_zoo.get("resnet_basic")[0]))
+
+
+def test_output_module_refuses_a_forward_it_cannot_prove() -> None:
+    class Literal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 2)
+
+        def forward(self, x):
+            return self.fc(self.a(x).reshape(x.shape[0], 8 * 4 * 4))
+
+    torch.manual_seed(0)
+    with pytest.raises(fxprune.InvariantError, match="original forward"):
+        fxprune.prune(Literal().eval(), 0.5, example_inputs=(torch.randn(1, 3, 4, 4),), output="module")

@@ -13,6 +13,7 @@ from fxprune.errors import InvariantError
 from fxprune.passes.base import PassResult
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import PruningPlan
+from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.literals import rewriter_for
 from fxprune.rules.modules import fix_module
 
@@ -67,6 +68,7 @@ class RewritePass:
                     new = [self.shapes[v] for v in values_of_name(node, self.deps)]
                     if old:
                         rewrite(node, old, new)
+        fix_attention_attributes(gm)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified=True)

@@ -27,6 +27,7 @@ class _ShapeRecorder(fx.Interpreter):
             raise
         if isinstance(out, torch.Tensor):
             self.shapes[n.name] = tuple(out.shape)
+            n.meta["fxprune_shape"] = tuple(out.shape)
         elif isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
             for i, t in enumerate(out):
                 self.shapes[f"{n.name}#{i}"] = tuple(t.shape)

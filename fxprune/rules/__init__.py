@@ -12,12 +12,18 @@ from collections.abc import Callable
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.rules import attention, functional
 from fxprune.rules.common import pin_all
 from fxprune.rules.context import RuleContext
 from fxprune.rules.modules import MODULE_RULES
 from fxprune.rules.tensor_ops import FUNCTION_RULES, METHOD_RULES
 
 Rule = Callable[[fx.Node, RuleContext], None]
+
+FUNCTION_RULES.update(attention.FUNCTIONS)
+FUNCTION_RULES.update(functional.FUNCTIONS)
+METHOD_RULES.update(attention.METHODS)
+MODULE_RULES.update(attention.MODULES)
 
 __all__ = [
     "RuleContext",

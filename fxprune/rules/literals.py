@@ -7,6 +7,7 @@ shape check after rewriting proves they came out right.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,7 +24,9 @@ def _new_sizes(node: fx.Node, sizes: list[object], old: Shape, new: Shape) -> li
         raise InvariantError(f"shape argument of {node.format_node()} has {len(sizes)} entries for rank {len(old)}")
     out = list(sizes)
     for d, (o, n) in enumerate(zip(old, new, strict=True)):
-        if o != n and isinstance(out[d], int) and out[d] != -1:
+        # A pruned dim is a channel dim, fixed by the weights: a literal, or a size computed at run
+        # time from another tensor (``x.shape[2]`` of an unpruned input), becomes the new literal.
+        if o != n and (isinstance(out[d], fx.Node) or (isinstance(out[d], int) and out[d] != -1)):
             out[d] = n
     return out
 
@@ -60,7 +63,34 @@ def split_sizes(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
         node.target = torch.split
 
 
+def fixed_attention_scale(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
+    """scaled_dot_product_attention: keep the original 1/sqrt(E) when E (the q/k width) shrinks."""
+    if "scale" in node.kwargs or len(node.args) > 6:
+        return
+    q = node.args[0]
+    e = q.meta.get("fxprune_shape", (0,))[-1] if isinstance(q, fx.Node) else 0
+    if e:
+        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(e)}
+
+
+def normalized_shape(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
+    """F.layer_norm(x, normalized_shape, ...): the literal follows the input's last dims."""
+    if old == new:
+        return
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    if not isinstance(shape, (list, tuple)):
+        return
+    fixed = type(shape)(new[0][len(new[0]) - len(shape) :])
+    if len(node.args) > 1:
+        node.args = (node.args[0], fixed, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": fixed}
+
+
 FUNCTION_REWRITERS: dict[object, Rewriter] = {
+    torch.nn.functional.layer_norm: normalized_shape,
+    torch.layer_norm: normalized_shape,
+    torch.nn.functional.scaled_dot_product_attention: fixed_attention_scale,
     torch.reshape: shape_args,
     torch.split: split_sizes,
     torch.chunk: split_sizes,

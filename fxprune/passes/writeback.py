@@ -1,0 +1,66 @@
+"""Write a pruned GraphModule's parameters back into the private copy of the user's own module tree.
+
+The result keeps the user's classes and Python forward (picklable, reloadable, attributes intact), which
+is what checkpoint formats such as Ultralytics' need. It is only returned after its output was shown to
+equal the GraphModule's on the example inputs: a forward with a size fxprune could not rewrite fails there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.errors import InvariantError
+from fxprune.rules.attributes import fix_attention_attributes
+from fxprune.rules.modules import fix_module
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+def write_back(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> nn.Module:
+    """Copy every parameter and buffer of ``gm`` into ``work`` by name, fix attributes, and prove equality.
+
+    Raises:
+        InvariantError: the user's forward does not reproduce the pruned graph (a literal size in Python
+            code that fxprune cannot rewrite); the GraphModule remains the result to use.
+    """
+    source = dict(gm.named_parameters(remove_duplicate=False))
+    source.update(dict(gm.named_buffers(remove_duplicate=False)))
+    gm_modules = {id(m) for m in gm.modules()}
+    for mod_name, mod in work.named_modules(remove_duplicate=False):
+        changed = False
+        for store in (mod._parameters, mod._buffers):
+            for attr, t in list(store.items()):
+                new = source.get(f"{mod_name}.{attr}" if mod_name else attr)
+                if t is not None and new is not None and new is not t:
+                    store[attr] = new  # type: ignore[assignment]
+                    changed = True
+        if changed and id(mod) not in gm_modules:
+            fix_module(mod, None)
+    fix_attention_attributes(work)
+    training = work.training
+    work.eval()
+    gm_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            want, got = _flat(gm(*example_inputs)), _flat(work(*example_inputs))
+    except Exception as e:
+        raise InvariantError(f"the original forward does not run on the pruned weights ({type(e).__name__}: {e})") from e
+    finally:
+        work.train(training)
+        gm.train(gm_training)
+    if len(want) != len(got) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(want, got, strict=False)):
+        raise InvariantError("the original forward disagrees with the pruned graph (a size in its Python code was not rewritten)")
+    return work

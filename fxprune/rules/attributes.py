@@ -1,0 +1,53 @@
+"""Attention bookkeeping attributes that must follow the pruned widths (num_heads, head_dim, ...).
+
+The traced forward of a GraphModule no longer reads these attributes (their values were baked into the
+graph and rewritten there), but users, exporters and re-tracing do: a pruned model must not say
+``num_heads=4, head_dim=64`` while its q projection is 128 wide.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+# (heads attribute, head-dim attribute, total-width attribute or "", q-projection child names, q share of it)
+_LAYOUTS = [
+    ("num_heads", "head_dim", "", ("qkv",), 3),
+    ("num_heads", "head_dim", "", ("q", "q_proj", "query", "to_q"), 1),
+    ("num_attention_heads", "attention_head_size", "all_head_size", ("query",), 1),
+    ("n_head", "head_dim", "", ("c_attn",), 3),
+]
+
+
+def fix_attention_attributes(root: nn.Module) -> list[str]:
+    """Recompute head-dim/width attributes from the (pruned) q projection; returns the modules changed."""
+    changed = []
+    for name, mod in root.named_modules():
+        for heads_attr, dim_attr, total_attr, q_names, share in _LAYOUTS:
+            heads = getattr(mod, heads_attr, None)
+            if not isinstance(heads, int) or not isinstance(getattr(mod, dim_attr, None), int) or heads <= 0:
+                continue
+            q = next((getattr(mod, c) for c in q_names if isinstance(getattr(mod, c, None), nn.Module)), None)
+            width = _out_width(q)
+            if width is None or width % (share * heads):
+                continue
+            head_dim = width // (share * heads)
+            if head_dim != getattr(mod, dim_attr):
+                setattr(mod, dim_attr, head_dim)
+                if total_attr and isinstance(getattr(mod, total_attr, None), int):
+                    setattr(mod, total_attr, head_dim * heads)
+                changed.append(name)
+            break
+    return changed
+
+
+def _out_width(q: nn.Module | None) -> int | None:
+    if isinstance(q, nn.Linear):
+        return q.out_features
+    w = getattr(q, "weight", None)  # HF Conv1D keeps [in, out]
+    if w is not None and w.dim() == 2 and type(q).__name__ == "Conv1D":
+        return int(w.shape[1])
+    return None

@@ -1,0 +1,109 @@
+"""Channel rules for functional layers whose weights arrive as graph values (get_attr nodes).
+
+Modules that call ``F.layer_norm(x, self.normalized_shape, self.weight, ...)`` in their own forward (timm's
+LayerNorm, many custom blocks) are traced through, so their parameters are ``get_attr`` nodes feeding a
+``call_function``; these rules couple them the same way the module rules do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxprune.rules.common import pin_all, unary
+from fxprune.rules.context import RuleContext
+
+
+def _arg(node: fx.Node, pos: int, name: str) -> object:
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
+
+
+def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
+    """F.layer_norm(x, normalized_shape, weight, bias): weight/bias follow the normalised dims (inexact)."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    shape = _arg(node, 1, "normalized_shape")
+    if x is None or not isinstance(shape, (list, tuple)):
+        pin_all(node, ctx, f"{node.name}: layer_norm with a computed shape")
+        return
+    unary(node, ctx)
+    k = len(shape)
+    for j in range(k):
+        d = ctx.ndim(x) - k + j
+        ctx.inexact(x, d, f"{node.name}: layer_norm normalises over this dim")
+        for pos, name in ((2, "weight"), (3, "bias")):
+            p = ctx.tensor(_arg(node, pos, name))
+            if p is not None:
+                ctx.same(x, d, p, j)
+    if k > 1:
+        ctx.pin(x, f"{node.name}: layer_norm over several dims", list(range(ctx.ndim(x) - k, ctx.ndim(x) - 1)))
+
+
+def linear(node: fx.Node, ctx: RuleContext) -> None:
+    """F.linear(x, weight, bias): like nn.Linear with the weight as a value."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    w = ctx.tensor(_arg(node, 1, "weight"))
+    b = ctx.tensor(_arg(node, 2, "bias"))
+    y = ctx.out()
+    if x is None or w is None or y is None or ctx.ndim(w) != 2:
+        pin_all(node, ctx, f"{node.name}: F.linear with unexpected arguments")
+        return
+    for d in range(ctx.ndim(x) - 1):
+        ctx.same(x, d, y, d)
+    ctx.same(x, -1, w, 1)
+    ctx.same(y, -1, w, 0)
+    if b is not None:
+        ctx.same(w, 0, b, 0)
+    _produce_param(node.args[1], ctx, 0)
+
+
+def _produce_param(arg: object, ctx: RuleContext, dim: int) -> None:
+    """A weight fed through a get_attr node produces channels along ``dim`` of its parameter."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        owner, _, attr = str(arg.target).rpartition(".")
+        p = ctx.param(ctx.gm.get_submodule(owner), attr)
+        if p is not None:
+            ctx.produce(p, dim)
+
+
+def batch_norm(node: fx.Node, ctx: RuleContext) -> None:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): per-channel values follow dim 1."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    if x is None or ctx.out() is None:
+        pin_all(node, ctx, f"{node.name}: batch_norm with unexpected arguments")
+        return
+    unary(node, ctx)
+    for pos, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        p = ctx.tensor(_arg(node, pos, name))
+        if p is not None:
+            ctx.same(x, 1, p, 0)
+
+
+def group_norm(node: fx.Node, ctx: RuleContext) -> None:
+    """F.group_norm: group statistics span channels, which stay."""
+    unary(node, ctx)
+    pin_all(node, ctx, f"{node.name}: group_norm statistics span channel groups")
+
+
+def embedding(node: fx.Node, ctx: RuleContext) -> None:
+    """F.embedding(idx, weight): the embedding dim is produced by the table."""
+    idx = ctx.tensor(node.args[0]) if node.args else None
+    w = ctx.tensor(_arg(node, 1, "weight"))
+    y = ctx.out()
+    if idx is None or w is None or y is None:
+        pin_all(node, ctx, f"{node.name}: embedding with unexpected arguments")
+        return
+    for d in range(ctx.ndim(idx)):
+        ctx.same(idx, d, y, d)
+    ctx.same(y, -1, w, 1)
+    ctx.pin(w, f"{node.name}: vocabulary rows", [0])
+    _produce_param(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), ctx, 1)
+
+
+FUNCTIONS = {
+    F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
+    F.linear: linear, torch._C._nn.linear: linear,
+    F.batch_norm: batch_norm, torch.batch_norm: batch_norm,
+    F.group_norm: group_norm, torch.group_norm: group_norm,
+    F.embedding: embedding,
+}

@@ -1,0 +1,141 @@
+"""Attention and transformer blocks: head-dim pruning, contractions, LayerNorm, literal rewriting, ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from fxprune.passes.export import export_onnx
+from tests.conftest import check_pruned
+
+
+class Attention(nn.Module):
+    """A hand-written attention: fused qkv, literal head count and head dim, a chosen kernel."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kernel: str = "matmul") -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.kernel = heads, dim // heads, kernel
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif self.kernel == "einsum":
+            attn = torch.einsum("bhnd,bhmd->bhnm", q, k) * self.scale
+            out = torch.einsum("bhnm,bhmd->bhnd", attn.softmax(-1), v)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 32, kernel: str = "matmul") -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, kernel=kernel)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class SeparateQKV(nn.Module):
+    """q/k/v projections with grouped-query attention (2 kv heads shared by 4 query heads)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, heads * self.d, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.o = nn.Linear(heads * self.d, dim, bias=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, n, self.kv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, n, self.kv, self.d).transpose(1, 2)
+        rep = self.h // self.kv
+        k = k[:, :, None].expand(b, self.kv, rep, n, self.d).reshape(b, self.h, n, self.d)
+        v = v[:, :, None].expand(b, self.kv, rep, n, self.d).reshape(b, self.h, n, self.d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, n, self.h * self.d))
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa", "einsum"])
+def test_attention_head_dim_is_exact(kernel: str) -> None:
+    """The residual stream is a model input (pinned), so LayerNorm is untouched: the oracle is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(kernel=kernel), Block(kernel=kernel)).eval()
+    r = check_pruned(model, (torch.randn(2, 5, 32),), 0.5)
+    qkv = r.model.get_submodule("0.attn.qkv")
+    assert qkv.out_features == 3 * 4 * 4  # 4 heads of head_dim 8 -> 4
+    assert r.model.get_submodule("0.fc1").out_features == 64
+
+
+def test_grouped_query_attention() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(SeparateQKV().eval(), (torch.randn(1, 6, 32),), 0.5)
+    assert r.model.get_submodule("q").out_features == 16 and r.model.get_submodule("k").out_features == 8
+
+
+def test_residual_stream_through_layernorm_is_pruned() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.block, self.head = nn.Linear(16, 32), Block(), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.block(self.embed(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    r = check_pruned(model, (torch.randn(2, 5, 16),), 0.5, expect_exact=False)
+    assert r.oracle is not None and not r.oracle.applicable and "LayerNorm" in r.oracle.reason
+    assert r.model.get_submodule("block.norm1").normalized_shape == (16,)
+    assert r.model.get_submodule("embed").out_features == 16
+
+
+def test_multihead_attention_is_kept_with_a_reason() -> None:
+    class MHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.mha, self.mlp = nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 8)
+
+        def forward(self, x):
+            h = self.inp(x)
+            a, _ = self.mha(h, h, h, need_weights=False)
+            return self.mlp(a)
+
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(MHA().eval(), torch.randn(1, 5, 8))
+    assert any("MultiheadAttention" in g.reason for g in analysis.groups if not g.prunable)
+
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_small_patch16_224"])
+def test_timm_vit_heads_and_mlp_shrink(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=2).eval()
+    x = (torch.randn(1, 3, 224, 224),)
+    r = check_pruned(model, x, 0.5, ignore=["patch_embed"])  # residual pinned: exact oracle
+    assert r.model.get_submodule("blocks.0.attn.qkv").out_features == 3 * 384 // 2
+    assert r.model.get_submodule("blocks.0.mlp.fc1").out_features == 1536 // 2
+    full = check_pruned(model, x, 0.5, expect_exact=False)  # residual stream too
+    assert full.params_after / full.params_before < 0.3
+    report = export_onnx(full.model, x, tmp_path / "vit.onnx", n_check_inputs=1)
+    assert report.max_abs_diff < 1e-3
