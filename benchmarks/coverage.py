@@ -1,0 +1,189 @@
+"""Coverage of the whole corpus: every torchvision model and the common timm families at one ratio.
+
+Each model runs in its own subprocess with a timeout, so a crash or a hang does not stop the run. A model
+is "ok" when compile succeeds, the parameter count drops, the output structure and shapes equal the
+original's, the mask oracle passes (or is not applicable: LayerNorm over a pruned dim), and the ONNX
+export matches onnxruntime. Rows go to a JSONL file; a Markdown summary is printed.
+
+    .venv/bin/python benchmarks/coverage.py --out docs/coverage.jsonl [--only torchvision] [--jobs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+TIMM = [
+    "resnet18", "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100", "regnety_004",
+    "ghostnet_100", "repvgg_a0", "cspdarknet53", "densenet121", "mixer_b16_224", "poolformer_s12",
+    "efficientformer_l1", "levit_128", "mobilevit_s", "vit_small_patch16_224", "deit_small_patch16_224",
+    "swin_tiny_patch4_window7_224",
+]
+SEG_DET = [
+    "fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
+]
+
+
+def corpus(only: str) -> list[str]:
+    """Model specs: ``tv:<name>``, ``tvseg:<name>``, ``tvdet:<name>``, ``timm:<name>``."""
+    import torchvision
+
+    specs = []
+    if only in ("", "torchvision"):
+        specs += [f"tv:{n}" for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+    if only in ("", "segdet"):
+        specs += [f"tvseg:{n}" for n in SEG_DET[:3]] + [f"tvdet:{n}" for n in SEG_DET[3:]]
+    if only in ("", "timm"):
+        specs += [f"timm:{n}" for n in TIMM]
+    return specs
+
+
+def family(spec: str) -> str:
+    """The family a model is reported under (resnet, vit, swin, ...)."""
+    kind, name = spec.split(":", 1)
+    if kind != "tv":
+        return {"tvseg": "tv-segmentation", "tvdet": "tv-detection"}.get(kind, "timm")
+    for prefix in ("resnext", "wide_resnet", "resnet", "regnet", "efficientnet_v2", "efficientnet", "mobilenet_v2",
+                   "mobilenet_v3", "mnasnet", "shufflenet", "squeezenet", "densenet", "convnext", "vit", "swin",
+                   "maxvit", "vgg", "inception", "googlenet", "alexnet"):
+        if name.startswith(prefix):
+            return prefix
+    return name
+
+
+def child(spec: str, ratio: float) -> dict[str, Any]:
+    """Run one model (in the subprocess)."""
+    import torch
+
+    import fxprune
+    from fxprune.passes.export import export_onnx
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    kind, name = spec.split(":", 1)
+    if kind == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False).eval()
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        x: tuple[Any, ...] = (torch.randn(1, *size),)
+    else:
+        import torchvision
+
+        kwargs: dict[str, Any] = {"weights": None}
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=True)
+        if kind == "tvdet":
+            kwargs["weights_backbone"] = None
+        if kind == "tvseg":
+            kwargs.update(weights_backbone=None, aux_loss=False)
+        model = torchvision.models.get_model(name, **kwargs).eval()
+        side = 299 if name == "inception_v3" else (384 if name == "vit_h_14" else 224)
+        x = ([torch.rand(3, 320, 320)],) if kind == "tvdet" else (torch.randn(1, 3, side, side),)
+    row: dict[str, Any] = {"model": spec, "family": family(spec)}
+    t0 = time.perf_counter()
+    r = fxprune.prune(model, ratio, example_inputs=x, verify=True)
+    row["compile_s"] = r.seconds
+    row["total_s"] = time.perf_counter() - t0
+    row["params_ratio"] = r.params_after / r.params_before
+    row["macs_ratio"] = r.macs_after / max(1, r.macs_before)
+    row["oracle"] = "passed" if r.oracle and r.oracle.applicable else f"n/a: {r.oracle.reason if r.oracle else ''}"
+    row["noop"] = not r.modified or r.params_after >= r.params_before
+    if kind == "tvdet":
+        row["onnx"] = "skipped: detection post-processing"
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                export_onnx(r.model, x, os.path.join(d, "m.onnx"), n_check_inputs=1)
+                row["onnx"] = "ok"
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                row["onnx"] = f"error: {type(e).__name__}: {str(e)[:160]}"
+    row["ok"] = (not row["noop"]) and row["onnx"] in ("ok", "skipped: detection post-processing")
+    return row
+
+
+def run_one(spec: str, ratio: float, timeout: int) -> dict[str, Any]:
+    """Run ``child`` in a subprocess; a crash or timeout becomes an error row."""
+    cmd = [sys.executable, __file__, "--child", spec, "--ratio", str(ratio)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": spec, "family": family(spec), "ok": False, "error": f"timeout after {timeout}s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"model": spec, "family": family(spec), "ok": False, "error": err[:300]}
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per family total/ok/noop/errors, medians; then every row that is not ok."""
+    import torch
+
+    fam: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        fam[r["family"]].append(r)
+    out = [f"{datetime.date.today()} | {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__}\n",
+           "| family | total | ok | no-op | error | median params left | median MACs left | median compile s | ONNX ok |",
+           "|---|---|---|---|---|---|---|---|---|"]
+
+    def med(rs: list[dict[str, Any]], key: str) -> str:
+        vals = [r[key] for r in rs if key in r]
+        return f"{statistics.median(vals):.3f}" if vals else "-"
+
+    for name in sorted(fam):
+        rs = fam[name]
+        out.append(f"| {name} | {len(rs)} | {sum(r['ok'] for r in rs)} | {sum(bool(r.get('noop')) for r in rs)} | "
+                   f"{sum('error' in r for r in rs)} | {med(rs, 'params_ratio')} | {med(rs, 'macs_ratio')} | "
+                   f"{med(rs, 'compile_s')} | {sum(r.get('onnx') == 'ok' for r in rs)} |")
+    out.append(f"| **all** | {len(rows)} | {sum(r['ok'] for r in rows)} | {sum(bool(r.get('noop')) for r in rows)} | "
+               f"{sum('error' in r for r in rows)} | {med(rows, 'params_ratio')} | {med(rows, 'macs_ratio')} | "
+               f"{med(rows, 'compile_s')} | {sum(r.get('onnx') == 'ok' for r in rows)} |")
+    bad = [r for r in rows if not r["ok"]]
+    if bad:
+        out += ["", "Not ok:", ""] + [f"- {r['model']}: {r.get('error') or ('no-op' if r.get('noop') else r.get('onnx'))}" for r in bad]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--only", default="", choices=["", "torchvision", "segdet", "timm"])
+    parser.add_argument("--models", default="", help="comma-separated specs instead of the corpus")
+    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--out", default="coverage.jsonl")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.ratio)))
+        return
+    specs = args.models.split(",") if args.models else corpus(args.only)
+    done = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {r["model"]: r for r in map(json.loads, f)}
+    with open(args.out, "a") as f:
+        for spec in specs:
+            if spec in done:
+                continue
+            row = run_one(spec, args.ratio, args.timeout)
+            done[spec] = row
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(f"{spec:45s} {'ok' if row['ok'] else 'NOT OK'} {row.get('error', '')[:100]}", flush=True)
+    print(summarize([done[s] for s in specs if s in done]))
+
+
+if __name__ == "__main__":
+    main()
