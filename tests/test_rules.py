@@ -307,3 +307,22 @@ def test_dependency_graph_is_networkx_with_index_maps() -> None:
     assert mapped, "cat must produce offset couplings"
     offsets = sorted(int(d["b_index"][0]) for _, _, d in g.edges(data=True) if d["why"].startswith("cat") and d["a_index"] is not None)
     assert offsets == [0, 8]
+
+
+class ListChunk(nn.Module):
+    """Ultralytics C2f style: ``list(x.chunk(2, 1))`` then extend and concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1, self.m, self.cv2 = cbr(3, 16), cbr(8, 8), cbr(24, 4)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in [self.m])
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_list_of_chunk_is_traced_and_pruned() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(ListChunk().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert r.model.get_submodule("cv1.0").out_channels == 8

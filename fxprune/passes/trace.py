@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch.fx as fx
@@ -12,6 +12,16 @@ import torch.nn as nn
 from fxprune.errors import TraceError
 
 log = logging.getLogger(__name__)
+
+
+class _SizedProxy(fx.Proxy):
+    """A Proxy whose length is known when it is the result of ``chunk(n)`` or ``split([sizes])``."""
+
+    def __len__(self) -> int:
+        n = _literal_length(self.node)
+        if n is None:
+            return super().__len__()
+        return n
 
 
 class _FallbackTracer(fx.Tracer):
@@ -25,12 +35,36 @@ class _FallbackTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.extra_leaves or super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+        """Iterate the result of ``chunk(n)`` or ``split([sizes])``, whose length is a literal.
+
+        This is what makes ``list(x.chunk(2, 1))`` (Ultralytics C2f) traceable.
+        """
+        n = _literal_length(obj.node)
+        if n is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(n)])
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         name = self.path_of_module(m)
         self.stack.append(name)
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()
         return out
+
+
+def _literal_length(node: fx.Node) -> int | None:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name == "chunk":
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        return n if isinstance(n, int) else None
+    if name == "split":
+        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+        return len(sizes) if isinstance(sizes, (list, tuple)) else None
+    return None
 
 
 def trace(model: nn.Module, leaves: Iterable[str] = ()) -> tuple[fx.GraphModule, dict[str, str]]:
