@@ -4,18 +4,20 @@
 """
 
 from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
-from fxprune.sensitivity import SensitivityResult, sensitivity
 from fxprune.errors import (
     ExportError,
     FxPruneError,
     InvariantError,
+    ModelLoadError,
     PlanMismatchError,
+    QuantizationError,
     ShapeError,
     TraceError,
     UnsupportedOpError,
 )
 from fxprune.passes.importance import GroupTensors, MemberSlice, Taylor
 from fxprune.plan import ChannelGroup, PruningPlan
+from fxprune.sensitivity import SensitivityResult, sensitivity
 
 __version__ = "0.1.0"
 
@@ -28,7 +30,9 @@ __all__ = [
     "Taylor",
     "FxPruneError",
     "InvariantError",
+    "ModelLoadError",
     "PlanMismatchError",
+    "QuantizationError",
     "PruneResult",
     "PruningPlan",
     "SensitivityResult",

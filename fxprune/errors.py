@@ -29,3 +29,11 @@ class InvariantError(FxPruneError):
 
 class ExportError(FxPruneError):
     """ONNX export, simplification or the onnxruntime check failed."""
+
+
+class ModelLoadError(FxPruneError):
+    """A model spec (``torchvision:resnet50``, ``file.py:Class``, a saved file) could not be loaded."""
+
+
+class QuantizationError(FxPruneError):
+    """onnxruntime int8 quantisation of a pruned ONNX file failed."""

@@ -24,8 +24,8 @@ from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import describe_groups
 from fxprune.passes.shapes import shapes_for
 from fxprune.passes.trace import trace
-from fxprune.passes.writeback import write_back
 from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
+from fxprune.passes.writeback import write_back
 from fxprune.plan import ChannelGroup, PruningPlan
 
 log = logging.getLogger(__name__)

@@ -232,3 +232,12 @@ def test_output_module_refuses_a_forward_it_cannot_prove() -> None:
     torch.manual_seed(0)
     with pytest.raises(fxprune.InvariantError, match="original forward"):
         fxprune.prune(Literal().eval(), 0.5, example_inputs=(torch.randn(1, 3, 4, 4),), output="module")
+
+
+def test_pruned_graphmodule_survives_torch_save(tmp_path) -> None:
+    model, x = models_zoo.get("mobilenet_v2")
+    small = fxprune.compile(model, 0.5, example_inputs=x)
+    torch.save(small, tmp_path / "small.pt")
+    again = torch.load(tmp_path / "small.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(*x), small(*x))

@@ -97,13 +97,16 @@ def group_tensors(
                 continue
             labels = sol.space_labels(space)
             gids = sol.class_group[labels]
+            base = t.detach().movedim(d, 0).reshape(t.shape[d], -1).float()
+            gbase = None
+            if grads is not None and qual in grads:
+                gbase = grads[qual].movedim(d, 0).reshape(t.shape[d], -1).float()
             for g in np.unique(gids[gids >= 0]):
                 rows_idx = np.nonzero(gids == g)[0]
+                whole = len(rows_idx) == len(labels)  # the common case: no copy
                 idx = torch.as_tensor(rows_idx)
-                rows = t.detach().float().movedim(d, 0).reshape(t.shape[d], -1)[idx]
-                grad = None
-                if grads is not None and qual in grads:
-                    grad = grads[qual].float().movedim(d, 0).reshape(t.shape[d], -1)[idx]
+                rows = base if whole else base[idx]
+                grad = None if gbase is None else (gbase if whole else gbase[idx])
                 member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), rows,
                                      position[labels[rows_idx]], grad)
                 per_group.setdefault(int(g), []).append(member)
@@ -117,7 +120,8 @@ def norm(p: float = 2.0) -> Criterion:
     def score(g: GroupTensors) -> np.ndarray:
         out = np.zeros(g.size)
         for m in g.members:
-            out += g.per_channel(m.rows.abs().pow(p).sum(1), m) ** (1.0 / p)
+            powered = m.rows * m.rows if p == 2 else m.rows.abs().pow(p)
+            out += g.per_channel(powered.sum(1), m) ** (1.0 / p)
         return out
 
     score.__name__ = f"l{p:g}"

@@ -27,9 +27,9 @@ class _SizedProxy(fx.Proxy):
 class _FallbackTracer(fx.Tracer):
     """A tracer that remembers which submodule it was inside when tracing failed."""
 
-    def __init__(self, extra_leaves: set[str]) -> None:
-        super().__init__()
-        self.extra_leaves = extra_leaves
+    def __init__(self, extra_leaves: set[str] | None = None) -> None:
+        super().__init__()  # no required arguments: torch.load re-creates the tracer class
+        self.extra_leaves = extra_leaves or set()
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

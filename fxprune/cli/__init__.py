@@ -1,0 +1,100 @@
+"""The ``fxprune`` command line: ``compile``, ``analyze`` and ``bench`` (see docs/cli.md).
+
+Every error is reported as one line on stderr with exit status 2; ``--debug`` adds the traceback.
+Library warnings are hidden unless ``--verbose`` or ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from fxprune.cli.parser import build_parser
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Route fxprune's log records to stderr at the level the flags ask for, and restore everything after."""
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fxprune: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("fxprune")
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    ort_severity = _set_ort_severity(0 if args.debug else 2 if args.verbose else 3)
+    try:
+        with warnings.catch_warnings():
+            if not (args.verbose or args.debug):
+                warnings.simplefilter("ignore")  # torch/onnx warnings are noise on a command line
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+        if ort_severity is not None:
+            _set_ort_severity(ort_severity)
+
+
+def _set_ort_severity(severity: int) -> int | None:
+    """Set onnxruntime's C++ log severity (0 verbose .. 3 error); return the default it replaces."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    ort.set_default_logger_severity(severity)
+    return 2  # onnxruntime's own default (warning)
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error, prefixed with its type unless it is one fxprune raises on purpose."""
+    from fxprune.errors import FxPruneError
+
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    if isinstance(e, (FxPruneError, ValueError)) and text:
+        return text
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"file not found: {e.filename}"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fxprune`` command line.
+
+    Args:
+        argv: The arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 on any error, 130 when interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fxprune.cli.commands import run_analyze, run_bench, run_compile
+
+    handler = {"compile": run_compile, "analyze": run_analyze, "bench": run_bench}[args.command]
+    with _logging(args):
+        try:
+            return handler(args)
+        except KeyboardInterrupt:
+            sys.stderr.write("fxprune: interrupted\n")
+            return EXIT_INTERRUPTED
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line and status 2
+            if args.debug:
+                traceback.print_exc(file=sys.stderr)
+            sys.stderr.write(f"fxprune {args.command}: error: {_one_line(e)}\n")
+            return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

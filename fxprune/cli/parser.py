@@ -1,0 +1,138 @@
+"""The argparse definition of ``fxprune compile | analyze | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+__all__ = ["build_parser"]
+
+MODEL_HELP = (
+    "the model: models_zoo:NAME, torchvision:NAME, timm:NAME, ultralytics:FILE.yaml (needs ultralytics), "
+    "path/to/file.py:ClassName (called without arguments) or a file saved with torch.save(model) "
+    "(loaded with torch.load(weights_only=False): trusted files only). Weights are random unless --checkpoint."
+)
+
+EPILOG = """examples:
+  fxprune compile models_zoo:resnet_basic --ratio 0.5 --onnx small.onnx --report report.md
+  fxprune compile torchvision:resnet50 --target-macs 0.5 --round-to 8 --onnx r50.onnx --quantize int8
+  fxprune analyze timm:convnext_tiny
+  fxprune bench models_zoo:resnet18 --ratio 0.5 --runs 20
+
+Errors print one line on stderr and exit with status 2 (--debug shows the traceback).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--input-shape", action="append", metavar="N,C,H,W",
+                   help="shape of the example input, e.g. 1,3,224,224 (repeat once per input for multi-input "
+                        "models); default: the zoo/timm entry's shape, else 1,3,224,224")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="a state_dict file (torch.save(model.state_dict())) loaded into the model, strictly")
+    p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
+                   help="qualified name of a submodule whose channels must stay (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library log messages and warnings")
+    p.add_argument("--debug", action="store_true", help="debug logging, and a full traceback on errors")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning policy")
+    g.add_argument("--ratio", type=float, metavar="R",
+                   help="fraction of channels removed from every prunable group, 0 <= R < 1 (default 0.5, "
+                        "or searched when a --target-* is given)")
+    g.add_argument("--target-macs", type=float, metavar="F",
+                   help="keep this fraction of the original MACs (the ratio is searched), e.g. 0.5")
+    g.add_argument("--target-params", type=float, metavar="F", help="keep this fraction of the original parameters")
+    g.add_argument("--round-to", type=_positive_int, metavar="N", help="round kept channel counts to multiples of N")
+    g.add_argument("--global-ranking", action="store_true",
+                   help="rank channels across groups instead of removing the same fraction from each")
+    g.add_argument("--importance", default="l2", metavar="NAME",
+                   help="channel importance criterion: l2 (default), l1, random, ... (see fxprune.prune)")
+
+
+def _add_timing_args(p: argparse.ArgumentParser, runs: int) -> None:
+    g = p.add_argument_group("timing")
+    g.add_argument("--runs", type=_non_negative_int, default=runs,
+                   help=f"timed runs; the median is reported (default {runs}; 0 skips timing in compile)")
+    g.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed warm-up runs (default 3)")
+    g.add_argument("--threads", type=_positive_int, help="CPU threads for timing (default: torch's current setting)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fxprune`` argument parser with its three subcommands."""
+    parser = _Parser(prog="fxprune", description="fxprune: structured pruning as a torch.fx compiler pass.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fxprune import __version__
+
+    parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    c = sub.add_parser("compile", help="prune a model, export ONNX, optionally quantise, write a report",
+                       description="Prune MODEL, prove it with the mask oracle, export a simplified ONNX file "
+                                   "checked in onnxruntime, optionally quantise it to int8 and write a report. "
+                                   "Outputs appear only when every step succeeded.")
+    _add_model_args(c)
+    _add_prune_args(c)
+    o = c.add_argument_group("outputs")
+    o.add_argument("--onnx", metavar="PATH", help="write the pruned model as ONNX (simplified, onnxruntime-checked)")
+    o.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
+    o.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    o.add_argument("--static-batch", action="store_true", help="fix the batch size (default: dynamic batch dim)")
+    o.add_argument("--report", metavar="PATH.md",
+                   help="write a Markdown report, and beside it PATH.json (same data), PATH_channels.png "
+                        "and PATH_groups.dot (rendered to .svg when Graphviz is installed)")
+    o.add_argument("--save", metavar="PATH.pt", help="torch.save the pruned GraphModule")
+    o.add_argument("--save-plan", metavar="PATH.json", help="save the pruning plan (replay with fxprune.apply)")
+    o.add_argument("--no-verify", action="store_true", help="skip the mask-equivalence oracle")
+    q = c.add_argument_group("int8 quantisation (onnxruntime; needs --onnx)")
+    q.add_argument("--quantize", choices=["int8", "int8-dynamic"],
+                   help="int8: static, calibrated activations (CNNs); int8-dynamic: weights only (Linear-heavy)")
+    q.add_argument("--quantized-onnx", metavar="PATH", help="int8 output file (default: ONNX path with .int8.onnx)")
+    q.add_argument("--calibration-samples", type=_positive_int, default=32, metavar="N",
+                   help="random seeded calibration inputs (default 32)")
+    q.add_argument("--quant-format", choices=["qdq", "qoperator"], default="qdq", help="static format (default qdq)")
+    q.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales for static int8")
+    _add_timing_args(c, runs=20)
+
+    a = sub.add_parser("analyze", help="list the coupled channel groups, nothing is modified",
+                       description="Trace MODEL and print its coupled channel groups: size, pinned channels, "
+                                   "and why a group cannot be pruned.")
+    _add_model_args(a)
+    a.add_argument("--json", action="store_true", help="print the groups as JSON instead of a table")
+
+    b = sub.add_parser("bench", help="time the original and the pruned model (median CPU latency)",
+                       description="Prune MODEL and time the original and the pruned model on the CPU: median "
+                                   "latency of --runs runs after --warmup runs, with the thread count stated.")
+    _add_model_args(b)
+    _add_prune_args(b)
+    _add_timing_args(b, runs=30)
+    b.add_argument("--onnxruntime", action="store_true", help="also time both models exported to ONNX in onnxruntime")
+    return parser

@@ -1,0 +1,78 @@
+"""All-or-nothing output files: stage every output beside its target, move them into place at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from fxprune.errors import FxPruneError
+
+__all__ = ["OutputStage"]
+
+
+class OutputStage:
+    """Hand out staging paths for output files and move them all into place on :meth:`commit`.
+
+    Each target directory gets one hidden temporary directory inside it (so the final ``os.replace`` never
+    crosses a file system). Leaving the ``with`` block without a commit deletes everything staged.
+
+    Example:
+        >>> with OutputStage() as stage:  # doctest: +SKIP
+        ...     write(stage.path("out.onnx"))
+        ...     stage.commit()
+    """
+
+    def __init__(self) -> None:
+        self._dirs: dict[Path, Path] = {}
+        self._targets: dict[Path, Path] = {}
+
+    def check(self, target: str | os.PathLike[str], flag: str) -> Path:
+        """Validate an output path before any work is done.
+
+        Raises:
+            FxPruneError: If the folder does not exist, the path is a folder, or two outputs collide.
+        """
+        path = Path(target)
+        if not path.parent.resolve().is_dir():
+            raise FxPruneError(f"{flag} {target}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise FxPruneError(f"{flag} {target} is a folder; give a file name")
+        resolved = path.resolve()
+        if resolved in self._targets.values():
+            raise FxPruneError(f"{flag} {target} names a file another option writes too")
+        self._targets[path] = resolved
+        return path
+
+    def path(self, target: str | os.PathLike[str]) -> Path:
+        """The staging path whose file becomes ``target`` on commit (siblings written there move too)."""
+        final = Path(target)
+        folder = final.parent.resolve()
+        if folder not in self._dirs:
+            self._dirs[folder] = Path(tempfile.mkdtemp(prefix=".fxprune-", suffix=".tmp", dir=folder))
+        return self._dirs[folder] / final.name
+
+    def commit(self) -> list[Path]:
+        """Move every staged file into its target folder; return the final paths."""
+        moved = []
+        for folder, stage in self._dirs.items():
+            for f in sorted(stage.iterdir()):
+                if f.is_file():
+                    os.replace(f, folder / f.name)
+                    moved.append(folder / f.name)
+        self.discard()
+        return moved
+
+    def discard(self) -> None:
+        """Delete the staging directories and everything in them."""
+        for stage in self._dirs.values():
+            shutil.rmtree(stage, ignore_errors=True)
+        self._dirs.clear()
+
+    def __enter__(self) -> OutputStage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.discard()

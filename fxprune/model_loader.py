@@ -1,0 +1,237 @@
+"""Resolve a MODEL spec of the command line into a randomly initialised ``nn.Module``.
+
+Specs, tried in this order:
+
+- ``models_zoo:NAME`` — a model of the bundled test zoo (its input shape is known).
+- ``torchvision:NAME`` — ``torchvision.models.get_model(NAME, weights=None)``.
+- ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False)`` (input shape from its config).
+- ``ultralytics:FILE.yaml`` — ``ultralytics.YOLO(FILE.yaml).model``; needs the optional ``ultralytics``.
+- ``path/to/file.py:NAME`` — the file is imported and ``NAME()`` (a class or factory) is called.
+- ``path/to/file.pt`` — a whole model saved with ``torch.save(model)``. It is read with
+  ``torch.load(weights_only=False)``, which runs pickle code: load only files you trust. The model's
+  class must be importable (as it was when saved).
+
+Weights are never downloaded: everything is random init unless a ``state_dict`` checkpoint is loaded
+with :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxprune.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_checkpoint", "load_model", "parse_shape", "random_inputs"]
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+_FILE_CLASS = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model built from a spec.
+
+    Attributes:
+        model: The module, in eval mode.
+        spec: The spec it was built from.
+        input_shapes: The natural input shapes when the source knows them (zoo, timm), else None.
+    """
+
+    model: nn.Module
+    spec: str
+    input_shapes: tuple[tuple[int, ...], ...] | None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse ``"1,3,224,224"`` (or ``1x3x224x224``) into a tuple of positive ints.
+
+    Raises:
+        ModelLoadError: If the text is not a list of positive integers.
+    """
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ModelLoadError(f"--input-shape must be positive integers separated by commas like 1,3,224,224, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def random_inputs(shapes: tuple[tuple[int, ...], ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded standard-normal float32 inputs of the given shapes (the global RNG is not touched)."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=gen) for shape in shapes)
+
+
+def _from_zoo(name: str) -> LoadedModel:
+    import models_zoo
+
+    if name not in models_zoo.names():
+        raise ModelLoadError(f"unknown models_zoo model {name!r}; choose one of: {', '.join(models_zoo.names())}")
+    model, inputs = models_zoo.get(name)
+    return LoadedModel(model, f"models_zoo:{name}", tuple(tuple(x.shape) for x in inputs))
+
+
+def _from_torchvision(name: str) -> LoadedModel:
+    tv_models = _import("torchvision", "pip install torchvision").models
+    if name not in tv_models.list_models():
+        close = [n for n in tv_models.list_models() if name.lower() in n][:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
+    kwargs: dict[str, Any] = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    return LoadedModel(tv_models.get_model(name, weights=None, **kwargs), f"torchvision:{name}", None)
+
+
+def _from_timm(name: str) -> LoadedModel:
+    timm = _import("timm", "pip install timm")
+    if not timm.list_models(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelLoadError(f"unknown timm model {name!r}{hint}")
+    model = timm.create_model(name, pretrained=False)
+    size = getattr(model, "pretrained_cfg", {}).get("input_size")
+    shapes = ((1, *size),) if size else None
+    return LoadedModel(model, f"timm:{name}", shapes)
+
+
+def _from_ultralytics(name: str) -> LoadedModel:
+    ultralytics = _import("ultralytics", "pip install 'fxprune[yolo]' (or pip install ultralytics)")
+    if not name.endswith((".yaml", ".yml")):
+        raise ModelLoadError(
+            f"ultralytics:{name}: give a model config such as yolov8n.yaml (a .pt file would download weights)"
+        )
+    return LoadedModel(ultralytics.YOLO(name).model, f"ultralytics:{name}", (DEFAULT_INPUT_SHAPE,))
+
+
+def _from_python_file(file: str, name: str) -> LoadedModel:
+    path = Path(file)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {file}")
+    module_name = f"_fxprune_user_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # sibling imports of the user's file
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from e
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    factory: Callable[[], Any] | None = getattr(module, name, None)
+    if not callable(factory):
+        found = sorted(k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
+        raise ModelLoadError(f"{file} has no class or function {name!r}; nn.Module classes there: {found or 'none'}")
+    try:
+        model = factory()
+    except Exception as e:
+        raise ModelLoadError(f"{name}() failed (it must be callable without arguments): {_first_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{file}:{name}() returned a {type(model).__name__}, not an nn.Module")
+    return LoadedModel(model, f"{file}:{name}", None)
+
+
+def _from_saved(file: str) -> LoadedModel:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=False)  # a whole pickled model: trusted files only
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load {file} with torch.load: {type(e).__name__}: {_first_line(e)} "
+            "(a torch.save(model) file needs the model's class to be importable)"
+        ) from e
+    if isinstance(obj, dict):
+        raise ModelLoadError(
+            f"{file} holds a state_dict, not a model; give the architecture as MODEL and this file as --checkpoint"
+        )
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(f"{file} holds a {type(obj).__name__}, not an nn.Module")
+    return LoadedModel(obj, file, None)
+
+
+def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
+    """Build the model a spec names, with seeded random weights, in eval mode.
+
+    Args:
+        spec: See the module docstring for the accepted forms.
+        seed: Seed of the random initialisation (``torch.manual_seed``).
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ModelLoadError: If the spec names no model, a file is missing, or the source package is absent.
+    """
+    torch.manual_seed(seed)
+    prefix, _, rest = spec.partition(":")
+    sources = {"models_zoo": _from_zoo, "torchvision": _from_torchvision, "timm": _from_timm, "ultralytics": _from_ultralytics}
+    if prefix in sources and rest:
+        loaded = sources[prefix](rest)
+    elif match := _FILE_CLASS.match(spec):
+        loaded = _from_python_file(match["file"], match["name"])
+    elif spec.endswith(".py"):
+        raise ModelLoadError(f"name the model class in the file: {spec}:ClassName")
+    elif Path(spec).is_file():
+        loaded = _from_saved(spec)
+    elif "/" in spec or "\\" in spec or Path(spec).suffix:
+        raise ModelLoadError(f"model file not found: {spec}")
+    else:
+        raise ModelLoadError(
+            f"unknown model {spec!r}; use models_zoo:NAME, torchvision:NAME, timm:NAME, ultralytics:FILE.yaml, "
+            "path/to/file.py:ClassName or a file saved with torch.save(model)"
+        )
+    log.info("loaded %s (%s)", loaded.spec, type(loaded.model).__name__)
+    return LoadedModel(loaded.model.eval(), loaded.spec, loaded.input_shapes)
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a ``state_dict`` file into ``model`` (strict; ``{"state_dict": ...}`` and ``{"model": ...}`` unwrapped).
+
+    Raises:
+        ModelLoadError: If the file is missing, is not a state_dict, or does not match the model.
+    """
+    if not Path(path).is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot read checkpoint {path}: not a state_dict saved with torch.save ({type(e).__name__})"
+        ) from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", sorted(wrong))) if v]
+        raise ModelLoadError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _import(name: str, how: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ModelLoadError(f"{name} is not installed; {how}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]

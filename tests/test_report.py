@@ -1,0 +1,95 @@
+"""The compile report: JSON equals the data, Markdown shows it, chart and diagram are drawn, nothing partial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fxprune
+import fxprune.report as report_mod
+import models_zoo
+from fxprune.metrics import count_macs, count_params
+from fxprune.report import build_report, groups_dot, layer_channels, render_markdown, write_report
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a small shared machine contend and slow every op
+    try:
+        model, inputs = models_zoo.get("resnet_basic")
+        result = fxprune.prune(model, 0.5, example_inputs=inputs, verify=True)
+    finally:
+        torch.set_num_threads(previous)
+    before = {"params": count_params(model), "macs": count_macs(model, inputs), "onnx_bytes": 1000, "latency_ms": 2.0}
+    after = {"params": result.params_after, "macs": count_macs(result.model, inputs), "onnx_bytes": 400,
+             "latency_ms": 1.0}
+    return build_report(
+        model="models_zoo:resnet_basic", input_shapes=[(1, 3, 32, 32)], options={"ratio": 0.5, "round_to": None},
+        before=before, after=after, groups=result.plan.groups, kept=result.plan.kept,
+        layers=layer_channels(model, result.model), oracle=result.oracle,
+        latency={"runs": 7, "threads": 1}, environment={"torch": torch.__version__},
+    )
+
+
+def test_build_report_is_json_ready_and_complete(data: dict[str, Any]) -> None:
+    assert json.loads(json.dumps(data)) == data
+    assert data["oracle"]["passed"] is True
+    groups = data["groups"]
+    assert [g["id"] for g in groups] == list(range(len(groups)))
+    assert all(g["kept"] == g["total"] // 2 for g in groups if g["prunable"])
+    unpruned = [g for g in groups if not g["prunable"]]
+    assert len(unpruned) == 1 and unpruned[0]["kept"] == unpruned[0]["total"] == 10
+    assert unpruned[0]["reason"] == "model output (at fc[1])"
+
+
+def test_layer_channels_follow_the_state_dict(data: dict[str, Any]) -> None:
+    rows = {r["name"]: r for r in data["layers"]}
+    assert rows["conv1"] == {"name": "conv1", "before": 16, "after": 8}
+    assert rows["fc"] == {"name": "fc", "before": 10, "after": 10}
+    assert "bn1" not in rows  # rank-1 weights (norms) are not layers of the chart
+
+
+def test_markdown_shows_table_groups_and_reasons(data: dict[str, Any]) -> None:
+    md = render_markdown(data, {"chart": "r_channels.png"})
+    assert f"| parameters | {data['before']['params']:,} | {data['after']['params']:,} |" in md
+    assert "| ONNX size (bytes) | 1,000 | 400 | 0.40x |" in md
+    assert "CPU latency, median of 7 runs, 1 threads (ms) | 2.00 | 1.00 | 0.50x |" in md
+    assert "| 0 | 8 / 16 | `conv1.weight[0]` |" in md
+    assert "### Groups left unpruned" in md and "| 6 | 10 | model output (at fc[1]) |" in md
+    assert "[r_channels.png](r_channels.png)" in md and "Mask oracle" in md and "passed" in md
+
+
+def test_groups_dot_links_groups_to_layers(data: dict[str, Any]) -> None:
+    dot = groups_dot(data)
+    assert dot.startswith("digraph") and dot.rstrip().endswith("}")
+    assert 'g0 -> "conv1" [label="out"' in dot
+    assert 'g0 -> "layers.0.0.conv1" [label="in"' in dot  # conv1's outputs feed the next block
+    assert "fillcolor=lightgray" in dot  # the unprunable output group
+
+
+def test_write_report_writes_all_files_atomically(data: dict[str, Any], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report_mod.shutil, "which", lambda name: None)  # no Graphviz: the DOT text stays
+    files = write_report(tmp_path / "r.md", data)
+    assert json.loads(files.json.read_text()) == data
+    assert files.markdown.read_text() == render_markdown(
+        data, {"per-layer channels (PNG)": "r_channels.png", "coupled-group diagram": "r_groups.dot"})
+    assert files.chart is not None and files.chart.read_bytes()[:4] == b"\x89PNG"
+    assert files.dot.read_text() == groups_dot(data) and files.rendered is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r_channels.png", "r_groups.dot"]
+
+
+def test_write_report_failure_leaves_nothing(data: dict[str, Any], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_mod, "render_markdown", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report(tmp_path / "r.md", data)
+    assert list(tmp_path.iterdir()) == []
