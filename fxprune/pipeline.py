@@ -81,8 +81,9 @@ def analyse(model: nn.Module, example_inputs: Any, ignore: Iterable[str | type],
     ignore = list(ignore)
     _check_ignore(model, ignore)
     work = private_copy(model)
-    gm, opaque = trace(work, leaves)  # 1. capture; untraceable submodules become opaque leaves
-    shapes, inputs = shapes_for(gm, as_inputs(example_inputs))  # 2. shapes, needed by every rule
+    given = as_inputs(example_inputs)
+    gm, opaque = trace(work, leaves, len(given) if given else 1)  # 1. capture; untraceable parts -> opaque leaves
+    shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
     deps = build_dependencies(gm, shapes, ignore, opaque)  # 3. channel rules -> coupled classes
     groups = describe_groups(deps)
     return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -67,7 +68,25 @@ def _literal_length(node: fx.Node) -> int | None:
     return None
 
 
-def trace(model: nn.Module, leaves: Iterable[str] = ()) -> tuple[fx.GraphModule, dict[str, str]]:
+def _fixed_arity(model: nn.Module, n_inputs: int) -> type | None:
+    """A subclass whose forward takes exactly ``n_inputs`` tensors, when the real one has *args/**kwargs.
+
+    FX turns ``*args`` into one Proxy, and a forward that passes it on (``self.predict(x, *args)``) cannot
+    be traced; the subclass calls the original forward with the inputs only.
+    """
+    cls = type(model)
+    params = inspect.signature(cls.forward).parameters.values()
+    if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    names = ", ".join(f"input_{i}" for i in range(n_inputs))
+    namespace: dict[str, Any] = {"_forward": cls.forward}
+    exec(f"def forward(self, {names}):\n    return _forward(self, {names})\n", namespace)  # noqa: S102
+    return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+
+
+def trace(
+    model: nn.Module, leaves: Iterable[str] = (), n_inputs: int = 1
+) -> tuple[fx.GraphModule, dict[str, str]]:
     """Symbolically trace ``model``; a submodule whose forward cannot be traced becomes a leaf and is retried.
 
     Args:
@@ -81,6 +100,17 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> tuple[fx.GraphModule,
         TraceError: the root module's own forward cannot be traced.
     """
     opaque: dict[str, str] = {name: "kept opaque by request" for name in leaves}
+    original_cls = type(model)
+    fixed = _fixed_arity(model, n_inputs)
+    if fixed is not None:
+        model.__class__ = fixed  # only ever the private copy; restored below
+    try:
+        return _trace_with_fallback(model, opaque, original_cls.__name__)
+    finally:
+        model.__class__ = original_cls
+
+
+def _trace_with_fallback(model: nn.Module, opaque: dict[str, str], name: str) -> tuple[fx.GraphModule, dict[str, str]]:
     for _ in range(len(list(model.modules())) + 1):
         tracer = _FallbackTracer(set(opaque))
         try:
@@ -97,7 +127,6 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> tuple[fx.GraphModule,
             log.info("fxprune: tracing %s failed, keeping it opaque: %s", culprit, reason)
             opaque[culprit] = reason
             continue
-        name = type(model).__name__
         gm = fx.GraphModule(tracer.root, graph, name)
         return gm, opaque
     raise TraceError("leaf fallback did not converge")  # unreachable: each retry adds a leaf
