@@ -177,21 +177,31 @@ def _solve(dep: DependencyGraph) -> Solution:
         pr = pc = np.zeros(0, dtype=np.int64)
     bip = coo_matrix((np.ones(len(pr), dtype=np.int8), (pr, pc)), shape=(n_nodes, n_nodes)).tocsr()
     _, comp = connected_components(bip, directed=False)
-    comp_of_producer = comp[: len(producers)]
-    group_ids: dict[int, int] = {}
-    for c in comp_of_producer:  # numbered in order of first producer: deterministic
-        group_ids.setdefault(int(c), len(group_ids))
-    class_group = np.full(n_classes, -1, dtype=np.int64)
     has_producer = np.zeros(n_classes, dtype=bool)
     if len(pc):
         has_producer[pc - len(producers)] = True
     class_comp = comp[len(producers) :]
-    for lab in np.nonzero(has_producer)[0]:
-        class_group[lab] = group_ids[int(class_comp[lab])]
-    groups = [np.nonzero(class_group == g)[0] for g in range(len(group_ids))]
-    group_producers: list[list[SpaceKey]] = [[] for _ in group_ids]
-    for space, c in zip(producers, comp_of_producer, strict=True):
-        group_producers[group_ids[int(c)]].append(space)
+    # Within one producer component, channels that appear in different tensors are different groups (a
+    # fused qkv projection: the q/k head dims and the v head dims), so a ratio thins each of them evenly
+    # and never empties one. The signature of a class is a hash of the set of spaces it appears in.
+    rng = np.random.default_rng(0)
+    signature = np.zeros(n_classes, dtype=np.uint64)
+    for space, start in offsets.items():
+        labs = np.unique(labels[start : start + dep.sizes[space]])
+        signature[labs] += rng.integers(1, 2**63, dtype=np.uint64)
+    class_group = np.full(n_classes, -1, dtype=np.int64)
+    keys: dict[tuple[int, int], int] = {}
+    for lab in np.nonzero(has_producer)[0]:  # ascending labels: groups numbered deterministically
+        class_group[lab] = keys.setdefault((int(class_comp[lab]), int(signature[lab])), len(keys))
+    members = np.nonzero(class_group >= 0)[0]
+    order = members[np.argsort(class_group[members], kind="stable")]
+    bounds = np.searchsorted(class_group[order], np.arange(len(keys) + 1))
+    groups = [order[bounds[g] : bounds[g + 1]] for g in range(len(keys))]
+    group_producers: list[list[SpaceKey]] = [[] for _ in keys]
+    for space in producers:
+        for g in np.unique(class_group[labels[offsets[space] : offsets[space] + dep.sizes[space]]]):
+            if g >= 0:
+                group_producers[int(g)].append(space)
     return Solution(
         offsets=offsets,
         sizes=dict(dep.sizes),

@@ -70,6 +70,14 @@ def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode: fxprune never touches the caller's model."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torch.nn.utils import prune as nn_prune
+
+    for name, mod in model.named_modules():
+        if any(isinstance(h, nn_prune.BasePruningMethod) for h in mod._forward_pre_hooks.values()):
+            raise FxPruneError(
+                f"module {name or type(model).__name__} carries torch.nn.utils.prune masks; structured pruning "
+                "needs real weights: call fxprune.sparsity.make_permanent(model) first"
+            )
     try:
         return copy.deepcopy(model).eval()
     except Exception as e:

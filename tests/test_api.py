@@ -241,3 +241,12 @@ def test_pruned_graphmodule_survives_torch_save(tmp_path) -> None:
     again = torch.load(tmp_path / "small.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(again(*x), small(*x))
+
+
+def test_masked_model_is_a_clear_error() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    masked = fxprune.sparsity.unstructured(model, 0.5)
+    with pytest.raises(fxprune.FxPruneError, match="make_permanent"):
+        fxprune.compile(masked, 0.5, example_inputs=x)
+    small = fxprune.compile(fxprune.sparsity.make_permanent(masked), 0.5, example_inputs=x)
+    assert small(*x).shape == (1, 10)
