@@ -139,3 +139,26 @@ def test_timm_vit_heads_and_mlp_shrink(name: str, tmp_path: Path) -> None:
     assert full.params_after / full.params_before < 0.3
     report = export_onnx(full.model, x, tmp_path / "vit.onnx", n_check_inputs=1)
     assert report.max_abs_diff < 1e-3
+
+
+class ChunkedQKV(nn.Module):
+    """torchvision MaxViT style: q, k, v = qkv.chunk(3, -1); q/k and v head dims are different groups."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.h, self.d).transpose(1, 2) for t in (q, k, v))
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("importance", ["l2", "random"])
+def test_fused_qkv_chunk_thins_qk_and_v_evenly(importance: str) -> None:
+    torch.manual_seed(0)
+    r = check_pruned(ChunkedQKV().eval(), (torch.randn(1, 4, 16),), 0.5, importance=importance)
+    assert r.model.get_submodule("qkv").out_features == 3 * 2 * 4
