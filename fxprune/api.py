@@ -12,13 +12,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import PlanMismatchError
-from fxprune.metrics import count_params
+from fxprune.errors import PlanMismatchError, TraceError
+from fxprune.metrics import count_macs, count_params
 from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.importance import Criterion, resolve, score_groups
 from fxprune.passes.select import Policy, plan_from_kept, select_channels
 from fxprune.passes.verify import OracleReport
-from fxprune.pipeline import analyse, finish
+from fxprune.partial import PartReport, compile_parts
+from fxprune.pipeline import analyse, as_inputs, finish, private_copy
 from fxprune.plan import ChannelGroup, PruningPlan
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class PruneResult:
         macs_after: MACs of the pruned model.
         oracle: the mask-equivalence report when ``verify=True``, else None.
         seconds: wall time of analysis and rewrite.
+        parts: submodules pruned piecewise (inside opaque modules, or all of them when the root forward
+            cannot be traced), each with its own counts and oracle verdict.
     """
 
     model: nn.Module
@@ -78,6 +81,7 @@ class PruneResult:
     macs_after: int
     oracle: OracleReport | None
     seconds: float
+    parts: tuple[PartReport, ...] = ()
 
 
 def _check_ratio(ratio: float, what: str = "ratio") -> float:
@@ -111,6 +115,7 @@ def prune(
     onnx: str | None = None,
     onnx_opset: int = 18,
     output: str = "graph",
+    partial: bool = True,
 ) -> PruneResult:
     """Prune and return the model together with its plan, counts and proof. See ``compile`` for arguments."""
     ratio = _check_ratio(ratio)
@@ -126,7 +131,14 @@ def prune(
     t0 = time.perf_counter()
     training = model.training
     params_before = count_params(model)
-    a = analyse(model, example_inputs, ignore, leaves)
+    part_kwargs = dict(ratio=ratio, importance=importance, global_ranking=global_ranking, target_macs=target_macs,
+                       target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify)
+    try:
+        a = analyse(model, example_inputs, ignore, leaves)
+    except TraceError as e:
+        if not partial:
+            raise
+        return _prune_parts(model, example_inputs, part_kwargs, e, onnx, onnx_opset, t0)
     scores = score_groups(a.gm, a.deps, a.groups, criterion)  # importance of every channel, per group
     policy = Policy(ratio, ratios, group_ratios, global_ranking, round_to=round_to, min_channels=min_channels)
     cost = CostModel(a.gm, a.deps, params_before)
@@ -135,11 +147,52 @@ def prune(
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
     plan = replace(plan, fingerprint=a.fingerprint, versions=_versions())
-    done = finish(a, plan, cost, training=training, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output)
+    opaque_parts = sorted(a.opaque) if partial and not leaves else []
+    done = finish(a, plan, cost, training=training, verify=verify, onnx=None if opaque_parts else onnx,
+                  onnx_opset=onnx_opset, output=output)
+    parts: list[PartReport] = []
+    for name in opaque_parts:  # opaque leaves have pinned inputs and outputs: their insides are separate
+        parts += compile_parts(done.model, done.model.get_submodule(name), name, a.inputs, part_kwargs)
+    changed_parts = any(p.params_after < p.params_before for p in parts)
+    params_after = count_params(done.model) if changed_parts else done.params_after
+    macs_after = count_macs(done.model, a.inputs) if changed_parts else done.macs_after
+    if opaque_parts and onnx is not None:
+        _export(done.model, a.inputs, onnx, onnx_opset, training)
     seconds = time.perf_counter() - t0
-    log.info("fxprune: %d -> %d parameters in %.2fs", params_before, done.params_after, seconds)
-    return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
-                       done.macs_after, done.oracle, seconds)
+    log.info("fxprune: %d -> %d parameters in %.2fs", params_before, params_after, seconds)
+    return PruneResult(done.model, plan, done.modified or changed_parts, params_before, params_after,
+                       cost.macs_before, macs_after, done.oracle, seconds, tuple(parts))
+
+
+def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int, training: bool) -> None:
+    from fxprune.passes.export import export_onnx
+
+    export_onnx(model, inputs, path, opset=opset)
+    model.train(training)
+
+
+def _prune_parts(
+    model: nn.Module, example_inputs: Any, part_kwargs: dict[str, Any], error: TraceError,
+    onnx: str | None, onnx_opset: int, t0: float,
+) -> PruneResult:
+    """The root cannot be traced: prune its largest traceable submodules one by one (``partial.py``)."""
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise TraceError(f"{error} Piecewise pruning of its submodules needs example_inputs.") from error
+    training = model.training
+    root = private_copy(model)
+    params_before = count_params(model)
+    parts = compile_parts(root, root, "", inputs, part_kwargs)
+    if not any(p.params_after < p.params_before for p in parts):
+        raise TraceError(f"{error} No traceable submodule could be pruned either.") from error
+    root.train(training)
+    if onnx is not None:
+        _export(root, inputs, onnx, onnx_opset, training)
+    empty = PruningPlan(part_kwargs["ratio"], (), (), (), versions=_versions())
+    params_after = count_params(root)
+    macs_before, macs_after = count_macs(model, inputs), count_macs(root, inputs)
+    return PruneResult(root, empty, True, params_before, params_after, macs_before, macs_after, None,
+                       time.perf_counter() - t0, tuple(parts))
 
 
 def compile(  # noqa: A001 - the public name users expect

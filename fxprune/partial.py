@@ -1,0 +1,137 @@
+"""Piecewise compilation of the parts of a model that torch.fx cannot capture as a whole.
+
+When the root forward is untraceable (detection models that iterate over a list of images, Hugging Face
+models, the Detect head of Ultralytics), fxprune runs the model once, records how each submodule is
+called, and compiles the largest traceable submodules one by one: each is a separate graph whose inputs
+and outputs are pinned, so pruning inside it never changes what the rest of the model sees. Each part is
+proven on its own (the mask oracle on the part, and the write-back into the user's classes must equal the
+part's pruned graph), and the parts are put back into a private copy of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fxprune.errors import FxPruneError, TraceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    count: int = 1
+
+
+class _Bound(nn.Module):
+    """Calls ``inner`` with its recorded non-tensor arguments bound; only the tensors are inputs."""
+
+    def __init__(self, inner: nn.Module, call: _Call) -> None:
+        super().__init__()
+        self.inner = inner
+        self.train(inner.training)
+        flat, self._spec = torch.utils._pytree.tree_flatten((call.args, call.kwargs))
+        self._slots = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        self._consts = [None if isinstance(v, torch.Tensor) else v for v in flat]
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        flat = list(self._consts)
+        for slot, t in zip(self._slots, tensors, strict=True):
+            flat[slot] = t
+        args, kwargs = torch.utils._pytree.tree_unflatten(flat, self._spec)
+        return self.inner(*args, **kwargs)
+
+    def tensors(self, call: _Call) -> tuple[torch.Tensor, ...]:
+        flat, _ = torch.utils._pytree.tree_flatten((call.args, call.kwargs))
+        return tuple(flat[i] for i in self._slots)
+
+
+@dataclass
+class PartReport:
+    """What happened to one part: compiled (with counts) or skipped (with the reason)."""
+
+    name: str
+    params_before: int = 0
+    params_after: int = 0
+    oracle: str = ""
+    skipped: str = ""
+    children: list[str] = field(default_factory=list)
+
+
+def record_calls(root: nn.Module, scope: nn.Module, inputs: tuple[Any, ...]) -> dict[str, _Call]:
+    """Run ``root`` once and record the first call of every submodule of ``scope`` (names relative to it)."""
+    calls: dict[str, _Call] = {}
+    names = {id(m): n for n, m in scope.named_modules() if n}
+    hooks = []
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        name = names[id(mod)]
+        if name in calls:
+            calls[name].count += 1
+        else:
+            calls[name] = _Call(tuple(args), dict(kwargs))
+
+    for m in scope.modules():
+        if id(m) in names:
+            hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            root(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def compile_parts(
+    root: nn.Module, scope: nn.Module, scope_name: str, inputs: tuple[Any, ...], prune_kwargs: dict[str, Any]
+) -> list[PartReport]:
+    """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
+
+    Returns one report per part tried. Parts called more than once, or with no tensor input, are skipped.
+    """
+    from fxprune.api import prune
+
+    calls = record_calls(root, scope, inputs)
+    reports: list[PartReport] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in parent.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            full = f"{scope_name}.{name}" if scope_name else name
+            call = calls.get(name)
+            if call is None or call.count > 1 or not any(True for _ in child.parameters()):
+                if call is not None and call.count > 1:
+                    reports.append(PartReport(full, skipped=f"called {call.count} times"))
+                elif call is None:
+                    visit(child, name)  # containers (ModuleList) are never called: look inside
+                continue
+            bound = _Bound(child, call)
+            tensors = bound.tensors(call)
+            if not tensors:
+                reports.append(PartReport(full, skipped="no tensor inputs"))
+                continue
+            try:
+                result = prune(bound, example_inputs=tensors, output="module", partial=False, **prune_kwargs)
+            except TraceError:
+                visit(child, name)  # not traceable as a whole: try its children
+                continue
+            except FxPruneError as e:
+                reports.append(PartReport(full, skipped=f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            pruned = result.model.inner  # type: ignore[union-attr]
+            pruned.train(child.training)
+            setattr(parent, child_name, pruned)
+            oracle = result.oracle
+            verdict = "" if oracle is None else ("passed" if oracle.applicable and oracle.passed else oracle.reason)
+            reports.append(PartReport(full, result.params_before, result.params_after, verdict))
+            log.info("fxprune: part %s %d -> %d parameters", full, result.params_before, result.params_after)
+
+    visit(scope, "")
+    return reports
