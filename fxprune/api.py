@@ -14,11 +14,11 @@ import torch.nn as nn
 
 from fxprune.errors import PlanMismatchError, TraceError
 from fxprune.metrics import count_macs, count_params
+from fxprune.partial import PartReport, compile_parts
 from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.importance import Criterion, resolve, score_groups
 from fxprune.passes.select import Policy, plan_from_kept, select_channels
 from fxprune.passes.verify import OracleReport
-from fxprune.partial import PartReport, compile_parts
 from fxprune.pipeline import analyse, as_inputs, finish, private_copy
 from fxprune.plan import ChannelGroup, PruningPlan
 
