@@ -19,6 +19,7 @@ from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.importance import Criterion, resolve, score_groups
 from fxprune.passes.select import Policy, plan_from_kept, select_channels
 from fxprune.passes.verify import OracleReport
+from fxprune.passes.writeback import WriteBackError
 from fxprune.pipeline import analyse, as_inputs, finish, private_copy
 from fxprune.plan import ChannelGroup, PruningPlan
 
@@ -148,8 +149,20 @@ def prune(
         plan = select_channels(a.deps, a.groups, scores, policy)
     plan = replace(plan, fingerprint=a.fingerprint, versions=_versions())
     opaque_parts = sorted(a.opaque) if partial and not leaves else []
-    done = finish(a, plan, cost, training=training, verify=verify, onnx=None if opaque_parts else onnx,
-                  onnx_opset=onnx_opset, output=output)
+    try:
+        done = finish(a, plan, cost, training=training, verify=verify, onnx=None if opaque_parts else onnx,
+                      onnx_opset=onnx_opset, output=output)
+    except WriteBackError as e:
+        # Your forward takes a size from somewhere fxprune cannot rewrite (an attribute, another tensor):
+        # keep that module's channels and try again, so output="module" still gives your classes.
+        ignore = list(ignore)
+        if not e.culprit or e.culprit in ignore or len(ignore) > 64:
+            raise
+        log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", e.culprit, e)
+        return prune(model, ratio, example_inputs=example_inputs, ignore=[*ignore, e.culprit], importance=importance,
+                     global_ranking=global_ranking, target_macs=target_macs, target_params=target_params,
+                     ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels,
+                     leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial)
     parts: list[PartReport] = []
     for name in opaque_parts:  # opaque leaves have pinned inputs and outputs: their insides are separate
         parts += compile_parts(done.model, done.model.get_submodule(name), name, a.inputs, part_kwargs)
@@ -184,7 +197,8 @@ def _prune_parts(
     params_before = count_params(model)
     parts = compile_parts(root, root, "", inputs, part_kwargs)
     if not any(p.params_after < p.params_before for p in parts):
-        raise TraceError(f"{error} No traceable submodule could be pruned either.") from error
+        why = "; ".join(f"{p.name}: {p.skipped}" for p in parts if p.skipped)[:400]
+        raise TraceError(f"{error} No traceable submodule could be pruned either ({why or 'none found'}).") from error
     root.train(training)
     if onnx is not None:
         _export(root, inputs, onnx, onnx_opset, training)

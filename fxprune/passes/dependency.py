@@ -84,6 +84,9 @@ def build_dependencies(
             pin_all(node, ctx, "model output")
         elif node.op == "get_attr":
             _get_attr(node, ctx)
+            owner = str(node.target).rpartition(".")[0]
+            if ignore and ctx.out() is not None and _matches(owner, ctx.gm.get_submodule(owner), ignore):
+                pin_all(node, ctx, f"ignored by the user: {owner}")
         else:
             if node.op == "call_module" and str(node.target) in opaque:
                 pin_all(node, ctx, f"opaque module {node.target}: {opaque[str(node.target)]}")

@@ -116,7 +116,10 @@ def _trace_with_fallback(model: nn.Module, opaque: dict[str, str], name: str) ->
         try:
             graph = tracer.trace(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the leaf fallback
-            culprit = tracer.stack[-1] if tracer.stack else ""
+            # The deepest module on the stack whose forward was being traced: a failure raised while a
+            # leaf (a plain Linear) was being recorded comes from its caller's code.
+            traced = [n for n in tracer.stack if not tracer.is_leaf_module(model.get_submodule(n), n)]
+            culprit = traced[-1] if traced else ""
             if not culprit or culprit in opaque:
                 raise TraceError(
                     f"cannot trace {type(model).__name__}.forward with torch.fx ({type(e).__name__}: {e}). "

@@ -28,6 +28,26 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
+class WriteBackError(InvariantError):
+    """The user's forward disagrees with the pruned graph; ``culprit`` names the module where it failed."""
+
+    def __init__(self, message: str, culprit: str = "") -> None:
+        super().__init__(message)
+        self.culprit = culprit
+
+
+def _failing_module(work: nn.Module, tb: Any) -> str:
+    """The deepest module of ``work`` whose forward is on the traceback (where a stale size was used)."""
+    names = {id(m): n for n, m in work.named_modules() if n}
+    culprit = ""
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and id(obj) in names:
+            culprit = names[id(obj)]
+        tb = tb.tb_next
+    return culprit
+
+
 def write_back(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> nn.Module:
     """Copy every parameter and buffer of ``gm`` into ``work`` by name, fix attributes, and prove equality.
 
@@ -57,7 +77,12 @@ def write_back(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, .
         with torch.no_grad():
             want, got = _flat(gm(*example_inputs)), _flat(work(*example_inputs))
     except Exception as e:
-        raise InvariantError(f"the original forward does not run on the pruned weights ({type(e).__name__}: {e})") from e
+        culprit = _failing_module(work, e.__traceback__)
+        raise WriteBackError(
+            f"the original forward does not run on the pruned weights ({type(e).__name__}: {e})"
+            + (f" in {culprit}" if culprit else ""),
+            culprit,
+        ) from e
     finally:
         work.train(training)
         gm.train(gm_training)

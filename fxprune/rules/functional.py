@@ -57,6 +57,24 @@ def linear(node: fx.Node, ctx: RuleContext) -> None:
     _produce_param(node.args[1], ctx, 0)
 
 
+def addmm(node: fx.Node, ctx: RuleContext) -> None:
+    """torch.addmm(bias, x, w) = bias + x @ w with w [in, out] (Hugging Face Conv1D)."""
+    b, x, w = (ctx.tensor(a) for a in node.args[:3]) if len(node.args) >= 3 else (None, None, None)
+    y = ctx.out()
+    if x is None or w is None or y is None or ctx.ndim(x) != 2 or ctx.ndim(w) != 2:
+        pin_all(node, ctx, f"{node.name}: addmm with unexpected arguments")
+        return
+    ctx.same(x, 0, y, 0)
+    ctx.same(x, 1, w, 0)
+    ctx.same(y, 1, w, 1)
+    if b is not None and ctx.ndim(b) == 1:
+        ctx.same(w, 1, b, 0)
+    elif b is not None:
+        pin_all(node, ctx, f"{node.name}: addmm with a 2-D bias")
+        return
+    _produce_param(node.args[2], ctx, 1)
+
+
 def _produce_param(arg: object, ctx: RuleContext, dim: int) -> None:
     """A weight fed through a get_attr node produces channels along ``dim`` of its parameter."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
@@ -106,4 +124,5 @@ FUNCTIONS = {
     F.batch_norm: batch_norm, torch.batch_norm: batch_norm,
     F.group_norm: group_norm, torch.group_norm: group_norm,
     F.embedding: embedding,
+    torch.addmm: addmm,
 }

@@ -8,6 +8,7 @@ shape check after rewriting proves they came out right.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,14 @@ def shape_args(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
     if old[0] == new[0]:
         return
     rest = node.args[1:]
-    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+    if len(rest) == 1 and isinstance(rest[0], fx.Node):
+        # The whole shape is computed (``x.size()[:-1] + (self.nf,)``): spell it out, taking unpruned
+        # dims from the computed shape at run time and pruned dims as literals.
+        with node.graph.inserting_before(node):
+            sizes = [n if o != n else node.graph.call_function(operator.getitem, (rest[0], d))
+                     for d, (o, n) in enumerate(zip(old[0], new[0], strict=True))]
+        node.args = (node.args[0], *sizes)
+    elif len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         node.args = (node.args[0], type(rest[0])(_new_sizes(node, list(rest[0]), old[0], new[0])))
     elif "shape" in node.kwargs or "size" in node.kwargs:
         key = "shape" if "shape" in node.kwargs else "size"

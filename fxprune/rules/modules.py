@@ -251,3 +251,5 @@ def fix_module(m: nn.Module, new_in: int | None) -> None:
         m.embedding_dim = m.weight.shape[1]
     elif isinstance(m, nn.PReLU):
         m.num_parameters = m.weight.shape[0]
+    elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # Hugging Face's transposed linear
+        m.nf = m.weight.shape[1]

@@ -1,0 +1,139 @@
+"""Piecewise pruning: untraceable roots and opaque modules, and the real models that need it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from tests.test_rules import cbr
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    if hasattr(out, "to_tuple"):
+        return _flat(out.to_tuple())
+    return []
+
+
+class ListRoot(nn.Module):
+    """A root that iterates over a list of images (like torchvision detection): not traceable as a whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(cbr(3, 16), cbr(16, 16), nn.Conv2d(16, 4, 1))
+
+    def forward(self, images):
+        return [self.backbone(img[None]) for img in images]
+
+
+class OpaqueHead(nn.Module):
+    """Data-dependent control flow around a traceable branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(cbr(8, 16), cbr(16, 16), nn.Conv2d(16, 2, 1))
+
+    def forward(self, x):
+        y = self.branch(x)
+        return y if y.sum() > 0 else -y
+
+
+class WithHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.head = OpaqueHead()
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+def _check_same_structure(model: nn.Module, pruned: nn.Module, inputs: tuple) -> None:
+    with torch.no_grad():
+        a, b = _flat(model(*inputs)), _flat(pruned(*inputs))
+    assert [t.shape for t in a] == [t.shape for t in b]
+
+
+def test_untraceable_root_prunes_its_traceable_parts() -> None:
+    torch.manual_seed(0)
+    model = ListRoot().eval()
+    x = ([torch.randn(3, 8, 8)],)
+    r = fxprune.prune(model, 0.5, example_inputs=x, verify=True)
+    assert type(r.model) is ListRoot and r.params_after < r.params_before
+    assert [p.name for p in r.parts] == ["backbone"] and r.parts[0].oracle == "passed"
+    assert r.model.backbone[0][0].out_channels == 8
+    _check_same_structure(model, r.model, x)
+
+
+def test_parts_called_twice_are_left_alone_with_a_reason() -> None:
+    torch.manual_seed(0)
+    x = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],)
+    with pytest.raises(fxprune.TraceError, match="backbone: called 2 times"):
+        fxprune.compile(ListRoot().eval(), 0.5, example_inputs=x)
+
+
+def test_untraceable_root_without_inputs_is_a_clear_error() -> None:
+    with pytest.raises(fxprune.TraceError, match="example_inputs"):
+        fxprune.compile(ListRoot().eval(), 0.5)
+
+
+def test_opaque_module_insides_are_pruned_and_proven() -> None:
+    torch.manual_seed(0)
+    model = WithHead().eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    r = fxprune.prune(model, 0.5, example_inputs=x, verify=True)
+    assert "head" in {p.name.split(".")[0] for p in r.parts}
+    branch = next(p for p in r.parts if p.name == "head.branch")
+    assert branch.params_after < branch.params_before and branch.oracle == "passed"
+    assert r.model.get_submodule("stem.0").out_channels == 8  # feeds the opaque head: pinned
+    _check_same_structure(model, r.model, x)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_models():
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    ids = (torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0)),)
+    return {
+        "bert": (lambda: BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, vocab_size=100)), ids),
+        "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                                    bos_token_id=0, eos_token_id=0)), ids),
+        "llama": (lambda: LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=128,
+                                                      vocab_size=100)), ids),
+        "vit": (lambda: ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                           intermediate_size=128, image_size=32, patch_size=8)),
+                (torch.randn(1, 3, 32, 32),)),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit"])
+def test_hugging_face_models_shrink(name: str) -> None:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    build, x = _hf_models()[name]
+    model = build().eval()
+    r = fxprune.prune(model, 0.5, example_inputs=x, verify=True)
+    assert type(r.model) is type(model) or isinstance(r.model, torch.fx.GraphModule)
+    assert r.params_after < r.params_before
+    assert all(p.oracle in ("passed", "") or "norm" in p.oracle for p in r.parts if not p.skipped)
+    _check_same_structure(model, r.model, x)
