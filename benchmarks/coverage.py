@@ -89,7 +89,7 @@ def child(spec: str, ratio: float) -> dict[str, Any]:
         if kind == "tvseg":
             kwargs.update(weights_backbone=None, aux_loss=False)
         model = torchvision.models.get_model(name, **kwargs).eval()
-        side = 299 if name == "inception_v3" else (384 if name == "vit_h_14" else 224)
+        side = 299 if name == "inception_v3" else 224
         x = ([torch.rand(3, 320, 320)],) if kind == "tvdet" else (torch.randn(1, 3, side, side),)
     row: dict[str, Any] = {"model": spec, "family": family(spec)}
     t0 = time.perf_counter()
