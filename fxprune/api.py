@@ -97,7 +97,16 @@ def _versions() -> dict[str, str]:
     return {"fxprune": __version__, "torch": torch.__version__}
 
 
-def prune(
+def prune(*args: Any, **kwargs: Any) -> PruneResult:
+    """Prune and return the model together with its plan, counts and proof. See ``compile`` for arguments.
+
+    Runs outside any ``torch.inference_mode`` of the caller, so the pruned parameters stay trainable.
+    """
+    with torch.inference_mode(False):
+        return _prune(*args, **kwargs)
+
+
+def _prune(
     model: nn.Module,
     ratio: float = 0.5,
     *,
@@ -118,7 +127,6 @@ def prune(
     output: str = "graph",
     partial: bool = True,
 ) -> PruneResult:
-    """Prune and return the model together with its plan, counts and proof. See ``compile`` for arguments."""
     ratio = _check_ratio(ratio)
     for key, r in {**(ratios or {}), **{str(k): v for k, v in (group_ratios or {}).items()}}.items():
         _check_ratio(r, f"ratio for {key!r}")
@@ -159,7 +167,7 @@ def prune(
         if not e.culprit or e.culprit in ignore or len(ignore) > 64:
             raise
         log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", e.culprit, e)
-        return prune(model, ratio, example_inputs=example_inputs, ignore=[*ignore, e.culprit], importance=importance,
+        return _prune(model, ratio, example_inputs=example_inputs, ignore=[*ignore, e.culprit], importance=importance,
                      global_ranking=global_ranking, target_macs=target_macs, target_params=target_params,
                      ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels,
                      leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial)

@@ -72,6 +72,13 @@ def private_copy(model: nn.Module) -> nn.Module:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from torch.nn.utils import prune as nn_prune
 
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise FxPruneError(
+            f"parameter {meta[0]} is on the meta device: fxprune needs real weights to score channels; "
+            "load or initialise the weights first (to replay a saved plan on a fresh model, use fxprune.apply)"
+        )
+
     for name, mod in model.named_modules():
         if any(isinstance(h, nn_prune.BasePruningMethod) for h in mod._forward_pre_hooks.values()):
             raise FxPruneError(

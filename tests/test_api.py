@@ -250,3 +250,46 @@ def test_masked_model_is_a_clear_error() -> None:
         fxprune.compile(masked, 0.5, example_inputs=x)
     small = fxprune.compile(fxprune.sparsity.make_permanent(masked), 0.5, example_inputs=x)
     assert small(*x).shape == (1, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_models(dtype: torch.dtype) -> None:
+    model, x = models_zoo.get("resnet_basic")
+    model = model.to(dtype)
+    r = check_pruned(model, (x[0].to(dtype),), 0.5)
+    assert all(p.dtype == dtype for p in r.model.parameters())
+
+
+def test_meta_device_is_a_clear_error() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    with pytest.raises(fxprune.FxPruneError, match="meta device"):
+        fxprune.compile(model.to("meta"), 0.5, example_inputs=(x[0].to("meta"),))
+
+
+def test_inside_no_grad_and_inference_mode() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    with torch.no_grad():
+        check_pruned(model, x, 0.5)
+    with torch.inference_mode():
+        r = fxprune.prune(model, 0.5, example_inputs=x, verify=True)
+    assert r.oracle is not None and r.oracle.passed
+    assert not any(p.is_inference() for p in r.model.parameters())
+    r.model.train()
+    r.model(torch.randn(2, 3, 32, 32)).sum().backward()  # the pruned model trains
+
+
+def test_in_place_ops() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.relu, self.out = nn.ReLU(inplace=True), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.relu(self.a(x))
+            z = self.b(y)
+            z += y
+            return self.out(torch.relu_(z))
+
+    torch.manual_seed(0)
+    check_pruned(InPlace().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
