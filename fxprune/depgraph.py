@@ -157,8 +157,8 @@ def _solve(dep: DependencyGraph) -> Solution:
     labels = rank[raw]
 
     class_pin = [""] * n_classes
-    for space, reason in dep.pins.items():
-        for lab in np.unique(labels[offsets[space] : offsets[space] + dep.sizes[space]]):
+    for space, reason in dep.pins.items():  # first pin wins; already-pinned classes are skipped cheaply
+        for lab in set(labels[offsets[space] : offsets[space] + dep.sizes[space]].tolist()):
             if not class_pin[lab]:
                 class_pin[lab] = f"{reason} (at {space_label(space)})"
 
@@ -184,11 +184,11 @@ def _solve(dep: DependencyGraph) -> Solution:
     # Within one producer component, channels that appear in different tensors are different groups (a
     # fused qkv projection: the q/k head dims and the v head dims), so a ratio thins each of them evenly
     # and never empties one. The signature of a class is a hash of the set of spaces it appears in.
-    rng = np.random.default_rng(0)
+    space_of = np.repeat(np.arange(len(offsets)), [dep.sizes[sp] for sp in offsets])
+    pairs = np.unique(labels.astype(np.int64) * len(offsets) + space_of)  # each (class, space) once
+    weights = np.random.default_rng(0).integers(1, 2**63, size=len(offsets), dtype=np.uint64)
     signature = np.zeros(n_classes, dtype=np.uint64)
-    for space, start in offsets.items():
-        labs = np.unique(labels[start : start + dep.sizes[space]])
-        signature[labs] += rng.integers(1, 2**63, dtype=np.uint64)
+    np.add.at(signature, pairs // len(offsets), weights[pairs % len(offsets)])
     class_group = np.full(n_classes, -1, dtype=np.int64)
     keys: dict[tuple[int, int], int] = {}
     for lab in np.nonzero(has_producer)[0]:  # ascending labels: groups numbered deterministically
