@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py --out out
+	mkdir -p out
+	$(VENV)/bin/fxprune compile models_zoo:resnet18 --ratio 0.5 --onnx out/resnet18_pruned.onnx --report out/report.md
 
 test: $(STAMP)
 	$(PY) -m ruff check fxprune models_zoo tests benchmarks examples
