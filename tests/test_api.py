@@ -293,3 +293,15 @@ def test_in_place_ops() -> None:
 
     torch.manual_seed(0)
     check_pruned(InPlace().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
+
+
+def test_same_inputs_give_the_same_onnx_bytes(tmp_path) -> None:
+    import hashlib
+
+    model, x = models_zoo.get("yolo_block")
+    digests = []
+    for i in range(2):
+        path = tmp_path / f"m{i}.onnx"
+        fxprune.compile(copy.deepcopy(model), 0.5, example_inputs=x, onnx=str(path))
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
