@@ -9,16 +9,7 @@ import pytest
 import torch
 
 import fxprune
-
-
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    return []
+from fxprune.outputs import tensors_of
 
 
 def check_pruned(
@@ -45,8 +36,8 @@ def check_pruned(
         assert oracle.applicable, oracle.reason
         assert oracle.passed, oracle.max_abs_diff
     with torch.no_grad():
-        ref = _flat(model.eval()(*inputs))
-        got = _flat(result.model.eval()(*inputs))
+        ref = tensors_of(model.eval()(*inputs))
+        got = tensors_of(result.model.eval()(*inputs))
     assert [t.shape for t in ref] == [t.shape for t in got]
     assert set(result.model.state_dict()) == set(model.state_dict())
     if expect_shrink:

@@ -7,19 +7,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.outputs import tensors_of
 from tests.test_rules import cbr
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    if hasattr(out, "to_tuple"):
-        return _flat(out.to_tuple())
-    return []
 
 
 class ListRoot(nn.Module):
@@ -57,7 +46,7 @@ class WithHead(nn.Module):
 
 def _check_same_structure(model: nn.Module, pruned: nn.Module, inputs: tuple) -> None:
     with torch.no_grad():
-        a, b = _flat(model(*inputs)), _flat(pruned(*inputs))
+        a, b = tensors_of(model(*inputs)), tensors_of(pruned(*inputs))
     assert [t.shape for t in a] == [t.shape for t in b]
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import InvariantError
+from fxprune.outputs import tensors_of
 from fxprune.passes.dependency import DependencyResult
 from fxprune.passes.shapes import record_shapes
 from fxprune.plan import PruningPlan
@@ -77,16 +78,6 @@ class _MaskedInterpreter(fx.Interpreter):
         return t
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in out for t in _flatten(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    return []
-
-
 def _double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
@@ -121,8 +112,8 @@ def mask_oracle(
     new_model = copy.deepcopy(pruned).double().eval()
     inputs = _double(example_inputs)
     with torch.no_grad():
-        ref = _flatten(_MaskedInterpreter(ref_model, zero).run(*inputs))
-        got = _flatten(new_model(*inputs))
+        ref = tensors_of(_MaskedInterpreter(ref_model, zero).run(*inputs))
+        got = tensors_of(new_model(*inputs))
     if len(ref) != len(got):
         raise InvariantError(f"pruned model returns {len(got)} tensors, the original {len(ref)}")
     worst = 0.0

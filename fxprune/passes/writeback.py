@@ -14,18 +14,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import InvariantError
+from fxprune.outputs import tensors_of
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.modules import fix_module
-
-
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    return []
 
 
 class WriteBackError(InvariantError):
@@ -75,7 +66,7 @@ def write_back(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, .
     gm.eval()
     try:
         with torch.no_grad():
-            want, got = _flat(gm(*example_inputs)), _flat(work(*example_inputs))
+            want, got = tensors_of(gm(*example_inputs)), tensors_of(work(*example_inputs))
     except Exception as e:
         culprit = _failing_module(work, e.__traceback__)
         raise WriteBackError(
