@@ -326,3 +326,21 @@ def test_list_of_chunk_is_traced_and_pruned() -> None:
     torch.manual_seed(0)
     r = check_pruned(ListChunk().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
     assert r.model.get_submodule("cv1.0").out_channels == 8
+
+
+def test_stochastic_depth_passes_channels_through() -> None:
+    torchvision = pytest.importorskip("torchvision")
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = cbr(3, 8), cbr(8, 8)
+            self.sd, self.out = torchvision.ops.StochasticDepth(0.2, "row"), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.out(y + self.sd(self.b(y)))
+
+    torch.manual_seed(0)
+    r = check_pruned(Block().eval(), (torch.randn(2, 3, 8, 8),), 0.5)
+    assert r.model.get_submodule("a.0").out_channels == 4

@@ -286,3 +286,16 @@ METHOD_RULES: dict[str, Rule] = {
 }
 METHOD_RULES.update({m: broadcast for m in _ELEMENTWISE_METHODS})
 METHOD_RULES.update({m: unary for m in _UNARY_METHODS})
+
+
+def _optional_rules() -> None:
+    """Rules for wrapped functions of optional packages, registered when the package is installed."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return
+    # Stochastic depth scales whole samples (or the whole batch) by a 0/1 noise: every dim passes through.
+    FUNCTION_RULES[stochastic_depth] = unary
+
+
+_optional_rules()
