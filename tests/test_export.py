@@ -239,3 +239,11 @@ def test_tolerance_scales_with_output_magnitude() -> None:
     assert export_mod._compare(np.zeros((0, 3)), np.zeros((0, 3)), 1e-4, 1e-5, "out") == 0.0
     with pytest.raises(ExportError, match="shape"):
         export_mod._compare(np.zeros((1, 3)), np.zeros((2, 3)), 1e-4, 1e-5, "out")
+
+
+def test_onnxslim_is_the_alternative_simplifier(tmp_path: Path) -> None:
+    pytest.importorskip("onnxslim")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    report = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", simplify="onnxslim")
+    assert report.simplified and report.max_abs_diff < 1e-4 and (tmp_path / "m.onnx").exists()

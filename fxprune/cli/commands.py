@@ -138,7 +138,7 @@ def _onnx_size(model: nn.Module, inputs: Inputs, args: argparse.Namespace) -> in
     with tempfile.TemporaryDirectory(prefix="fxprune-") as tmp:
         try:
             rep = export_onnx(model, inputs, Path(tmp) / "original.onnx", opset=args.opset,
-                              simplify=not args.no_simplify, dynamic_batch=not args.static_batch, check=False)
+                              simplify=False if args.no_simplify else args.simplifier, dynamic_batch=not args.static_batch, check=False)
         except FxPruneError as e:
             print(f"fxprune: note: the original model did not export to ONNX ({_first_line(e)})", file=sys.stderr)
             return None
@@ -183,7 +183,7 @@ def run_compile(args: argparse.Namespace) -> int:
             if args.onnx:
                 bar.step("exporting ONNX")
                 export = export_onnx(pruned, inputs, stage.path(args.onnx), opset=args.opset,
-                                     simplify=not args.no_simplify, dynamic_batch=not args.static_batch)
+                                     simplify=False if args.no_simplify else args.simplifier, dynamic_batch=not args.static_batch)
                 after["onnx_bytes"] = export.bytes_after_simplify
                 export = dataclasses.replace(export, path=args.onnx)
             if args.quantize:

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = c.add_argument_group("outputs")
     o.add_argument("--onnx", metavar="PATH", help="write the pruned model as ONNX (simplified, onnxruntime-checked)")
     o.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
-    o.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    o.add_argument("--no-simplify", action="store_true", help="skip simplification")
+    o.add_argument("--simplifier", choices=["onnxsim", "onnxslim"], default="onnxsim",
+                   help="ONNX simplifier (default onnxsim; onnxslim needs `pip install onnxslim`)")
     o.add_argument("--static-batch", action="store_true", help="fix the batch size (default: dynamic batch dim)")
     o.add_argument("--report", metavar="PATH.md",
                    help="write a Markdown report, and beside it PATH.json (same data), PATH_channels.png "

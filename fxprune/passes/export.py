@@ -276,8 +276,19 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + next((ln for ln in text.splitlines() if ln.strip()), "")[:300]
 
 
-def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Run onnxsim without its own random check (ours follows) and without Z3 certification."""
+def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
+    """Run onnxsim (without its own random check: ours follows) or onnxslim."""
+    if tool == "onnxslim":
+        try:
+            import onnxslim
+
+            return onnxslim.slim(proto)
+        except ImportError as e:
+            raise ExportError("simplify='onnxslim' needs the onnxslim package: pip install onnxslim") from e
+        except Exception as e:
+            raise ExportError(f"onnxslim failed: {_first_line(e)}; pass simplify='onnxsim' or False") from e
+    if tool != "onnxsim":
+        raise ExportError(f"unknown simplifier {tool!r}: use 'onnxsim', 'onnxslim' or False")
     try:
         import onnxsim
 
@@ -298,7 +309,7 @@ def export_onnx(
     path: str | os.PathLike[str],
     *,
     opset: int = 18,
-    simplify: bool = True,
+    simplify: bool | str = True,
     check: bool = True,
     dynamic_batch: bool = True,
     n_check_inputs: int = 3,
@@ -318,7 +329,7 @@ def export_onnx(
         example_inputs: Positional inputs of one forward call; dim 0 is the batch.
         path: Where to write the ``.onnx`` file (parent directories are created).
         opset: ONNX opset of the default domain; the written model has exactly this opset.
-        simplify: Run onnxsim.
+        simplify: True or "onnxsim" (default), "onnxslim" (the alternative), or False to skip.
         check: Compare onnxruntime with PyTorch on ``n_check_inputs`` seeded random inputs.
         dynamic_batch: Make dim 0 of every input and output symbolic (``"batch"``); checks then use
             batch sizes 1 and 2.
@@ -361,7 +372,7 @@ def export_onnx(
         proto, used, bytes_before = _run_exporters(exporter, model, args, stage, opset, names, large)
         nodes_before = _count_nodes(proto.graph)
         if simplify and not large:
-            proto = _simplify(proto)
+            proto = _simplify(proto, "onnxsim" if simplify is True else str(simplify))
         elif simplify:
             logger.warning("model weights exceed %d bytes: skipping onnxsim", EXTERNAL_DATA_THRESHOLD_BYTES)
         nodes_after = _count_nodes(proto.graph)
