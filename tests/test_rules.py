@@ -344,3 +344,39 @@ def test_stochastic_depth_passes_channels_through() -> None:
     torch.manual_seed(0)
     r = check_pruned(Block().eval(), (torch.randn(2, 3, 8, 8),), 0.5)
     assert r.model.get_submodule("a.0").out_channels == 4
+
+
+class Rolled(nn.Module):
+    """Swin-style shifted window: roll over spatial dims, channels-last LayerNorm-free MLP, roll back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc, self.out = cbr(3, 8), nn.Linear(8, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.roll(self.a(x), shifts=(2, 2), dims=(2, 3)).permute(0, 2, 3, 1)
+        y = torch.roll(self.fc(y), shifts=(-2, -2), dims=(1, 2)).permute(0, 3, 1, 2)
+        return self.out(y)
+
+
+class Shuffled(nn.Module):
+    def __init__(self, module: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.a, self.ps, self.b = cbr(3, 16), nn.PixelShuffle(2), cbr(4, 8)
+        self.pu, self.out = nn.PixelUnshuffle(2), nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        y = self.ps(self.a(x)) if self.module else F.pixel_shuffle(self.a(x), 2)
+        y = self.b(y)
+        return self.out(self.pu(y) if self.module else F.pixel_unshuffle(y, 2))
+
+
+@pytest.mark.parametrize(("build", "kept"), [(Rolled, 4), (lambda: Shuffled(True), 8), (lambda: Shuffled(False), 8)],
+                         ids=["roll", "ps_module", "ps_fn"])
+@pytest.mark.parametrize("importance", ["l2", "random"])
+def test_roll_and_pixel_shuffle(build, kept: int, importance: str) -> None:
+    """Rolled spatial dims leave channels prunable; pixel shuffle removes input channels in blocks of r*r."""
+    torch.manual_seed(0)
+    r = check_pruned(build().eval(), (torch.randn(1, 3, 8, 8),), 0.5, importance=importance)
+    assert r.model.get_submodule("a.0").out_channels == kept

@@ -218,6 +218,17 @@ def prelu(node: fx.Node, ctx: RuleContext) -> None:
 MODULE_RULES[nn.PReLU] = prelu
 
 
+def _shuffle_module(node: fx.Node, ctx: RuleContext) -> None:
+    """nn.PixelShuffle / nn.PixelUnshuffle: the functional rule."""
+    from fxprune.rules.tensor_ops import pixel_shuffle
+
+    pixel_shuffle(isinstance(ctx.module(), nn.PixelUnshuffle))(node, ctx)
+
+
+MODULE_RULES[nn.PixelShuffle] = _shuffle_module
+MODULE_RULES[nn.PixelUnshuffle] = _shuffle_module
+
+
 # ---- attribute fix-ups after parameters were sliced ------------------------------------------------
 
 def fix_conv(m: nn.Module, new_in: int) -> None:

@@ -288,6 +288,50 @@ METHOD_RULES.update({m: broadcast for m in _ELEMENTWISE_METHODS})
 METHOD_RULES.update({m: unary for m in _UNARY_METHODS})
 
 
+def roll(node: fx.Node, ctx: RuleContext) -> None:
+    """torch.roll: rolled dims are permuted (pinned), every other dim passes through (Swin's shifted windows)."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    y = ctx.out()
+    dims = _arg(node, 2, "dims")
+    if x is None or y is None or dims is None:
+        pin_all(node, ctx, f"{node.name}: roll without explicit dims")
+        return
+    rolled = {int(d) % ctx.ndim(x) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}  # type: ignore[union-attr]
+    for d in range(ctx.ndim(x)):
+        if d in rolled:
+            ctx.pin(x, f"{node.name}: rolled dim", [d])
+            ctx.pin(y, f"{node.name}: rolled dim", [d])
+        else:
+            ctx.same(x, d, y, d)
+
+
+def pixel_shuffle(unshuffle: bool) -> Rule:
+    """F.pixel_shuffle(x, r): input channel k becomes output channel k // r**2 (unshuffle: the reverse)."""
+
+    def rule(node: fx.Node, ctx: RuleContext) -> None:
+        x = ctx.tensor(node.args[0]) if node.args else None
+        y = ctx.out()
+        if x is None or y is None or ctx.ndim(x) < 3:
+            pin_all(node, ctx, f"{node.name}: pixel shuffle of an unexpected tensor")
+            return
+        cd = ctx.ndim(x) - 3
+        for d in range(cd):
+            ctx.same(x, d, y, d)
+        wide, narrow = (y, x) if unshuffle else (x, y)
+        k = np.arange(ctx.shape_of(wide)[cd])
+        factor = ctx.shape_of(wide)[cd] // ctx.shape_of(narrow)[cd]
+        ctx.mapped(wide, cd, k, narrow, cd, k // factor)
+        ctx.pin(x, f"{node.name}: spatial dims", [cd + 1, cd + 2])
+
+    rule.__doc__ = pixel_shuffle.__doc__
+    return rule
+
+
+FUNCTION_RULES.update({torch.roll: roll, F.pixel_shuffle: pixel_shuffle(False), F.pixel_unshuffle: pixel_shuffle(True),
+                       torch.pixel_shuffle: pixel_shuffle(False), torch.pixel_unshuffle: pixel_shuffle(True)})
+METHOD_RULES["roll"] = roll
+
+
 def _optional_rules() -> None:
     """Rules for wrapped functions of optional packages, registered when the package is installed."""
     try:
