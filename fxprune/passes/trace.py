@@ -57,6 +57,27 @@ class _FallbackTracer(fx.Tracer):
         return out
 
 
+def _keep_state_dict_keys(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Carry over parameters/buffers the eval graph never reads (``num_batches_tracked`` of a traced-through
+    BatchNorm), so the pruned model's state_dict keys are exactly the original's."""
+    have = set(gm.state_dict(keep_vars=True))
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key in have:
+            continue
+        owner_name, _, attr = key.rpartition(".")
+        owner: nn.Module = gm
+        for part in owner_name.split(".") if owner_name else []:
+            child = getattr(owner, part, None)
+            if not isinstance(child, nn.Module):
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        if isinstance(t, nn.Parameter):
+            owner.register_parameter(attr, t)
+        else:
+            owner.register_buffer(attr, t)
+
+
 def _literal_length(node: fx.Node) -> int | None:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name == "chunk":
@@ -131,5 +152,6 @@ def _trace_with_fallback(model: nn.Module, opaque: dict[str, str], name: str) ->
             opaque[culprit] = reason
             continue
         gm = fx.GraphModule(tracer.root, graph, name)
+        _keep_state_dict_keys(model, gm)
         return gm, opaque
     raise TraceError("leaf fallback did not converge")  # unreachable: each retry adds a leaf
