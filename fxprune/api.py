@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -215,6 +216,10 @@ def _prune_parts(
     macs_before, macs_after = count_macs(model, inputs), count_macs(root, inputs)
     return PruneResult(root, empty, True, params_before, params_after, macs_before, macs_after, None,
                        time.perf_counter() - t0, tuple(parts))
+
+
+# ``prune`` is a thin wrapper (it leaves the caller's inference_mode); it has ``_prune``'s signature.
+prune.__signature__ = inspect.signature(_prune)  # type: ignore[attr-defined]
 
 
 def compile(  # noqa: A001 - the public name users expect
