@@ -136,3 +136,13 @@ def reshape_like(node: fx.Node, ctx: RuleContext) -> None:
             reason = f"{node.name}: reshape regroups several dims into several dims"
             ctx.pin(x, reason, dims_in)
             ctx.pin(y, reason, dims_out)
+
+
+def linear_couplings(ctx: RuleContext, x: str, y: str, w: str, b: str | None) -> None:
+    """y = x @ w.T + b: leading dims pass through, in-features are w's dim 1, out-features w's dim 0 and b."""
+    for d in range(ctx.ndim(x) - 1):
+        ctx.same(x, d, y, d)
+    ctx.same(x, -1, w, 1)
+    ctx.same(y, -1, w, 0)
+    if b is not None:
+        ctx.same(w, 0, b, 0)

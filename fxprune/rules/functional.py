@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxprune.rules.common import pin_all, unary
+from fxprune.rules.common import linear_couplings, pin_all, unary
 from fxprune.rules.context import RuleContext
 
 
@@ -48,12 +48,7 @@ def linear(node: fx.Node, ctx: RuleContext) -> None:
     if x is None or w is None or y is None or ctx.ndim(w) != 2:
         pin_all(node, ctx, f"{node.name}: F.linear with unexpected arguments")
         return
-    for d in range(ctx.ndim(x) - 1):
-        ctx.same(x, d, y, d)
-    ctx.same(x, -1, w, 1)
-    ctx.same(y, -1, w, 0)
-    if b is not None:
-        ctx.same(w, 0, b, 0)
+    linear_couplings(ctx, x, y, w, b)
     _produce_param(node.args[1], ctx, 0)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.rules.common import channelwise, pin_all, reshape_like, unary
+from fxprune.rules.common import channelwise, linear_couplings, pin_all, reshape_like, unary
 from fxprune.rules.context import RuleContext
 
 
@@ -97,12 +97,7 @@ def linear(node: fx.Node, ctx: RuleContext) -> None:
     w = ctx.param(m, "weight")
     b = ctx.param(m, "bias")
     assert w is not None
-    for d in range(ctx.ndim(x) - 1):
-        ctx.same(x, d, y, d)
-    ctx.same(x, -1, w, 1)
-    ctx.same(y, -1, w, 0)
-    if b is not None:
-        ctx.same(w, 0, b, 0)
+    linear_couplings(ctx, x, y, w, b)
     ctx.produce(w, 0)
 
 

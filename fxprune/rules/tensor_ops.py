@@ -71,9 +71,7 @@ def split(node: fx.Node, ctx: RuleContext) -> None:
     if x is None or not parts:
         pin_all(node, ctx, f"{node.name}: split of a non-tensor")
         return
-    dim_default = 0
-    dim = _arg(node, 2, "dim", dim_default)
-    dim = int(dim) % ctx.ndim(x)  # type: ignore[arg-type]
+    dim = int(_arg(node, 2, "dim", 0)) % ctx.ndim(x)  # type: ignore[arg-type]
     offset = 0
     for p in parts:
         n = ctx.shape_of(p)[dim]
