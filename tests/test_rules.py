@@ -380,3 +380,31 @@ def test_roll_and_pixel_shuffle(build, kept: int, importance: str) -> None:
     torch.manual_seed(0)
     r = check_pruned(build().eval(), (torch.randn(1, 3, 8, 8),), 0.5, importance=importance)
     assert r.model.get_submodule("a.0").out_channels == kept
+
+
+class Windows(nn.Module):
+    """Swin-style window partition and merge around a channels-last Linear, with a layer-scale gamma."""
+
+    def __init__(self, ws: int = 4) -> None:
+        super().__init__()
+        self.ws = ws
+        self.a, self.fc, self.out = cbr(3, 8), nn.Linear(8, 8), nn.Conv2d(8, 2, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)  # layer scale on the channels-last tensor
+        self.gamma2 = nn.Parameter(torch.rand(8, 1, 1) + 0.5)  # layer scale on NCHW
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, h, w = y.shape
+        t = y.permute(0, 2, 3, 1).reshape(b, h // self.ws, self.ws, w // self.ws, self.ws, c)
+        t = t.permute(0, 1, 3, 2, 4, 5).reshape(-1, self.ws * self.ws, c)  # windows x tokens x channels
+        t = self.gamma * self.fc(t)
+        t = t.view(b, h // self.ws, w // self.ws, self.ws, self.ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        return self.out(y + self.gamma2 * t.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("importance", ["l2", "random"])
+def test_window_partition_and_layer_scale(importance: str) -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Windows().eval(), (torch.randn(2, 3, 8, 8),), 0.5, importance=importance)
+    assert r.model.gamma.shape == (4,) and r.model.gamma2.shape == (4, 1, 1)
+    assert r.model.get_submodule("fc").out_features == 4
