@@ -21,7 +21,7 @@ tasks = pytest.importorskip("ultralytics.nn.tasks")
 MODULE_LEFT = {"yolov8n.yaml": 0.34, "yolo11n.yaml": 0.42}
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "yolov8s.yaml", "yolo11s.yaml"])
 def test_yolo_graph_output_reaches_a_third(cfg: str) -> None:
     torch.manual_seed(0)
     model = tasks.DetectionModel(cfg=cfg, verbose=False).eval()
@@ -65,3 +65,12 @@ def test_yolo_prunes_backbone_neck_and_head_branches(cfg: str, tmp_path: Path) -
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reloaded DetectionModel" in proc.stdout
+
+
+def test_prune_yolo_example_exports_matching_onnx(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "examples" / "prune_yolo.py"
+    proc = subprocess.run([sys.executable, str(script), "--cfg", "yolov8n.yaml", "--imgsz", "320", "--runs", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "yolov8n_pruned0.5.onnx").exists() and (tmp_path / "yolov8n_pruned0.5.pt").exists()
+    assert "mask oracle (backbone+neck): passed" in proc.stdout
