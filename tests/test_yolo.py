@@ -74,3 +74,10 @@ def test_prune_yolo_example_exports_matching_onnx(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "yolov8n_pruned0.5.onnx").exists() and (tmp_path / "yolov8n_pruned0.5.pt").exists()
     assert "mask oracle (backbone+neck): passed" in proc.stdout
+    # Ultralytics' own loader takes the checkpoint back and runs inference with it.
+    check = (f"import numpy as np; from ultralytics import YOLO; y = YOLO(r'{tmp_path / 'yolov8n_pruned0.5.pt'}'); "
+             "r = y.predict(np.zeros((320, 320, 3), dtype=np.uint8), imgsz=320, verbose=False); "
+             "print(type(y.model).__name__, len(r))")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DetectionModel 1" in proc.stdout
