@@ -148,7 +148,7 @@ def _prune(
     except TraceError as e:
         if not partial:
             raise
-        return _prune_parts(model, example_inputs, part_kwargs, e, onnx, onnx_opset, t0)
+        return _prune_parts(model, example_inputs, part_kwargs, e, onnx, onnx_opset, t0, list(ignore))
     scores = score_groups(a.gm, a.deps, a.groups, criterion)  # importance of every channel, per group
     policy = Policy(ratio, ratios, group_ratios, global_ranking, round_to=round_to, min_channels=min_channels)
     cost = CostModel(a.gm, a.deps, params_before)
@@ -157,7 +157,9 @@ def _prune(
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
     plan = replace(plan, fingerprint=a.fingerprint, versions=_versions())
-    opaque_parts = sorted(a.opaque) if partial and not leaves else []
+    # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
+    opaque_parts = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
+    opaque_parts = opaque_parts if partial and not leaves else []
     try:
         done = finish(a, plan, cost, training=training, verify=verify, onnx=None if opaque_parts else onnx,
                       onnx_opset=onnx_opset, output=output)
@@ -174,7 +176,7 @@ def _prune(
                      leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial)
     parts: list[PartReport] = []
     for name in opaque_parts:  # opaque leaves have pinned inputs and outputs: their insides are separate
-        parts += compile_parts(done.model, done.model.get_submodule(name), name, a.inputs, part_kwargs)
+        parts += compile_parts(done.model, done.model.get_submodule(name), name, a.inputs, part_kwargs, list(ignore))
     changed_parts = any(p.params_after < p.params_before for p in parts)
     params_after = count_params(done.model) if changed_parts else done.params_after
     macs_after = count_macs(done.model, a.inputs) if changed_parts else done.macs_after
@@ -195,7 +197,7 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int, tr
 
 def _prune_parts(
     model: nn.Module, example_inputs: Any, part_kwargs: dict[str, Any], error: TraceError,
-    onnx: str | None, onnx_opset: int, t0: float,
+    onnx: str | None, onnx_opset: int, t0: float, ignore: list[str | type],
 ) -> PruneResult:
     """The root cannot be traced: prune its largest traceable submodules one by one (``partial.py``)."""
     inputs = as_inputs(example_inputs)
@@ -204,7 +206,7 @@ def _prune_parts(
     training = model.training
     root = private_copy(model)
     params_before = count_params(model)
-    parts = compile_parts(root, root, "", inputs, part_kwargs)
+    parts = compile_parts(root, root, "", inputs, part_kwargs, ignore)
     if not any(p.params_after < p.params_before for p in parts):
         why = "; ".join(f"{p.name}: {p.skipped}" for p in parts if p.skipped)[:400]
         raise TraceError(f"{error} No traceable submodule could be pruned either ({why or 'none found'}).") from error

@@ -89,12 +89,31 @@ def record_calls(root: nn.Module, scope: nn.Module, inputs: tuple[Any, ...]) -> 
     return calls
 
 
+def _part_ignore(full: str, ignore: list[str | type]) -> list[str | type] | None:
+    """The user's ``ignore`` seen from inside the part ``full`` (None: the whole part is ignored)."""
+    inside: list[str | type] = []
+    for item in ignore:
+        if isinstance(item, type):
+            inside.append(item)
+        elif full == item or full.startswith(item + "."):
+            return None
+        elif item.startswith(full + "."):
+            inside.append("inner." + item[len(full) + 1 :])
+    return inside
+
+
 def compile_parts(
-    root: nn.Module, scope: nn.Module, scope_name: str, inputs: tuple[Any, ...], prune_kwargs: dict[str, Any]
+    root: nn.Module,
+    scope: nn.Module,
+    scope_name: str,
+    inputs: tuple[Any, ...],
+    prune_kwargs: dict[str, Any],
+    ignore: list[str | type] | None = None,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
-    Returns one report per part tried. Parts called more than once, or with no tensor input, are skipped.
+    Returns one report per part tried. Parts called more than once, with no tensor input, or named in
+    ``ignore`` (full module names, or types) are left alone.
     """
     from fxprune.api import prune
 
@@ -112,13 +131,18 @@ def compile_parts(
                 elif call is None:
                     visit(child, name)  # containers (ModuleList) are never called: look inside
                 continue
+            inside = _part_ignore(full, list(ignore or []))
+            if inside is None:
+                reports.append(PartReport(full, skipped="ignored by the user"))
+                continue
             bound = _Bound(child, call)
             tensors = bound.tensors(call)
             if not tensors:
                 reports.append(PartReport(full, skipped="no tensor inputs"))
                 continue
             try:
-                result = prune(bound, example_inputs=tensors, output="module", partial=False, **prune_kwargs)
+                result = prune(bound, example_inputs=tensors, output="module", partial=True, ignore=inside,
+                               **prune_kwargs)
             except TraceError:
                 visit(child, name)  # not traceable as a whole: try its children
                 continue
@@ -130,7 +154,8 @@ def compile_parts(
             setattr(parent, child_name, pruned)
             oracle = result.oracle
             verdict = "" if oracle is None else ("passed" if oracle.applicable and oracle.passed else oracle.reason)
-            reports.append(PartReport(full, result.params_before, result.params_after, verdict))
+            reports.append(PartReport(full, result.params_before, result.params_after, verdict,
+                                      children=[f"{full}.{p.name.removeprefix('inner.')}" for p in result.parts]))
             log.info("fxprune: part %s %d -> %d parameters", full, result.params_before, result.params_after)
 
     visit(scope, "")

@@ -126,3 +126,40 @@ def test_hugging_face_models_shrink(name: str) -> None:
     assert r.params_after < r.params_before
     assert all(p.oracle in ("passed", "") or "norm" in p.oracle for p in r.parts if not p.skipped)
     _check_same_structure(model, r.model, x)
+
+
+def test_ignore_reaches_inside_parts() -> None:
+    torch.manual_seed(0)
+    model = WithHead().eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    r = fxprune.prune(model, 0.5, example_inputs=x, ignore=["head.branch"])
+    assert any(p.name == "head.branch" and p.skipped == "ignored by the user" for p in r.parts)
+    assert r.model.get_submodule("head.branch.0.0").out_channels == 16
+    r = fxprune.prune(model, 0.5, example_inputs=x, ignore=["head.branch.1"], verify=True)
+    assert r.model.get_submodule("head.branch.1.0").out_channels == 16  # kept by the user
+    assert r.model.get_submodule("head.branch.0.0").out_channels == 16  # feeds the kept conv: coupled to it
+    r = fxprune.prune(model, 0.5, example_inputs=x, ignore=["head.branch.1.0"], verify=True)
+    assert r.model.get_submodule("head.branch.1.0").out_channels == 16
+
+
+def test_nested_opaque_modules_are_pruned_once() -> None:
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = OpaqueHead()
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y * 2 if y.mean() > 0 else y
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.outer = cbr(3, 8), Outer()
+
+        def forward(self, x):
+            return self.outer(self.stem(x))
+
+    torch.manual_seed(0)
+    r = fxprune.prune(Net().eval(), 0.5, example_inputs=(torch.randn(1, 3, 8, 8),), verify=True)
+    assert r.model.get_submodule("outer.inner.branch.0.0").out_channels == 8  # 16 -> 8, not pruned twice
