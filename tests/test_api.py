@@ -305,3 +305,9 @@ def test_same_inputs_give_the_same_onnx_bytes(tmp_path) -> None:
         fxprune.compile(copy.deepcopy(model), 0.5, example_inputs=x, onnx=str(path))
         digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_wrong_dtype_inputs_are_a_clear_error() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    with pytest.raises(fxprune.ShapeError, match="example inputs"):
+        fxprune.compile(model, 0.5, example_inputs=(x[0].long(),))
