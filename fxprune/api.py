@@ -128,6 +128,7 @@ def _prune(
     output: str = "graph",
     partial: bool = True,
 ) -> PruneResult:
+    arguments = dict(locals())  # every argument, for the retry below
     ratio = _check_ratio(ratio)
     for key, r in {**(ratios or {}), **{str(k): v for k, v in (group_ratios or {}).items()}}.items():
         _check_ratio(r, f"ratio for {key!r}")
@@ -170,10 +171,7 @@ def _prune(
         if not e.culprit or e.culprit in ignore or len(ignore) > 64:
             raise
         log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", e.culprit, e)
-        return _prune(model, ratio, example_inputs=example_inputs, ignore=[*ignore, e.culprit], importance=importance,
-                     global_ranking=global_ranking, target_macs=target_macs, target_params=target_params,
-                     ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels,
-                     leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial)
+        return _prune(**{**arguments, "ignore": [*ignore, e.culprit]})
     parts: list[PartReport] = []
     for name in opaque_parts:  # opaque leaves have pinned inputs and outputs: their insides are separate
         parts += compile_parts(done.model, done.model.get_submodule(name), name, a.inputs, part_kwargs, list(ignore))

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError, InvariantError
+from fxprune.metrics import count_params
 from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
 from fxprune.passes.fingerprint import graph_fingerprint
@@ -131,8 +132,6 @@ def finish(
     Raises:
         InvariantError: a value's shape, the parameter count or the oracle disagrees with the plan.
     """
-    from fxprune.metrics import count_params
-
     reference = copy.deepcopy(a.gm) if verify else None
     macs_after, predicted = cost.absolute(plan)
     rewrite = RewritePass(a.deps, plan)

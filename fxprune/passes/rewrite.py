@@ -14,6 +14,7 @@ from fxprune.passes.base import PassResult
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
+from fxprune.rules.common import node_values
 from fxprune.rules.literals import rewriter_for
 from fxprune.rules.modules import fix_module
 
@@ -64,8 +65,8 @@ class RewritePass:
             else:
                 rewrite = rewriter_for(node)
                 if rewrite is not None:
-                    old = [self.deps.value_shapes[v] for v in values_of_name(node, self.deps)]
-                    new = [self.shapes[v] for v in values_of_name(node, self.deps)]
+                    old = [self.deps.value_shapes[v] for v in node_values(node, self.deps.value_shapes)]
+                    new = [self.shapes[v] for v in node_values(node, self.deps.value_shapes)]
                     if old:
                         rewrite(node, old, new)
         fix_attention_attributes(gm)
@@ -116,16 +117,6 @@ class RewritePass:
             mod = gm.get_submodule(str(node.target))
             fix_module(mod, new_in)
             _check_divisible(node, mod)
-
-
-def values_of_name(node: fx.Node, deps: DependencyResult) -> list[str]:
-    """Value names a node produces (itself, or its tuple elements)."""
-    if node.name in deps.value_shapes:
-        return [node.name]
-    out = []
-    while f"{node.name}#{len(out)}" in deps.value_shapes:
-        out.append(f"{node.name}#{len(out)}")
-    return out
 
 
 def _check_divisible(node: fx.Node, mod: nn.Module) -> None:

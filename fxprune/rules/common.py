@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch.fx as fx
 
 from fxprune.rules.context import RuleContext, node_tensor_args
 
 
-def values_of(node: fx.Node, ctx: RuleContext) -> list[str]:
-    """Return the tensor values a node produces: itself, or ``name#i`` for each tensor of a tuple output."""
-    if node.name in ctx.value_shapes:
+def node_values(node: fx.Node, shapes: Mapping[str, object]) -> list[str]:
+    """The tensor values a node produces: itself, or ``name#i`` for each tensor of a tuple output."""
+    if node.name in shapes:
         return [node.name]
-    out = []
-    i = 0
-    while f"{node.name}#{i}" in ctx.value_shapes:
-        out.append(f"{node.name}#{i}")
-        i += 1
+    out: list[str] = []
+    while f"{node.name}#{len(out)}" in shapes:
+        out.append(f"{node.name}#{len(out)}")
     return out
+
+
+def values_of(node: fx.Node, ctx: RuleContext) -> list[str]:
+    """``node_values`` for a rule."""
+    return node_values(node, ctx.value_shapes)
 
 
 def pin_all(node: fx.Node, ctx: RuleContext, reason: str) -> None:
