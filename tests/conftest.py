@@ -50,3 +50,12 @@ def check_pruned(
 def pruned_ok():
     """The ``check_pruned`` helper as a fixture."""
     return check_pruned
+
+
+@pytest.fixture
+def one_thread() -> object:
+    """One torch thread: on a small, shared CI machine two threads contend and slow every op tenfold."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -47,13 +47,7 @@ class Tiny(nn.Module):
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """One torch thread: on a small, shared CI machine two threads contend and slow every op tenfold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import fxprune
 import models_zoo
@@ -17,13 +16,7 @@ from fxprune.quantize import QuantizationError, quantize_onnx, random_feeds
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """One torch thread: on a small, shared CI machine two threads contend and slow every op tenfold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pruned_onnx(name: str, path: Path) -> Path:
