@@ -408,3 +408,45 @@ def test_window_partition_and_layer_scale(importance: str) -> None:
     r = check_pruned(Windows().eval(), (torch.randn(2, 3, 8, 8),), 0.5, importance=importance)
     assert r.model.gamma.shape == (4,) and r.model.gamma2.shape == (4, 1, 1)
     assert r.model.get_submodule("fc").out_features == 4
+
+
+class Functional(nn.Module):
+    """Weights used through F.linear / F.batch_norm / addmm (traced-through custom layers, HF Conv1D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 6)), nn.Parameter(torch.randn(16))
+        self.register_buffer("mean", torch.randn(16) * 0.1)
+        self.register_buffer("var", torch.rand(16) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.w2, self.b2 = nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.randn(12))  # [in, out]
+        self.act = nn.PReLU(12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = F.linear(x, self.w1, self.b1)
+        y = F.batch_norm(y, self.mean, self.var, self.gamma, None, False)
+        y = torch.addmm(self.b2, y, self.w2)
+        return self.head(self.act(y))
+
+
+class Embedded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.emb(ids)))
+
+
+@pytest.mark.parametrize("importance", ["l2", "random"])
+def test_functional_layers_and_prelu(importance: str) -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Functional().eval(), (torch.randn(5, 6),), 0.5, importance=importance)
+    assert r.model.w1.shape == (8, 6) and r.model.w2.shape == (8, 6) and r.model.get_submodule("act").weight.shape == (6,)
+
+
+def test_embedding_dim_is_pruned() -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Embedded().eval(), (torch.randint(0, 20, (2, 7)),), 0.5)
+    assert r.model.get_submodule("emb").weight.shape == (20, 8)
