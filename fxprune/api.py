@@ -144,8 +144,8 @@ def _prune(
     params_before = count_params(model)
     part_kwargs = dict(ratio=ratio, importance=importance, global_ranking=global_ranking, target_macs=target_macs,
                        target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify)
-    try:
-        a = analyse(model, example_inputs, ignore, leaves)
+    try:  # a criterion that needs gradients writes .grad: it gets its own copy of the parameters
+        a = analyse(model, example_inputs, ignore, leaves, share_tensors=not getattr(criterion, "needs_grad", False))
     except TraceError as e:
         if not partial:
             raise
@@ -272,7 +272,7 @@ def apply(
     if isinstance(plan, str):
         plan = PruningPlan.load(plan)
     training = model.training
-    a = analyse(model, example_inputs, ignore, leaves)
+    a = analyse(model, example_inputs, ignore, leaves, share_tensors=True)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
     for mine, theirs in zip(a.groups, plan.groups, strict=True):

@@ -43,6 +43,7 @@ class Analysed:
     inputs: tuple[Any, ...]
     fingerprint: str
     work: nn.Module
+    shared: frozenset[int] = frozenset()
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -67,8 +68,15 @@ def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
             raise ValueError(f"ignore={item!r} names no submodule of the model{hint}")
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode: fxprune never touches the caller's model."""
+def private_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
+    """A deep copy in eval mode: fxprune never touches the caller's model.
+
+    Args:
+        model: the caller's model.
+        share_tensors: copy the modules and buffers but not the parameters (much faster on big models).
+            Only for callers that never write into a parameter (nor its ``.grad``) and that pass the result
+            through ``unshare`` before handing it out. Buffers are always copied: a forward may update them.
+    """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from torch.nn.utils import prune as nn_prune
@@ -86,23 +94,48 @@ def private_copy(model: nn.Module) -> nn.Module:
                 f"module {name or type(model).__name__} carries torch.nn.utils.prune masks; structured pruning "
                 "needs real weights: call fxprune.sparsity.make_permanent(model) first"
             )
+    memo: dict[int, Any] = {}
+    if share_tensors:
+        memo = {id(p): p for p in model.parameters()}
     try:
-        return copy.deepcopy(model).eval()
+        return copy.deepcopy(model, memo).eval()
     except Exception as e:
         raise FxPruneError(f"cannot copy the model ({e}); fxprune never prunes the caller's model in place") from e
 
 
-def analyse(model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str]) -> Analysed:
-    """Trace a private copy and solve its channel dependencies."""
+def unshare(model: nn.Module, shared: frozenset[int]) -> nn.Module:
+    """Replace every parameter of ``model`` whose id is in ``shared`` by a copy (ties stay tied)."""
+    if not shared:
+        return model
+    copies: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) in shared:
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
+                mod._parameters[attr] = copies[id(p)]
+    return model
+
+
+def analyse(
+    model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
+    share_tensors: bool = False,
+) -> Analysed:
+    """Trace a private copy and solve its channel dependencies.
+
+    With ``share_tensors`` the copy shares the caller's parameters until ``finish`` (which copies whatever
+    the rewrite did not replace): nothing in between may write into a parameter or its gradient.
+    """
     ignore = list(ignore)
     _check_ignore(model, ignore)
-    work = private_copy(model)
+    work = private_copy(model, share_tensors)
+    shared = frozenset(id(p) for p in model.parameters()) if share_tensors else frozenset()
     given = as_inputs(example_inputs)
     gm, opaque = trace(work, leaves, len(given) if given else 1)  # 1. capture; untraceable parts -> opaque leaves
     shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
     deps = build_dependencies(gm, shapes, ignore, opaque)  # 3. channel rules -> coupled classes
     groups = describe_groups(deps)
-    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work)
+    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, shared)
 
 
 @dataclass(frozen=True)
@@ -153,5 +186,6 @@ def finish(
         from fxprune.passes.export import export_onnx
 
         export_onnx(model, a.inputs, onnx, opset=onnx_opset)
+    model = unshare(model, a.shared)  # the result never shares a tensor with the caller's model
     model.train(training)
     return Finished(model, result.modified, params_after, macs_after, oracle)

@@ -311,3 +311,34 @@ def test_wrong_dtype_inputs_are_a_clear_error() -> None:
     model, x = models_zoo.get("resnet_basic")
     with pytest.raises(fxprune.ShapeError, match="example inputs"):
         fxprune.compile(model, 0.5, example_inputs=(x[0].long(),))
+
+
+def _storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_result_shares_no_storage_with_the_caller(ratio: float, output: str) -> None:
+    """fxprune works on the caller's parameters without copying them; the result must own every tensor."""
+    model, x = models_zoo.get("resnet_basic")
+    before = _snapshot(model)
+    small = fxprune.compile(model, ratio, example_inputs=x, output=output)
+    assert not _storages(small) & _storages(model)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)  # training the result never moves the caller's weights
+    assert _same(before, _snapshot(model))
+    plan = fxprune.prune(model, 0.5, example_inputs=x).plan
+    replayed = fxprune.apply(model, plan, example_inputs=x)
+    assert not _storages(replayed) & _storages(model)
+
+
+def test_taylor_leaves_the_callers_gradients_alone() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    model(*x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    batches = [(x[0], torch.zeros(x[0].shape[0], dtype=torch.long))]
+    fxprune.prune(model, 0.5, example_inputs=x, importance=fxprune.Taylor(batches))
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, grads[n]), n

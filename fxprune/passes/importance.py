@@ -8,6 +8,7 @@ needs to know about flatten blocks, grouped convs or tied weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.depgraph import space_label
+from fxprune.depgraph import space_label, unique
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import ChannelGroup
 
@@ -31,18 +32,36 @@ class MemberSlice:
         param: qualified parameter name.
         dim: the dim of the parameter that the group's channels index.
         module_type: type name of the module owning the parameter (e.g. ``BatchNorm2d``).
-        rows: float32 tensor ``[n_rows, rest]``: the parameter with ``dim`` first, rest flattened.
+        tensor: the whole parameter (detached, float32).
+        index: the rows of ``dim`` that belong to this group, or None for all of them.
         position: group-local channel position of every row (int array of ``n_rows``).
-        grad: the gradient in the same layout when a criterion asked for gradients, else None.
+        grad: the gradient as ``[n_rows, rest]`` when a criterion asked for gradients, else None.
     """
 
     name: str
     param: str
     dim: int
     module_type: str
-    rows: torch.Tensor
+    tensor: torch.Tensor
+    index: torch.Tensor | None
     position: np.ndarray
     grad: torch.Tensor | None
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """Float32 ``[n_rows, rest]``: the parameter with ``dim`` first, rest flattened (copied on first use)."""
+        base = self.tensor.movedim(self.dim, 0).reshape(self.tensor.shape[self.dim], -1)
+        return base if self.index is None else base[self.index]
+
+    def row_sums(self, p: float = 2.0) -> torch.Tensor:
+        """Per-row sum of ``|w|**p``, reduced in place over the other dims (no transposed copy)."""
+        t = self.tensor
+        others = [i for i in range(t.dim()) if i != self.dim]
+        if not others:
+            out = t * t if p == 2 else t.abs().pow(p)
+        else:
+            out = torch.linalg.vector_norm(t, ord=p, dim=others).pow(p)
+        return out if self.index is None else out[self.index]
 
 
 @dataclass(frozen=True)
@@ -97,18 +116,17 @@ def group_tensors(
                 continue
             labels = sol.space_labels(space)
             gids = sol.class_group[labels]
-            base = t.detach().movedim(d, 0).reshape(t.shape[d], -1).float()
+            base = t.detach().float()
             gbase = None
             if grads is not None and qual in grads:
                 gbase = grads[qual].movedim(d, 0).reshape(t.shape[d], -1).float()
-            for g in np.unique(gids[gids >= 0]):
+            for g in unique(gids[gids >= 0]):
                 rows_idx = np.nonzero(gids == g)[0]
                 whole = len(rows_idx) == len(labels)  # the common case: no copy
                 idx = torch.as_tensor(rows_idx)
-                rows = base if whole else base[idx]
                 grad = None if gbase is None else (gbase if whole else gbase[idx])
-                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), rows,
-                                     position[labels[rows_idx]], grad)
+                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base,
+                                     None if whole else idx, position[labels[rows_idx]], grad)
                 per_group.setdefault(int(g), []).append(member)
     for group in groups:
         yield GroupTensors(group, tuple(per_group.get(group.id, ())))
@@ -120,8 +138,7 @@ def norm(p: float = 2.0) -> Criterion:
     def score(g: GroupTensors) -> np.ndarray:
         out = np.zeros(g.size)
         for m in g.members:
-            powered = m.rows * m.rows if p == 2 else m.rows.abs().pow(p)
-            out += g.per_channel(powered.sum(1), m) ** (1.0 / p)
+            out += g.per_channel(m.row_sums(p), m) ** (1.0 / p)
         return out
 
     score.__name__ = f"l{p:g}"

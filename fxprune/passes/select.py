@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxprune.depgraph import space_label
+from fxprune.depgraph import space_label, unique
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import ChannelGroup, PruningPlan
 
@@ -62,7 +62,7 @@ def describe_groups(deps: DependencyResult) -> tuple[ChannelGroup, ...]:
             space = (value, d)
             if space not in sol.offsets:
                 continue
-            for g in np.unique(sol.class_group[sol.space_labels(space)]):
+            for g in unique(sol.class_group[sol.space_labels(space)]):
                 if g >= 0:
                     members[g].append(space_label(space))
     out = []
@@ -86,7 +86,7 @@ def channels_per_class(deps: DependencyResult, group_id: int) -> int:
     sol = deps.solution
     space = sol.group_producers[group_id][0]
     labels = sol.space_labels(space)
-    return max(1, len(labels) // max(1, len(np.unique(labels))))
+    return max(1, len(labels) // max(1, len(unique(labels))))
 
 
 def _round(keep: int, size: int, floor_keep: int, q: int) -> int:
