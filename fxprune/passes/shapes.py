@@ -1,26 +1,64 @@
-"""Shape propagation: run the graph once on example inputs and record the shape of every tensor value."""
+"""Shape propagation: run the graph once on example inputs and record the shape of every tensor value.
+
+The run is first tried on the meta device (parameters, buffers and inputs replaced by storage-free meta
+tensors: the same shape functions, no arithmetic). Anything meta cannot decide exactly falls back to a real
+run on the example inputs: an op without a meta kernel, a value-dependent branch or shape, a tensor the
+forward creates on the CPU, or inputs whose dtypes disagree with a layer's parameters (meta kernels do not
+check dtypes; the real run then gives the error the user would see). Graphs that call a module of the user's
+own (an opaque leaf) always run for real: its forward may cache tensors (anchors, masks) on the module, and a
+cached meta tensor would poison every later run.
+"""
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
+import torch.func as func
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxprune.errors import ShapeError
 
 Shape = tuple[int, ...]
 
 
+class _NotOnMeta(Exception):
+    """The meta run cannot stand in for a real one at this node."""
+
+
+_MATMUL_LIKE = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul,
+                torch.mm, torch.bmm, torch.addmm, torch.einsum, F.conv_transpose1d, F.conv_transpose2d,
+                F.conv_transpose3d, F.scaled_dot_product_attention, operator.matmul}
+
+
 class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, meta: bool = False) -> None:
         super().__init__(gm)
         self.shapes: dict[str, Shape] = {}
         self.failed_at: fx.Node | None = None
+        self.meta = meta
+
+    def _guard(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise ``_NotOnMeta`` where a real kernel would reject dtypes that a meta kernel accepts."""
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if n.op == "call_module":
+            tensors += [p for p in self.fetch_attr(str(n.target)).parameters(recurse=False)]
+            if isinstance(self.fetch_attr(str(n.target)), (nn.Embedding, nn.EmbeddingBag)):
+                return
+        elif n.op != "call_function" or n.target not in _MATMUL_LIKE:
+            return
+        if len({t.dtype for t in tensors}) > 1:
+            raise _NotOnMeta(n.format_node())
 
     def run_node(self, n: fx.Node) -> Any:
         try:
+            if self.meta and n.op in ("call_module", "call_function"):
+                with self._set_current_node(n):
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                self._guard(n, args, kwargs)
             out = super().run_node(n)
         except Exception:
             self.failed_at = n
@@ -34,16 +72,65 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
-def record_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> tuple[dict[str, Shape], Any]:
+class _OnMeta(nn.Module):
+    """Runs the recorder inside ``functional_call``, which swaps in meta parameters and buffers."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+        self.rec = _ShapeRecorder(gm, meta=True)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.rec.run(*inputs)
+
+
+def _meta_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[str, Shape] | None:
+    """Shapes from a meta run, or None when meta cannot stand in for the real run."""
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs) or any(t.is_meta for t in example_inputs):
+        return None
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and not type(gm.get_submodule(str(n.target))).__module__.startswith("torch.nn."):
+            return None  # a forward of the user's own: it may cache what it computes
+    runner = _OnMeta(gm)
+    try:
+        state = {}
+        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            state[f"gm.{name}"] = torch.empty_like(t, device="meta")
+        with torch.no_grad():
+            func.functional_call(runner, state, tuple(t.to("meta") for t in example_inputs), tie_weights=False)
+    except Exception:  # anything meta cannot decide: the real run decides (and names the error)
+        return None
+    return runner.rec.shapes
+
+
+def record_shapes(
+    gm: fx.GraphModule, example_inputs: tuple[Any, ...], *, meta: bool = False
+) -> tuple[dict[str, Shape], Any]:
     """Run ``gm`` in eval mode without gradients and return (shape per value name, the output).
 
     Tuple outputs of a node are recorded as ``name#0``, ``name#1``, ...
+
+    Args:
+        gm: the graph.
+        example_inputs: its inputs.
+        meta: try a storage-free meta run first (see the module docstring); the output is then None.
 
     Raises:
         ShapeError: the graph does not run on these inputs; the message names the failing node.
     """
     was_training = gm.training
     gm.eval()
+    if meta:
+        try:
+            shapes = _meta_shapes(gm, example_inputs)
+        finally:
+            gm.train(was_training)
+        if shapes is not None:
+            for n in gm.graph.nodes:
+                if n.name in shapes:
+                    n.meta["fxprune_shape"] = shapes[n.name]
+            return shapes, None
+        gm.eval()
     rec = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
@@ -95,14 +182,14 @@ def shapes_for(gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None) -> tu
         ShapeError: no inputs were given and none could be synthesized that the model accepts.
     """
     if example_inputs is not None:
-        return record_shapes(gm, example_inputs)[0], example_inputs
+        return record_shapes(gm, example_inputs, meta=True)[0], example_inputs
     last: ShapeError | None = None
     for spatial in (64, 224):
         guess = synthesize_inputs(gm, spatial)
         if guess is None:
             break
         try:
-            return record_shapes(gm, guess)[0], guess
+            return record_shapes(gm, guess, meta=True)[0], guess
         except ShapeError as e:
             last = e
     raise ShapeError(

@@ -31,7 +31,7 @@ def check_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...], expected: 
     Raises:
         InvariantError: naming the first node whose shape differs (a stale literal or a missing rule).
     """
-    actual, _ = record_shapes(gm, example_inputs)
+    actual, _ = record_shapes(gm, example_inputs, meta=True)
     by_name = {n.name: n for n in gm.graph.nodes}
     for value, shape in actual.items():
         want = expected.get(value)
