@@ -136,27 +136,76 @@ def unique(values: np.ndarray) -> np.ndarray:
     return flat[keep]
 
 
+def _edge_endpoints(dep: DependencyGraph, offsets: dict[SpaceKey, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Global element ids of both ends of every coupling (identity couplings expanded without a loop)."""
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    starts_a: list[int] = []
+    starts_b: list[int] = []
+    lengths: list[int] = []
+    for _, _, data in dep.graph.edges(data=True):
+        a, b, ai, bi = data["a"], data["b"], data["a_index"], data["b_index"]
+        if ai is None and bi is None:
+            starts_a.append(offsets[a])
+            starts_b.append(offsets[b])
+            lengths.append(dep.sizes[a])
+            continue
+        ai = np.arange(len(bi)) if ai is None else np.asarray(ai, dtype=np.int64)
+        bi = np.arange(len(ai)) if bi is None else np.asarray(bi, dtype=np.int64)
+        rows.append(offsets[a] + ai)
+        cols.append(offsets[b] + bi)
+    if lengths:
+        n = np.asarray(lengths, dtype=np.int64)
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        rows.append(np.repeat(np.asarray(starts_a, dtype=np.int64), n) + within)
+        cols.append(np.repeat(np.asarray(starts_b, dtype=np.int64), n) + within)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def _class_pins(dep: DependencyGraph, offsets: dict[SpaceKey, int], labels: np.ndarray, n_classes: int) -> list[str]:
+    """Per class, the reason of the first pin that reaches it, or ""."""
+    pin_of = np.full(n_classes, -1, dtype=np.int64)
+    reasons: list[str] = []
+    for space, reason in dep.pins.items():  # first pin wins
+        labs = labels[offsets[space] : offsets[space] + dep.sizes[space]]
+        free = labs[pin_of[labs] < 0]
+        if len(free):
+            pin_of[free] = len(reasons)
+            reasons.append(f"{reason} (at {space_label(space)})")
+    table = np.asarray(["", *reasons], dtype=object)
+    return table[pin_of + 1].tolist()
+
+
+def _number_groups(
+    labs: np.ndarray, class_comp: np.ndarray, signature: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, int]:
+    """Group id per class: one id per distinct (component, signature) key among ``labs``, numbered by the
+    smallest class label holding the key (deterministic); -1 for classes not in ``labs``."""
+    class_group = np.full(n_classes, -1, dtype=np.int64)
+    if not len(labs):
+        return class_group, 0
+    comp, sig = class_comp[labs], signature[labs]
+    order = np.lexsort((labs, sig, comp))
+    comp, sig, sorted_labs = comp[order], sig[order], labs[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (comp[1:] != comp[:-1]) | (sig[1:] != sig[:-1])
+    key = np.cumsum(new) - 1
+    first = sorted_labs[new]  # labels are the last sort key: the first of a run is its smallest
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    class_group[sorted_labs] = rank[key]
+    return class_group, len(first)
+
+
 def _solve(dep: DependencyGraph) -> Solution:
     offsets: dict[SpaceKey, int] = {}
     total = 0
     for space, size in dep.sizes.items():
         offsets[space] = total
         total += size
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
-    for _, _, data in dep.graph.edges(data=True):
-        a, b, ai, bi = data["a"], data["b"], data["a_index"], data["b_index"]
-        if ai is None:
-            ai = np.arange(dep.sizes[a]) if bi is None else np.arange(len(bi))
-        if bi is None:
-            bi = np.arange(dep.sizes[b]) if data["a_index"] is None else np.arange(len(ai))
-        rows.append(offsets[a] + np.asarray(ai, dtype=np.int64))
-        cols.append(offsets[b] + np.asarray(bi, dtype=np.int64))
-    if rows:
-        r = np.concatenate(rows)
-        c = np.concatenate(cols)
-    else:
-        r = c = np.zeros(0, dtype=np.int64)
+    r, c = _edge_endpoints(dep, offsets)
     adjacency = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(total, total)).tocsr()
     n_classes, raw = connected_components(adjacency, directed=False)
     # Canonical labels: classes numbered by their first element, so results never depend on scipy's order.
@@ -167,11 +216,7 @@ def _solve(dep: DependencyGraph) -> Solution:
     rank[order] = np.arange(n_classes)
     labels = rank[raw]
 
-    class_pin = [""] * n_classes
-    for space, reason in dep.pins.items():  # first pin wins; already-pinned classes are skipped cheaply
-        for lab in set(labels[offsets[space] : offsets[space] + dep.sizes[space]].tolist()):
-            if not class_pin[lab]:
-                class_pin[lab] = f"{reason} (at {space_label(space)})"
+    class_pin = _class_pins(dep, offsets, labels, n_classes)
 
     # Groups: producers that share a class belong together (bipartite components producer <-> class).
     producers = list(dict.fromkeys(dep.producers))
@@ -196,19 +241,18 @@ def _solve(dep: DependencyGraph) -> Solution:
     # fused qkv projection: the q/k head dims and the v head dims), so a ratio thins each of them evenly
     # and never empties one. The signature of a class is a hash of the set of spaces it appears in.
     space_of = np.repeat(np.arange(len(offsets)), [dep.sizes[sp] for sp in offsets])
-    pairs = unique(labels.astype(np.int64) * len(offsets) + space_of)  # each (class, space) once
+    # Each (class, space) pair once: a sparse incidence matrix sums duplicate entries in C.
+    incidence = coo_matrix((np.ones(total, dtype=np.int8), (labels, space_of)), shape=(n_classes, len(offsets))).tocsr()
+    incidence.sum_duplicates()
     weights = np.random.default_rng(0).integers(1, 2**63, size=len(offsets), dtype=np.uint64)
     signature = np.zeros(n_classes, dtype=np.uint64)
-    np.add.at(signature, pairs // len(offsets), weights[pairs % len(offsets)])
-    class_group = np.full(n_classes, -1, dtype=np.int64)
-    keys: dict[tuple[int, int], int] = {}
-    for lab in np.nonzero(has_producer)[0]:  # ascending labels: groups numbered deterministically
-        class_group[lab] = keys.setdefault((int(class_comp[lab]), int(signature[lab])), len(keys))
+    np.add.at(signature, np.repeat(np.arange(n_classes), np.diff(incidence.indptr)), weights[incidence.indices])
+    class_group, n_groups = _number_groups(np.nonzero(has_producer)[0], class_comp, signature, n_classes)
     members = np.nonzero(class_group >= 0)[0]
     order = members[np.argsort(class_group[members], kind="stable")]
-    bounds = np.searchsorted(class_group[order], np.arange(len(keys) + 1))
-    groups = [order[bounds[g] : bounds[g + 1]] for g in range(len(keys))]
-    group_producers: list[list[SpaceKey]] = [[] for _ in keys]
+    bounds = np.searchsorted(class_group[order], np.arange(n_groups + 1))
+    groups = [order[bounds[g] : bounds[g + 1]] for g in range(n_groups)]
+    group_producers: list[list[SpaceKey]] = [[] for _ in range(n_groups)]
     for space in producers:
         for g in unique(class_group[labels[offsets[space] : offsets[space] + dep.sizes[space]]]):
             if g >= 0:

@@ -125,6 +125,9 @@ def compile_parts(
             name = f"{prefix}.{child_name}" if prefix else child_name
             full = f"{scope_name}.{name}" if scope_name else name
             call = calls.get(name)
+            if isinstance(parent, _Bound):  # this part as a whole just failed to trace: never retry it
+                visit(child, name)
+                continue
             if call is None or call.count > 1 or not any(True for _ in child.parameters()):
                 if call is not None and call.count > 1:
                     reports.append(PartReport(full, skipped=f"called {call.count} times"))

@@ -34,6 +34,12 @@ _MATMUL_LIKE = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.
                 F.conv_transpose3d, F.scaled_dot_product_attention, operator.matmul}
 
 
+# Modules whose eval-mode output has its input's shape and dtype, whatever their settings.
+_SHAPE_KEEPING = {nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+                  nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
+                  nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout}
+
+
 class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, meta: bool = False) -> None:
         super().__init__(gm)
@@ -53,13 +59,32 @@ class _ShapeRecorder(fx.Interpreter):
         if len({t.dtype for t in tensors}) > 1:
             raise _NotOnMeta(n.format_node())
 
+    def _same_shape(self, n: fx.Node, args: tuple[Any, ...]) -> torch.Tensor | None:
+        """On meta, the output of an eval-mode module that keeps its input's shape is the input itself.
+
+        Meta batch norm is a Python decomposition (~1 ms a call); checking its channel count is enough.
+        """
+        if n.op != "call_module" or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            return None
+        mod = self.fetch_attr(str(n.target))
+        if type(mod) not in _SHAPE_KEEPING and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return None
+        x = args[0]
+        for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)):
+            if t.dim() == 1 and (x.dim() < 2 or t.shape[0] != x.shape[1]):
+                raise _NotOnMeta(n.format_node())  # the real run names the mismatch
+        return x
+
     def run_node(self, n: fx.Node) -> Any:
         try:
+            out = None
             if self.meta and n.op in ("call_module", "call_function"):
                 with self._set_current_node(n):
                     args, kwargs = self.fetch_args_kwargs_from_env(n)
                 self._guard(n, args, kwargs)
-            out = super().run_node(n)
+                out = self._same_shape(n, args)
+            if out is None:
+                out = super().run_node(n)
         except Exception:
             self.failed_at = n
             raise
