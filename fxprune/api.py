@@ -121,6 +121,7 @@ def _prune(
     group_ratios: Mapping[int, float] | None = None,
     round_to: int | None = None,
     min_channels: int = 1,
+    prune_heads: bool = False,
     leaves: Sequence[str] = (),
     verify: bool = False,
     onnx: str | None = None,
@@ -143,9 +144,11 @@ def _prune(
     training = model.training
     params_before = count_params(model)
     part_kwargs = dict(ratio=ratio, importance=importance, global_ranking=global_ranking, target_macs=target_macs,
-                       target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify)
+                       target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify,
+                       prune_heads=prune_heads)
     try:  # a criterion that needs gradients writes .grad: it gets its own copy of the parameters
-        a = analyse(model, example_inputs, ignore, leaves, share_tensors=not getattr(criterion, "needs_grad", False))
+        a = analyse(model, example_inputs, ignore, leaves, share_tensors=not getattr(criterion, "needs_grad", False),
+                    prune_heads=prune_heads)
     except TraceError as e:
         if not partial:
             raise
@@ -157,7 +160,7 @@ def _prune(
         plan = plan_for_budget(cost, a.groups, scores, policy, target_macs, target_params)
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
-    plan = replace(plan, fingerprint=a.fingerprint, versions=_versions())
+    plan = replace(plan, fingerprint=a.fingerprint, versions=_versions(), prune_heads=prune_heads)
     # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
     opaque_parts = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
     opaque_parts = opaque_parts if partial and not leaves else []
@@ -241,7 +244,8 @@ def compile(  # noqa: A001 - the public name users expect
             "bn_scale", "lamp", a ``Taylor(batches)`` or any ``(GroupTensors) -> scores`` callable),
             ``global_ranking``, ``target_macs`` / ``target_params`` (fraction of the original to keep;
             the ratio is searched), ``ratios`` (per-module overrides), ``group_ratios`` (per-group),
-            ``round_to`` (kept counts multiple of N), ``min_channels``, ``leaves`` (submodules kept
+            ``round_to`` (kept counts multiple of N), ``min_channels``, ``prune_heads`` (remove whole
+            attention heads instead of thinning every head; head counts and literals follow), ``leaves`` (submodules kept
             opaque), ``verify`` (run the mask oracle), ``onnx`` (path of a verified, simplified ONNX
             file), ``onnx_opset``, ``output`` ("graph": a GraphModule, the default; "module": a copy of
             your own module tree with the pruned weights, picklable as your classes, proven equal).
@@ -272,7 +276,7 @@ def apply(
     if isinstance(plan, str):
         plan = PruningPlan.load(plan)
     training = model.training
-    a = analyse(model, example_inputs, ignore, leaves, share_tensors=True)
+    a = analyse(model, example_inputs, ignore, leaves, share_tensors=True, prune_heads=plan.prune_heads)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
     for mine, theirs in zip(a.groups, plan.groups, strict=True):
@@ -290,7 +294,7 @@ def apply(
         if any(k < 0 or k >= g.size for k in kept) or len(set(kept)) != len(kept) or not kept:
             raise PlanMismatchError(f"group {g.id}: kept positions {list(kept)[:8]} do not fit its {g.size} channels")
     replay = plan_from_kept(a.deps, a.groups, list(plan.kept), plan.ratio)
-    replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions)
+    replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions, prune_heads=plan.prune_heads)
     cost = CostModel(a.gm, a.deps, count_params(model))
     return finish(a, replay, cost, training=training, verify=verify, onnx=None, onnx_opset=18).model
 
@@ -301,6 +305,7 @@ def analyze(
     *,
     ignore: Iterable[str | type] = (),
     leaves: Sequence[str] = (),
+    prune_heads: bool = False,
 ) -> Analysis:
     """Dry run: trace, propagate shapes and list the coupled channel groups. Nothing is modified.
 
@@ -309,6 +314,7 @@ def analyze(
         example_inputs: a tensor or tuple of tensors the model accepts (optional when inferable).
         ignore: module names (prefixes) or types whose channels must stay.
         leaves: submodules to keep opaque.
+        prune_heads: group attention channels by whole heads (as ``compile(..., prune_heads=True)``).
     """
-    a = analyse(model, example_inputs, ignore, leaves)
+    a = analyse(model, example_inputs, ignore, leaves, prune_heads=prune_heads)
     return Analysis(groups=a.groups, opaque=a.opaque, example_inputs=a.inputs, fingerprint=a.fingerprint)

@@ -163,7 +163,7 @@ def unshare(model: nn.Module, shared: frozenset[int]) -> nn.Module:
 
 def analyse(
     model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
-    share_tensors: bool = False,
+    share_tensors: bool = False, prune_heads: bool = False,
 ) -> Analysed:
     """Trace a private copy and solve its channel dependencies.
 
@@ -177,7 +177,7 @@ def analyse(
     given = as_inputs(example_inputs)
     gm, opaque = trace(work, leaves, len(given) if given else 1)  # 1. capture; untraceable parts -> opaque leaves
     shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
-    deps = build_dependencies(gm, shapes, ignore, opaque)  # 3. channel rules -> coupled classes
+    deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 3. channel rules -> coupled classes
     groups = describe_groups(deps)
     return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, shared)
 
@@ -225,7 +225,7 @@ def finish(
             raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
     model: nn.Module = pruned
     if output == "module":
-        model = write_back(a.work, pruned, a.inputs)  # the user's classes, proven equal to the graph
+        model = write_back(a.work, pruned, a.inputs, a.deps.prune_heads)  # the user's classes, proven equal to the graph
     if onnx is not None:
         from fxprune.passes.export import export_onnx
 

@@ -64,6 +64,7 @@ class PruningPlan:
         dropped_labels: class labels removed (sorted), as used by the rewrite and the oracle.
         fingerprint: hash of the traced graph the plan was computed on ("" when unknown).
         versions: library versions that produced the plan.
+        prune_heads: the plan removes whole attention heads (replay analyses the model the same way).
     """
 
     ratio: float
@@ -72,6 +73,7 @@ class PruningPlan:
     dropped_labels: tuple[int, ...]
     fingerprint: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    prune_heads: bool = False
 
     @property
     def n_dropped(self) -> int:
@@ -91,6 +93,7 @@ class PruningPlan:
             "fingerprint": self.fingerprint,
             "versions": dict(self.versions),
             "ratio": self.ratio,
+            "prune_heads": self.prune_heads,
             "groups": [
                 {**asdict(g), "kept": list(k)} for g, k in zip(self.groups, self.kept, strict=True)
             ],
@@ -114,7 +117,7 @@ class PruningPlan:
                 n_pinned=int(g["n_pinned"]), pin_reasons=tuple(g["pin_reasons"]),
             ))
         return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (), data.get("fingerprint", ""),
-                           dict(data.get("versions", {})))
+                           dict(data.get("versions", {})), bool(data.get("prune_heads", False)))
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> PruningPlan:

@@ -450,3 +450,69 @@ def test_embedding_dim_is_pruned() -> None:
     torch.manual_seed(0)
     r = check_pruned(Embedded().eval(), (torch.randint(0, 20, (2, 7)),), 0.5)
     assert r.model.get_submodule("emb").weight.shape == (20, 8)
+
+
+class Padded(nn.Module):
+    """Swin-style F.pad of H and W on a channels-last map (computed amounts), then a padding module."""
+
+    def __init__(self, module: type[nn.Module]) -> None:
+        super().__init__()
+        self.a, self.fc, self.pad, self.out = cbr(3, 8), nn.Linear(8, 8), module(1), nn.Conv2d(8, 2, 3)
+
+    def forward(self, x):
+        y = self.a(x).permute(0, 2, 3, 1)
+        pad_w = (4 - y.shape[2] % 4) % 4
+        y = F.pad(self.fc(y), (0, 0, 0, pad_w, 0, 1)).permute(0, 3, 1, 2)
+        return self.out(self.pad(y))
+
+
+@pytest.mark.parametrize("module", [nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d])
+def test_pad_keeps_channels_prunable(module: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    r = check_pruned(Padded(module).eval(), (torch.randn(1, 3, 6, 6),), 0.5)
+    assert r.model.get_submodule("a.0").out_channels == 4 and r.model.get_submodule("fc").out_features == 4
+
+
+def test_pad_of_the_channel_dim_pins_it() -> None:
+    class PadC(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = cbr(3, 8), nn.Conv2d(10, 2, 1)
+
+        def forward(self, x):
+            return self.out(F.pad(self.a(x), (0, 0, 0, 0, 1, 1)))
+
+    analysis = fxprune.analyze(PadC().eval(), torch.randn(1, 3, 4, 4))
+    assert not any(g.prunable for g in analysis.groups if "a.0.weight[0]" in g.producers)
+    assert any("padded dim" in g.reason for g in analysis.groups if not g.prunable)
+
+
+class BiasTable(nn.Module):
+    """Swin-style relative position bias: a [positions, heads] table gathered by an index buffer."""
+
+    def __init__(self, heads: int = 4, n: int = 5) -> None:
+        super().__init__()
+        self.h, self.d, self.n = heads, 4, n
+        self.qkv, self.proj = nn.Linear(16, 3 * heads * 4), nn.Linear(heads * 4, 16)
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads))
+        idx = torch.arange(n)
+        self.register_buffer("index", (idx[:, None] - idx[None, :] + n - 1).reshape(-1))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = self.softmax(q @ k.transpose(-2, -1) + bias)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_gathered_bias_table_and_softmax_module(prune_heads: bool) -> None:
+    """Heads run through a gathered bias table and nn.Softmax: whole heads (or head dims) are removed exactly."""
+    torch.manual_seed(0)
+    r = check_pruned(BiasTable().eval(), (torch.randn(2, 5, 16),), 0.5, prune_heads=prune_heads)
+    table = r.model.get_submodule("").table
+    assert table.shape == ((9, 2) if prune_heads else (9, 4))
+    assert r.model.get_submodule("qkv").out_features == 3 * 2 * 4  # 2 heads of 4, or 4 heads of 2
+    assert "reshape(getitem, getitem_1, 3, 2, 4)" in r.model.code if prune_heads else "3, 4, 2)" in r.model.code

@@ -85,6 +85,61 @@ def test_attention_head_dim_is_exact(kernel: str) -> None:
     assert r.model.get_submodule("0.fc1").out_features == 64
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa", "einsum"])
+def test_prune_heads_removes_whole_heads_exactly(kernel: str) -> None:
+    """prune_heads=True: 2 of 4 heads go, each head keeps its 8 dims; literals follow; the oracle is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(kernel=kernel), Block(kernel=kernel)).eval()
+    r = check_pruned(model, (torch.randn(2, 5, 32),), 0.5, prune_heads=True)
+    assert r.model.get_submodule("0.attn.qkv").out_features == 3 * 2 * 8
+    assert ", 3, 2, 8)" in r.model.code and ", 3, 4, 4)" not in r.model.code
+    assert r.plan.prune_heads
+
+
+def test_prune_heads_with_grouped_query_attention() -> None:
+    """Removing a kv head removes the query heads that share it."""
+    torch.manual_seed(0)
+    r = check_pruned(SeparateQKV().eval(), (torch.randn(1, 6, 32),), 0.5, prune_heads=True)
+    assert r.model.get_submodule("q").out_features == 2 * 8 and r.model.get_submodule("k").out_features == 1 * 8
+
+
+def test_prune_heads_plan_replays(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).eval()
+    x = (torch.randn(2, 5, 32),)
+    r = fxprune.prune(model, 0.5, example_inputs=x, prune_heads=True)
+    r.plan.save(tmp_path / "plan.json")
+    replayed = fxprune.apply(model, str(tmp_path / "plan.json"), x)
+    replayed.load_state_dict(r.model.state_dict())
+    assert torch.equal(replayed(*x), r.model(*x))
+
+
+def test_prune_heads_fixes_head_attributes_in_module_output() -> None:
+    """output="module": the user's own attention module gets num_heads from the pruned width."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads, self.head_dim = 4, 8
+            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+            out = F.scaled_dot_product_attention(q, k, v)
+            return self.o(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+    torch.manual_seed(0)
+    x = (torch.randn(1, 5, 32),)
+    r = fxprune.prune(Attn().eval(), 0.5, example_inputs=x, prune_heads=True, output="module", verify=True)
+    assert (r.model.num_heads, r.model.head_dim) == (2, 8)
+    assert r.model.q.out_features == 16 and r.model(*x).shape == (1, 5, 32)
+    # Thinning heads changes sdpa's default scale 1/sqrt(head_dim): the graph keeps the original scale, the
+    # user's forward cannot, and fxprune refuses to hand out the (wrong) module.
+    with pytest.raises(fxprune.FxPruneError, match="disagrees"):
+        fxprune.prune(Attn().eval(), 0.5, example_inputs=x, output="module")
+
+
 def test_grouped_query_attention() -> None:
     torch.manual_seed(0)
     r = check_pruned(SeparateQKV().eval(), (torch.randn(1, 6, 32),), 0.5)
@@ -138,6 +193,31 @@ def test_timm_vit_heads_and_mlp_shrink(name: str, tmp_path: Path) -> None:
     full = check_pruned(model, x, 0.5, expect_exact=False)  # residual stream too
     assert full.params_after / full.params_before < 0.3
     report = export_onnx(full.model, x, tmp_path / "vit.onnx", n_check_inputs=1)
+    assert report.max_abs_diff < 1e-3
+
+
+def test_timm_vit_prune_heads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2).eval()
+    x = (torch.randn(1, 3, 224, 224),)
+    r = check_pruned(model, x, 0.5, ignore=["patch_embed"], prune_heads=True)  # residual pinned: exact oracle
+    assert r.model.get_submodule("blocks.0.attn.qkv").out_features == 3 * 3 * 64  # 3 of 6 heads, 64 dims each
+    assert ", 3, 3, 64)" in r.model.code
+    report = export_onnx(r.model, x, tmp_path / "vit_heads.onnx", n_check_inputs=1)
+    assert report.max_abs_diff < 1e-3
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_timm_swin_attention_shrinks(prune_heads: bool, tmp_path: Path) -> None:
+    """Swin: padded windows, a gathered relative-position table and nn.Softmax no longer pin attention."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1)).eval()
+    x = (torch.randn(1, 3, 224, 224),)
+    r = check_pruned(model, x, 0.5, expect_exact=False, prune_heads=prune_heads)
+    assert r.params_after / r.params_before < 0.3
+    table = r.model.get_submodule("layers.0.blocks.0.attn").relative_position_bias_table
+    assert table.shape[1] == (2 if prune_heads else 3)
+    report = export_onnx(r.model, x, tmp_path / "swin.onnx", n_check_inputs=1)
     assert report.max_abs_diff < 1e-3
 
 

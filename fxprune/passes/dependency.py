@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
 from fxprune.rules import lookup
@@ -29,12 +33,14 @@ class DependencyResult:
         solution: channel classes and coupled groups.
         value_shapes: shape of every tensor value and parameter referenced.
         params: canonical parameter/buffer name per value name ``param:<name>``.
+        prune_heads: whole attention heads are the unit (``build_dependencies``).
     """
 
     dep: DependencyGraph
     solution: Solution
     value_shapes: dict[str, Shape]
     params: dict[str, str]
+    prune_heads: bool = False
 
 
 def canonical_names(gm: nn.Module) -> dict[int, str]:
@@ -61,6 +67,7 @@ def build_dependencies(
     value_shapes: dict[str, Shape],
     ignore: Iterable[str | type] = (),
     opaque: dict[str, str] | None = None,
+    prune_heads: bool = False,
 ) -> DependencyResult:
     """Apply the rule of every node, resolve reshapes, and solve the couplings.
 
@@ -69,6 +76,8 @@ def build_dependencies(
         value_shapes: output of shape propagation (``passes/shapes.py``).
         ignore: module names (prefixes) or types whose channels must not be pruned.
         opaque: submodules kept opaque by the tracer, with the reason (used in pin messages).
+        prune_heads: a reshape into or out of attention heads couples its head-count factor instead of
+            its head-dim factor, so whole heads are removed and every head keeps its width.
     """
     ignore = list(ignore)
     opaque = opaque or {}
@@ -96,9 +105,11 @@ def build_dependencies(
                 mod = gm.get_submodule(str(node.target))
                 if _matches(str(node.target), mod, ignore):
                     _pin_module(node, mod, ctx)
-    _resolve_regroups(dep, ctx.regroups)
+    heads = _attention_reshapes(gm, {rg.node for rg in ctx.regroups}) if prune_heads else frozenset()
+    _resolve_regroups(dep, ctx.regroups, heads)
     params = {v: v[len("param:") :] for v in ctx.value_shapes if v.startswith("param:")}
-    return DependencyResult(dep=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params)
+    return DependencyResult(dep=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params,
+                            prune_heads=prune_heads)
 
 
 def _get_attr(node: fx.Node, ctx: RuleContext) -> None:
@@ -149,12 +160,51 @@ def _couple_factor(dep: DependencyGraph, rg: Regroup, k: int | None) -> None:
     dep.couple(rg.product, rg.factors[k], f_idx, (f_idx // inner) % sizes[k], why=rg.node)
 
 
-def _policy(rg: Regroup, cands: list[int]) -> int:
+def _policy(rg: Regroup, cands: list[int], heads: frozenset[str]) -> int:
+    if rg.node in heads and len(cands) >= 2:
+        return sorted(cands)[-2]  # (..., heads, head_dim): the factor just outside the innermost one
     # Prefer the largest factor (channels over a small group count; head_dim over heads); ties: innermost.
     return max(cands, key=lambda k: (rg.factor_sizes[k], k))
 
 
-def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup]) -> None:
+# Ops whose batch dims are attention heads, and the layout ops that may sit between them and a head reshape.
+_ATTENTION_OPS = {F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
+_ATTENTION_METHODS = {"matmul", "bmm"}
+_LAYOUT_OPS = {torch.transpose, torch.permute, torch.unbind, torch.chunk, torch.split, operator.getitem,
+               torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
+_LAYOUT_METHODS = {"transpose", "permute", "unbind", "chunk", "split", "contiguous", "view", "reshape", "expand",
+                   "unsqueeze", "squeeze", "flatten", "repeat_interleave", "__getitem__"}
+
+
+def _is(node: fx.Node, functions: set[Any], methods: set[str]) -> bool:
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods
+    )
+
+
+def _attention_reshapes(gm: fx.GraphModule, names: set[str]) -> frozenset[str]:
+    """The reshapes (by node name) that reach an attention product through layout ops only, either way."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.name not in names:
+            continue
+        seen, frontier = {node}, [node]
+        for _ in range(6):
+            nxt = []
+            for n in frontier:
+                for m in [*n.users, *n.all_input_nodes]:
+                    if m in seen:
+                        continue
+                    seen.add(m)
+                    if _is(m, _ATTENTION_OPS, _ATTENTION_METHODS):
+                        found.add(node.name)
+                    elif _is(m, _LAYOUT_OPS, _LAYOUT_METHODS):
+                        nxt.append(m)
+            frontier = nxt
+    return frozenset(found)
+
+
+def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup], heads: frozenset[str] = frozenset()) -> None:
     """Pick the factor each merge/split couples to: the one that carries channels.
 
     A factor is a candidate when it is not pinned and longer than 1. Rounds resolve every reshape whose
@@ -171,7 +221,7 @@ def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup]) -> None:
             cands = [k for k, f in enumerate(rg.factors) if _free(sol, f)]
             chan = [k for k in cands if _channel_like(sol, rg.factors[k])]
             if chan:
-                _couple_factor(dep, rg, _policy(rg, chan))
+                _couple_factor(dep, rg, _policy(rg, chan, heads))
                 progress = True
             elif not cands:
                 _couple_factor(dep, rg, None)
@@ -185,7 +235,7 @@ def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup]) -> None:
             carrying = [rg for rg in waiting if _channel_like(sol, rg.product)]
             for rg in carrying or waiting:
                 cands = [k for k, f in enumerate(rg.factors) if _free(sol, f)]
-                k = _policy(rg, cands) if carrying else None
+                k = _policy(rg, cands, heads) if carrying else None
                 _couple_factor(dep, rg, k)
                 log.debug("fxprune: %s couples %s", rg.node, space_label(rg.factors[k]) if k is not None else "nothing")
             waiting = [rg for rg in waiting if carrying and rg not in carrying]

@@ -69,7 +69,7 @@ class RewritePass:
                     new = [self.shapes[v] for v in node_values(node, self.deps.value_shapes)]
                     if old:
                         rewrite(node, old, new)
-        fix_attention_attributes(gm)
+        fix_attention_attributes(gm, self.deps.prune_heads)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified=True)

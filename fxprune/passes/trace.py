@@ -59,9 +59,17 @@ class _FallbackTracer(fx.Tracer):
 
 def _keep_state_dict_keys(model: nn.Module, gm: fx.GraphModule) -> None:
     """Carry over parameters/buffers the eval graph never reads (``num_batches_tracked`` of a traced-through
-    BatchNorm), so the pruned model's state_dict keys are exactly the original's."""
+    BatchNorm), so the pruned model's state_dict keys are exactly the original's.
+
+    Tensors the tracer baked into the graph (``_tensor_constant0``: an index computed from a non-persistent
+    buffer) become non-persistent buffers: they are part of the graph, not of the user's checkpoint.
+    """
+    wanted = model.state_dict(keep_vars=True)
+    for name, _ in list(gm.named_buffers(recurse=False)):
+        if name.startswith("_tensor_constant") and name not in wanted:
+            gm._non_persistent_buffers_set.add(name)
     have = set(gm.state_dict(keep_vars=True))
-    for key, t in model.state_dict(keep_vars=True).items():
+    for key, t in wanted.items():
         if key in have:
             continue
         owner_name, _, attr = key.rpartition(".")

@@ -39,8 +39,12 @@ def _failing_module(work: nn.Module, tb: Any) -> str:
     return culprit
 
 
-def write_back(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> nn.Module:
+def write_back(
+    work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, ...], prune_heads: bool = False
+) -> nn.Module:
     """Copy every parameter and buffer of ``gm`` into ``work`` by name, fix attributes, and prove equality.
+
+    ``prune_heads`` says how attention attributes follow the new widths (see ``fix_attention_attributes``).
 
     Raises:
         InvariantError: the user's forward does not reproduce the pruned graph (a literal size in Python
@@ -59,7 +63,7 @@ def write_back(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, .
                     changed = True
         if changed and id(mod) not in gm_modules:
             fix_module(mod, None)
-    fix_attention_attributes(work)
+    fix_attention_attributes(work, prune_heads)
     training = work.training
     work.eval()
     gm_training = gm.training

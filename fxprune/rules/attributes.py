@@ -23,8 +23,14 @@ _LAYOUTS = [
 ]
 
 
-def fix_attention_attributes(root: nn.Module) -> list[str]:
-    """Recompute head-dim/width attributes from the (pruned) q projection; returns the modules changed."""
+def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list[str]:
+    """Recompute head attributes from the (pruned) q projection; returns the modules changed.
+
+    Args:
+        root: the pruned model.
+        prune_heads: heads were removed whole (the head count follows the width, the head dim stays);
+            otherwise every head was thinned (the head dim follows the width, the head count stays).
+    """
     changed = []
     for name, mod in root.named_modules():
         for heads_attr, dim_attr, total_attr, q_names, share in _LAYOUTS:
@@ -33,10 +39,16 @@ def fix_attention_attributes(root: nn.Module) -> list[str]:
                 continue
             q = next((getattr(mod, c) for c in q_names if isinstance(getattr(mod, c, None), nn.Module)), None)
             width = _out_width(q)
-            if width is None or width % (share * heads):
+            head_dim = getattr(mod, dim_attr)
+            unit = share * (head_dim if prune_heads else heads)
+            if width is None or head_dim <= 0 or width % unit:
                 continue
-            head_dim = width // (share * heads)
-            if head_dim != getattr(mod, dim_attr):
+            if prune_heads:
+                heads = width // unit
+            else:
+                head_dim = width // unit
+            if (heads, head_dim) != (getattr(mod, heads_attr), getattr(mod, dim_attr)):
+                setattr(mod, heads_attr, heads)
                 setattr(mod, dim_attr, head_dim)
                 if total_attr and isinstance(getattr(mod, total_attr, None), int):
                     setattr(mod, total_attr, head_dim * heads)

@@ -113,7 +113,40 @@ def embedding(node: fx.Node, ctx: RuleContext) -> None:
     _produce_param(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), ctx, 1)
 
 
+def padded_dims(pad: object, ndim: int) -> list[bool] | None:
+    """Per dim, whether ``F.pad``'s ``pad`` may change it (amounts are given last dim first, two per dim).
+
+    A dim counts as unpadded only when both its amounts are the literal 0; None when ``pad`` is not a
+    list or tuple.
+    """
+    if not isinstance(pad, (list, tuple)):
+        return None
+    out = [False] * ndim
+    for i in range(0, len(pad), 2):
+        d = ndim - 1 - i // 2
+        if 0 <= d < ndim:
+            out[d] = any(not isinstance(a, int) or a != 0 for a in pad[i : i + 2])
+    return out
+
+
+def pad(node: fx.Node, ctx: RuleContext) -> None:
+    """F.pad: unpadded dims pass through (Swin pads H and W of a channels-last map); padded dims are pinned."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    y = ctx.out()
+    padded = padded_dims(_arg(node, 1, "pad"), ctx.ndim(x)) if x is not None else None
+    if x is None or y is None or padded is None:
+        pin_all(node, ctx, f"{node.name}: pad without a literal pad list")
+        return
+    for d, is_padded in enumerate(padded):
+        if is_padded:
+            ctx.pin(x, f"{node.name}: padded dim", [d])
+            ctx.pin(y, f"{node.name}: padded dim", [d])
+        else:
+            ctx.same(x, d, y, d)
+
+
 FUNCTIONS = {
+    F.pad: pad, torch._C._nn.pad: pad,
     F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
     F.linear: linear, torch._C._nn.linear: linear,
     F.batch_norm: batch_norm, torch.batch_norm: batch_norm,

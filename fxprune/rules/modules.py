@@ -194,6 +194,27 @@ for _t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2
     MODULE_RULES[_t] = _pool(2)
 for _t in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d):
     MODULE_RULES[_t] = _pool(3)
+def softmax_module(node: fx.Node, ctx: RuleContext) -> None:
+    """nn.Softmax / nn.LogSoftmax: shape-preserving; the normalised dim is pinned."""
+    io = _io(node, ctx)
+    if io is None:
+        return
+    unary(node, ctx)
+    dim = getattr(ctx.module(), "dim", None)
+    if isinstance(dim, int):
+        ctx.pin(io[0], f"{node.name}: softmax normalises over this dim", [dim % ctx.ndim(io[0])])
+    else:
+        pin_all(node, ctx, f"{node.name}: softmax without an explicit dim")
+
+
+MODULE_RULES[nn.Softmax] = softmax_module
+MODULE_RULES[nn.LogSoftmax] = softmax_module
+# Padding modules pad the trailing 1, 2 or 3 dims (spatial in N, C, ...): the leading dims pass through.
+for _n, _types in ((1, (nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d, nn.CircularPad1d)),
+                   (2, (nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)),
+                   (3, (nn.ConstantPad3d, nn.ZeroPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d))):
+    for _t in _types:
+        MODULE_RULES[_t] = _pool(_n)
 for _t in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
            nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU,
            nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):

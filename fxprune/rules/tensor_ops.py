@@ -108,10 +108,37 @@ def getitem(node: fx.Node, ctx: RuleContext) -> None:
     _index_tensor(node, ctx, x, y, idx)
 
 
+def _gather_rows(node: fx.Node, ctx: RuleContext, x: str, y: str, items: list[object]) -> bool:
+    """``x[:, ..., idx]`` with one index tensor after full slices only: the dims around it pass through.
+
+    Output dims are x's dims before ``k``, then the index's dims, then x's dims after ``k`` (a relative
+    position bias table gathered by an index buffer keeps its heads dim). Returns False when not that form.
+    """
+    k = len(items) - 1
+    index = ctx.tensor(items[k]) if isinstance(items[k], fx.Node) else None
+    if index is None or any(i != slice(None) for i in items[:k]):
+        return False
+    n_idx = ctx.ndim(index)
+    if ctx.ndim(y) != ctx.ndim(x) - 1 + n_idx:
+        return False
+    reason = f"{node.name}: rows gathered by an index tensor"
+    for d in range(ctx.ndim(x)):
+        if d < k:
+            ctx.same(x, d, y, d)
+        elif d == k:
+            ctx.pin(x, reason, [d])
+        else:
+            ctx.same(x, d, y, d - 1 + n_idx)
+    ctx.pin(y, reason, list(range(k, k + n_idx)))
+    ctx.pin(index, reason)
+    return True
+
+
 def _index_tensor(node: fx.Node, ctx: RuleContext, x: str, y: str, idx: object) -> None:
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
-        pin_all(node, ctx, f"{node.name}: advanced indexing")
+        if not _gather_rows(node, ctx, x, y, items):
+            pin_all(node, ctx, f"{node.name}: advanced indexing")
         return
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
     if Ellipsis in items:
