@@ -148,7 +148,7 @@ def _prune(
                        prune_heads=prune_heads)
     try:  # a criterion that needs gradients writes .grad: it gets its own copy of the parameters
         a = analyse(model, example_inputs, ignore, leaves, share_tensors=not getattr(criterion, "needs_grad", False),
-                    prune_heads=prune_heads)
+                    prune_heads=prune_heads, specialize=output == "module")
     except TraceError as e:
         if not partial:
             raise
@@ -177,7 +177,9 @@ def _prune(
         return _prune(**{**arguments, "ignore": [*ignore, e.culprit]})
     parts: list[PartReport] = []
     for name in opaque_parts:  # opaque leaves have pinned inputs and outputs: their insides are separate
-        parts += compile_parts(done.model, done.model.get_submodule(name), name, a.inputs, part_kwargs, list(ignore))
+        parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
+        parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, part_kwargs,
+                               list(ignore), only=child)
     changed_parts = any(p.params_after < p.params_before for p in parts)
     params_after = count_params(done.model) if changed_parts else done.params_after
     macs_after = count_macs(done.model, a.inputs) if changed_parts else done.macs_after

@@ -10,7 +10,9 @@ part's pruned graph), and the parts are put back into a private copy of the mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +91,22 @@ def record_calls(root: nn.Module, scope: nn.Module, inputs: tuple[Any, ...]) -> 
     return calls
 
 
+@contextlib.contextmanager
+def no_kv_cache(root: nn.Module) -> Iterator[None]:
+    """Switch Hugging Face key/value caches off (``config.use_cache``) while parts are recorded and traced.
+
+    A cache is state, not an input: recorded calls and traced parts would capture it as constants.
+    """
+    configs = {id(c): c for m in root.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
 def _part_ignore(full: str, ignore: list[str | type]) -> list[str | type] | None:
     """The user's ``ignore`` seen from inside the part ``full`` (None: the whole part is ignored)."""
     inside: list[str | type] = []
@@ -109,12 +127,27 @@ def compile_parts(
     inputs: tuple[Any, ...],
     prune_kwargs: dict[str, Any],
     ignore: list[str | type] | None = None,
+    only: str | None = None,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
     Returns one report per part tried. Parts called more than once, with no tensor input, or named in
-    ``ignore`` (full module names, or types) are left alone.
+    ``ignore`` (full module names, or types) are left alone. With ``only``, just that child of ``scope``
+    (tried whole first, then its children).
     """
+    with no_kv_cache(root):
+        return _compile_parts(root, scope, scope_name, inputs, prune_kwargs, ignore, only)
+
+
+def _compile_parts(
+    root: nn.Module,
+    scope: nn.Module,
+    scope_name: str,
+    inputs: tuple[Any, ...],
+    prune_kwargs: dict[str, Any],
+    ignore: list[str | type] | None,
+    only: str | None,
+) -> list[PartReport]:
     from fxprune.api import prune
 
     calls = record_calls(root, scope, inputs)
@@ -125,6 +158,8 @@ def compile_parts(
             name = f"{prefix}.{child_name}" if prefix else child_name
             full = f"{scope_name}.{name}" if scope_name else name
             call = calls.get(name)
+            if only is not None and not prefix and child_name != only:
+                continue
             if isinstance(parent, _Bound):  # this part as a whole just failed to trace: never retry it
                 visit(child, name)
                 continue
@@ -151,6 +186,7 @@ def compile_parts(
                 continue
             except FxPruneError as e:
                 reports.append(PartReport(full, skipped=f"{type(e).__name__}: {str(e)[:200]}"))
+                visit(child, name)  # the whole failed its proof: its children may still be pruned
                 continue
             pruned = result.model.inner  # type: ignore[union-attr]
             pruned.train(child.training)

@@ -163,7 +163,7 @@ def unshare(model: nn.Module, shared: frozenset[int]) -> nn.Module:
 
 def analyse(
     model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
-    share_tensors: bool = False, prune_heads: bool = False,
+    share_tensors: bool = False, prune_heads: bool = False, specialize: bool = False,
 ) -> Analysed:
     """Trace a private copy and solve its channel dependencies.
 
@@ -175,7 +175,9 @@ def analyse(
     work = private_copy(model, share_tensors)
     shared = frozenset(id(p) for p in model.parameters()) if share_tensors else frozenset()
     given = as_inputs(example_inputs)
-    gm, opaque = trace(work, leaves, len(given) if given else 1)  # 1. capture; untraceable parts -> opaque leaves
+    # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
+    # (only for output="module", where the user's own forward is re-run and proven equal).
+    gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
     shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
     deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 3. channel rules -> coupled classes
     groups = describe_groups(deps)

@@ -41,8 +41,10 @@ def test_yolo_prunes_backbone_neck_and_head_branches(cfg: str, tmp_path: Path) -
     r = fxprune.prune(model, 0.5, example_inputs=x, verify=True, output="module")
     assert type(r.model) is type(model)  # Ultralytics' own classes, nothing substituted
     assert r.oracle is not None and r.oracle.passed
-    head = [p for p in r.parts if ".cv2." in p.name or ".cv3." in p.name]
-    assert head and all(p.params_after < p.params_before and p.oracle == "passed" for p in head)
+    # The Detect head's box and class branches shrink (traced with the model, or pruned as parts inside it).
+    for branch in ("cv2", "cv3"):
+        size = [sum(p.numel() for p in getattr(m.model[-1], branch).parameters()) for m in (model, r.model)]
+        assert size[1] < size[0]
     assert r.params_after / r.params_before <= MODULE_LEFT[cfg]
     assert count_macs(r.model, x) / count_macs(model, x) <= MODULE_LEFT[cfg]
     with torch.no_grad():

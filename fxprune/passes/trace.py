@@ -7,10 +7,12 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import TraceError
+from fxprune.passes.example_values import ExampleEvaluator, example_value, forget
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +22,57 @@ class _SizedProxy(fx.Proxy):
 
     def __len__(self) -> int:
         n = _literal_length(self.node)
+        if n is None and isinstance(self.tracer, _FallbackTracer):
+            n = self.tracer.known_length(self)
         if n is None:
             return super().__len__()
         return n
+
+    def __index__(self) -> int:
+        """A traced size used as a Python index (slicing a buffer): its example value, when specialising."""
+        tracer = self.tracer
+        value = example_value(self.node)
+        if isinstance(tracer, _FallbackTracer) and tracer.specialize and isinstance(value, int):
+            return value
+        raise TypeError(f"{self.node.name} is a traced value, not an __index__ (specialising is off)")
 
 
 class _FallbackTracer(fx.Tracer):
     """A tracer that remembers which submodule it was inside when tracing failed."""
 
-    def __init__(self, extra_leaves: set[str] | None = None) -> None:
+    def __init__(
+        self, extra_leaves: set[str] | None = None, values: ExampleEvaluator | None = None, specialize: bool = False
+    ) -> None:
         super().__init__()  # no required arguments: torch.load re-creates the tracer class
         self.extra_leaves = extra_leaves or set()
         self.stack: list[str] = []
+        self.values = values  # values of traced nodes (``example_values.py``), when the inputs are known
+        self.specialize = specialize  # may a branch on shapes follow the example inputs?
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, *rest, **options)
+        if self.values is not None and kind != "output":
+            self.values.record(node)  # every node, also get_attr ones made for buffers read by the code
+        return node
+
+    def known_length(self, obj: fx.Proxy) -> int | None:
+        """Length of a traced shape (its rank, fixed by the graph); when specialising, also of a list or tuple
+        value or of a tensor's first dim (these follow the example inputs); else None."""
+        value = example_value(obj.node)
+        if isinstance(value, torch.Size):
+            return len(value)
+        if self.specialize and isinstance(value, (tuple, list)):
+            return len(value)
+        if self.specialize and isinstance(value, torch.Tensor) and value.dim():
+            return int(value.shape[0])
+        return None
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on shapes follows the example inputs, when specialising is allowed."""
+        value = example_value(obj.node)
+        if self.specialize and isinstance(value, (bool, int)):
+            return bool(value)
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.extra_leaves or super().is_leaf_module(m, module_qualified_name)
@@ -45,6 +86,8 @@ class _FallbackTracer(fx.Tracer):
         This is what makes ``list(x.chunk(2, 1))`` (Ultralytics C2f) traceable.
         """
         n = _literal_length(obj.node)
+        if n is None:
+            n = self.known_length(obj)
         if n is None:
             return super().iter(obj)
         return iter([obj[i] for i in range(n)])
@@ -113,14 +156,38 @@ def _fixed_arity(model: nn.Module, n_inputs: int) -> type | None:
     return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
 
 
+def _restore(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Undo attribute writes made while tracing (a forward that caches ``self.anchors = ...`` stores Proxies)."""
+    for mod, state in saved:
+        if mod.__dict__.keys() != state.keys() or any(mod.__dict__[k] is not v for k, v in state.items()):
+            mod.__dict__.clear()
+            mod.__dict__.update(state)
+
+
+def _needs_specialising(e: Exception) -> bool:
+    """A tracing error that example values would resolve when branches may follow the inputs."""
+    text = str(e)
+    return isinstance(e, (fx.proxy.TraceError, TypeError, RuntimeError)) and (
+        "control flow" in text or "cannot be iterated" in text or "__index__" in text or "'len' is not supported" in text
+    )
+
+
 def trace(
-    model: nn.Module, leaves: Iterable[str] = (), n_inputs: int = 1
+    model: nn.Module, leaves: Iterable[str] = (), n_inputs: int = 1,
+    example_inputs: tuple[Any, ...] | None = None, specialize: bool = False,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     """Symbolically trace ``model``; a submodule whose forward cannot be traced becomes a leaf and is retried.
+
+    When plain tracing fails and ``example_inputs`` are given, tracing is retried with example values
+    (``example_values.py``): shapes can then be iterated, and with ``specialize`` a branch on shapes follows the
+    example inputs (only for callers that re-check the user's own forward, such as ``output="module"``).
 
     Args:
         model: the module to trace (it is not modified; the GraphModule shares its submodules).
         leaves: qualified names of submodules to keep opaque from the start.
+        n_inputs: the number of inputs (for a forward that takes ``*args``).
+        example_inputs: the inputs, for the example values.
+        specialize: let branches on shapes follow the example inputs.
 
     Returns:
         The GraphModule and, per submodule made opaque, the reason (the tracing error it raised).
@@ -134,21 +201,36 @@ def trace(
     if fixed is not None:
         model.__class__ = fixed  # only ever the private copy; restored below
     try:
-        return _trace_with_fallback(model, opaque, original_cls.__name__)
+        return _trace_with_fallback(model, opaque, original_cls.__name__, example_inputs, specialize)
     finally:
         model.__class__ = original_cls
 
 
-def _trace_with_fallback(model: nn.Module, opaque: dict[str, str], name: str) -> tuple[fx.GraphModule, dict[str, str]]:
-    for _ in range(len(list(model.modules())) + 1):
-        tracer = _FallbackTracer(set(opaque))
+def _trace_with_fallback(
+    model: nn.Module, opaque: dict[str, str], name: str, inputs: tuple[Any, ...] | None, specialize: bool
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    with_values = False
+    for _ in range(len(list(model.modules())) + 2):
+        values = ExampleEvaluator(model, inputs) if with_values and inputs is not None else None
+        tracer = _FallbackTracer(set(opaque), values, specialize)
+        saved = [(m, dict(m.__dict__)) for m in model.modules()]
         try:
             graph = tracer.trace(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the leaf fallback
+            _restore(saved)
+            if not with_values and inputs is not None:
+                with_values = True  # first retry: the same modules, with every value known
+                continue
             # The deepest module on the stack whose forward was being traced: a failure raised while a
             # leaf (a plain Linear) was being recorded comes from its caller's code.
             traced = [n for n in tracer.stack if not tracer.is_leaf_module(model.get_submodule(n), n)]
             culprit = traced[-1] if traced else ""
+            if culprit and tracer.values is not None and not specialize and _needs_specialising(e):
+                # Its branch on shapes could follow the example inputs once it is compiled on its own
+                # (piecewise, as the user's module): keep its parent whole too, so that part also holds
+                # the layers that consume its width (BERT's self-attention and its output projection).
+                parent = culprit.rpartition(".")[0]
+                culprit = parent if parent and parent not in opaque else culprit
             if not culprit or culprit in opaque:
                 raise TraceError(
                     f"cannot trace {type(model).__name__}.forward with torch.fx ({type(e).__name__}: {e}). "
@@ -159,7 +241,9 @@ def _trace_with_fallback(model: nn.Module, opaque: dict[str, str], name: str) ->
             log.info("fxprune: tracing %s failed, keeping it opaque: %s", culprit, reason)
             opaque[culprit] = reason
             continue
-        gm = fx.GraphModule(tracer.root, graph, name)
+        forget(graph)
+        gm = fx.GraphModule(tracer.root, graph, name)  # copies the constants the tracer put on the root
+        _restore(saved)
         _keep_state_dict_keys(model, gm)
         return gm, opaque
     raise TraceError("leaf fallback did not converge")  # unreachable: each retry adds a leaf

@@ -18,6 +18,7 @@ _LAYOUTS = [
     ("num_heads", "head_dim", "", ("qkv",), 3),
     ("num_heads", "head_dim", "", ("q", "q_proj", "query", "to_q"), 1),
     ("num_attention_heads", "attention_head_size", "all_head_size", ("query",), 1),
+    ("num_attention_heads", "head_dim", "", ("q_proj", "query", "q"), 1),
     ("num_heads", "head_dim", "split_size", ("c_attn",), 3),
     ("n_head", "head_dim", "split_size", ("c_attn",), 3),
 ]
