@@ -203,3 +203,21 @@ def test_hugging_face_attention_shrinks_with_consistent_heads(name: str, prune_h
         elif heads_attr:
             assert getattr(after, heads_attr) == getattr(before, heads_attr)
     _check_same_structure(model, r.model, x)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit"])
+def test_hugging_face_pruned_models_export_to_onnx(name: str, tmp_path) -> None:
+    """ONNX of the pruned model matches onnxruntime. GPT-2 and Llama export with the KV cache off and a fixed
+    batch: their unpruned exports fail the same way with a symbolic batch (mask creation in transformers)."""
+    from fxprune.passes.export import export_onnx
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    build, x = _hf_models()[name]
+    r = fxprune.prune(build().eval(), 0.5, example_inputs=x, prune_heads=True)
+    for mod in r.model.modules():
+        if getattr(getattr(mod, "config", None), "use_cache", False):
+            mod.config.use_cache = False
+    dynamic = name in ("bert", "vit")
+    report = export_onnx(r.model, x, tmp_path / f"{name}.onnx", dynamic_batch=dynamic, n_check_inputs=2 if dynamic else 1)
+    assert report.max_abs_diff < 1e-4
