@@ -242,3 +242,31 @@ def test_fused_qkv_chunk_thins_qk_and_v_evenly(importance: str) -> None:
     torch.manual_seed(0)
     r = check_pruned(ChunkedQKV().eval(), (torch.randn(1, 4, 16),), 0.5, importance=importance)
     assert r.model.get_submodule("qkv").out_features == 3 * 2 * 4
+
+
+class TiedLM(nn.Module):
+    """Token embedding and output projection share one weight (GPT-2 style), a LayerNorm-free block between."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.block = Attention(dim, kernel="sdpa")
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.block(x)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_tied_input_output_embeddings_are_pruned_together(prune_heads: bool) -> None:
+    """One weight, two users: the hidden dim shrinks in both at once, the vocabulary stays, the tie survives."""
+    torch.manual_seed(0)
+    r = check_pruned(TiedLM().eval(), (torch.randint(0, 50, (2, 7)),), 0.5, prune_heads=prune_heads)
+    embed, head = r.model.get_submodule("embed"), r.model.get_submodule("head")
+    assert embed.weight.shape == (50, 16) and head.weight is embed.weight
+    assert head.in_features == 16 and head.out_features == 50
