@@ -135,23 +135,10 @@ def compile_parts(
     ``ignore`` (full module names, or types) are left alone. With ``only``, just that child of ``scope``
     (tried whole first, then its children).
     """
-    with no_kv_cache(root):
-        return _compile_parts(root, scope, scope_name, inputs, prune_kwargs, ignore, only)
-
-
-def _compile_parts(
-    root: nn.Module,
-    scope: nn.Module,
-    scope_name: str,
-    inputs: tuple[Any, ...],
-    prune_kwargs: dict[str, Any],
-    ignore: list[str | type] | None,
-    only: str | None,
-) -> list[PartReport]:
     from fxprune.api import prune
 
-    calls = record_calls(root, scope, inputs)
     reports: list[PartReport] = []
+    calls: dict[str, _Call] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in parent.named_children():
@@ -197,5 +184,7 @@ def _compile_parts(
                                       children=[f"{full}.{p.name.removeprefix('inner.')}" for p in result.parts]))
             log.info("fxprune: part %s %d -> %d parameters", full, result.params_before, result.params_after)
 
-    visit(scope, "")
+    with no_kv_cache(root):
+        calls.update(record_calls(root, scope, inputs))
+        visit(scope, "")
     return reports
