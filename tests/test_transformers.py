@@ -163,19 +163,36 @@ def test_residual_stream_through_layernorm_is_pruned() -> None:
     assert r.model.get_submodule("embed").out_features == 16
 
 
-def test_multihead_attention_is_kept_with_a_reason() -> None:
-    class MHA(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inp, self.mha, self.mlp = nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 8)
+class MHA(nn.Module):
+    def __init__(self, mask: bool = False) -> None:
+        super().__init__()
+        self.mask = mask
+        self.inp, self.mha, self.mlp = nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 8)
+        self.register_buffer("causal", torch.triu(torch.ones(5, 5, dtype=torch.bool), 1))
 
-        def forward(self, x):
-            h = self.inp(x)
-            a, _ = self.mha(h, h, h, need_weights=False)
-            return self.mlp(a)
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h, need_weights=False, attn_mask=self.causal if self.mask else None)
+        return self.mlp(a)
 
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_multihead_attention_is_lowered_and_pruned(prune_heads: bool, tmp_path: Path) -> None:
+    """nn.MultiheadAttention becomes linear/reshape/sdpa/linear in the graph: its inner width is pruned."""
     torch.manual_seed(0)
-    analysis = fxprune.analyze(MHA().eval(), torch.randn(1, 5, 8))
+    x = (torch.randn(2, 5, 8),)
+    r = check_pruned(MHA().eval(), x, 0.5, prune_heads=prune_heads)
+    mha = r.model.get_submodule("mha")
+    assert mha.in_proj_weight.shape == (48, 16) and mha.out_proj.weight.shape == (16, 16)  # 32 -> 16 everywhere
+    assert (", 3, 2, 8)" if prune_heads else ", 3, 4, 4)") in r.model.code
+    assert set(r.model.state_dict()) == set(MHA().state_dict())
+    report = export_onnx(r.model, x, tmp_path / "mha.onnx", n_check_inputs=2)
+    assert report.max_abs_diff < 1e-4
+
+
+def test_multihead_attention_with_a_mask_is_kept_with_a_reason() -> None:
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(MHA(mask=True).eval(), torch.randn(1, 5, 8))
     assert any("MultiheadAttention" in g.reason for g in analysis.groups if not g.prunable)
 
 
