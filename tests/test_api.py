@@ -342,3 +342,13 @@ def test_taylor_leaves_the_callers_gradients_alone() -> None:
     fxprune.prune(model, 0.5, example_inputs=x, importance=fxprune.Taylor(batches))
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, grads[n]), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on the CI machine)")
+def test_cuda_model_compiles_on_its_device() -> None:
+    model, x = models_zoo.get("resnet_basic")
+    model, x = model.cuda(), tuple(t.cuda() for t in x)
+    r = fxprune.prune(model, 0.5, example_inputs=x, verify=True)
+    assert r.oracle is not None and r.oracle.passed
+    assert all(p.device.type == "cuda" for p in r.model.parameters())
+    assert r.model(*x).shape == model(*x).shape

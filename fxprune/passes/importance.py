@@ -89,7 +89,7 @@ class GroupTensors:
 
     def per_channel(self, values: torch.Tensor, member: MemberSlice) -> np.ndarray:
         """Sum a per-row quantity of ``member`` into one value per channel of the group."""
-        return np.bincount(member.position, weights=values.double().numpy(), minlength=self.size)
+        return np.bincount(member.position, weights=values.detach().double().cpu().numpy(), minlength=self.size)
 
 
 Criterion = Callable[[GroupTensors], np.ndarray]
