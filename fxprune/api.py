@@ -183,12 +183,14 @@ def _prune(
     changed_parts = any(p.params_after < p.params_before for p in parts)
     params_after = count_params(done.model) if changed_parts else done.params_after
     macs_after = count_macs(done.model, a.inputs) if changed_parts else done.macs_after
+    # The graph's cost model sees an opaque part as one call: count both sides the same way when parts changed.
+    macs_before = count_macs(model, a.inputs) if changed_parts else cost.macs_before
     if opaque_parts and onnx is not None:
         _export(done.model, a.inputs, onnx, onnx_opset, training)
     seconds = time.perf_counter() - t0
     log.info("fxprune: %d -> %d parameters in %.2fs", params_before, params_after, seconds)
     return PruneResult(done.model, plan, done.modified or changed_parts, params_before, params_after,
-                       cost.macs_before, macs_after, done.oracle, seconds, tuple(parts))
+                       macs_before, macs_after, done.oracle, seconds, tuple(parts))
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int, training: bool) -> None:
