@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,8 +46,6 @@ class MemberSlice:
     index: torch.Tensor | None
     position: np.ndarray
     grad: torch.Tensor | None
-    pruned_dims: tuple[int, ...] = ()
-    cache: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def rows(self) -> torch.Tensor:
@@ -58,20 +56,15 @@ class MemberSlice:
     def row_sums(self, p: float = 2.0) -> torch.Tensor:
         """Per-row sum of ``|w|**p`` over the other dims, without a transposed copy.
 
-        ``|w|**p`` summed over the dims no group prunes is computed once per parameter and shared (through
-        ``cache``) by the members that slice the same parameter along other dims.
+        ``vector_norm(...)**p`` reads the weight once and allocates only the per-row result: materialising
+        ``w * w`` first cost resnet50 0.1 s of allocation and page faults.
         """
         t = self.tensor
-        dims = self.pruned_dims or (self.dim,)
-        key = (id(t), float(p))
-        if key not in self.cache:
-            powered = t * t if p == 2 else t.abs().pow(p)
-            rest = [i for i in range(t.dim()) if i not in dims]
-            self.cache[key] = powered.sum(rest) if rest else powered
-        reduced = self.cache[key]
-        here = dims.index(self.dim)
-        others = [i for i in range(len(dims)) if i != here]
-        out = reduced.sum(others) if others else reduced
+        others = [i for i in range(t.dim()) if i != self.dim]
+        if others:  # a reduction that reads the weight once and allocates only the result
+            out = torch.linalg.vector_norm(t, ord=p, dim=others).pow(p)
+        else:
+            out = t * t if p == 2 else t.abs().pow(p)
         return out if self.index is None else out[self.index]
 
 
@@ -117,14 +110,12 @@ def group_tensors(
     for classes in sol.groups:
         position[classes] = np.arange(len(classes))
     per_group: dict[int, list[MemberSlice]] = {}
-    cache: dict[tuple[int, float], torch.Tensor] = {}  # per-parameter reductions shared by its members
     for value, qual in deps.params.items():
         t = params.get(qual)
         if t is None:
             continue
         base = t.detach().float()
-        pruned_dims = tuple(d for d in range(t.dim()) if (value, d) in sol.offsets)
-        for d in pruned_dims:
+        for d in (d for d in range(t.dim()) if (value, d) in sol.offsets):
             space = (value, d)
             labels = sol.space_labels(space)
             gids = sol.class_group[labels]
@@ -137,7 +128,7 @@ def group_tensors(
                 idx = torch.as_tensor(rows_idx)
                 grad = None if gbase is None else (gbase if whole else gbase[idx])
                 member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base,
-                                     None if whole else idx, position[labels[rows_idx]], grad, pruned_dims, cache)
+                                     None if whole else idx, position[labels[rows_idx]], grad)
                 per_group.setdefault(int(g), []).append(member)
     for group in groups:
         yield GroupTensors(group, tuple(per_group.get(group.id, ())))

@@ -92,7 +92,7 @@ class RewritePass:
                 data = t.detach()
                 for d, idx in dims:
                     data = data.index_select(d, torch.as_tensor(idx, dtype=torch.long, device=data.device))
-                data = data.clone().contiguous()
+                data = data.contiguous()  # index_select already made a new tensor: no second copy
             if isinstance(t, nn.Parameter):
                 new: torch.Tensor = nn.Parameter(data, requires_grad=t.requires_grad)
             else:
