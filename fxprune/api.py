@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import PlanMismatchError, TraceError
+from fxprune.errors import FxPruneError, PlanMismatchError, TraceError
 from fxprune.metrics import count_macs, count_params
 from fxprune.partial import PartReport, compile_parts
 from fxprune.passes.budget import CostModel, plan_for_budget
@@ -152,7 +152,16 @@ def _prune(
     except TraceError as e:
         if not partial:
             raise
+        if target_macs is not None or target_params is not None:
+            return _budget_with_parts(arguments, target_macs, target_params)
         return _prune_parts(model, example_inputs, part_kwargs, e, onnx, onnx_opset, t0, list(ignore))
+    # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
+    opaque_parts = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
+    opaque_parts = opaque_parts if partial and not leaves else []
+    if opaque_parts and (target_macs is not None or target_params is not None):
+        # The graph's search sees an opaque part as fixed, and a search inside each part would compound (0.3
+        # of 0.3): search one uniform ratio over the whole model instead, parts included.
+        return _budget_with_parts(arguments, target_macs, target_params)
     scores = score_groups(a.gm, a.deps, a.groups, criterion)  # importance of every channel, per group
     policy = Policy(ratio, ratios, group_ratios, global_ranking, round_to=round_to, min_channels=min_channels)
     cost = CostModel(a.gm, a.deps, params_before)
@@ -161,9 +170,6 @@ def _prune(
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
     plan = replace(plan, fingerprint=a.fingerprint, versions=_versions(), prune_heads=prune_heads)
-    # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
-    opaque_parts = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
-    opaque_parts = opaque_parts if partial and not leaves else []
     try:
         done = finish(a, plan, cost, training=training, verify=verify, onnx=None if opaque_parts else onnx,
                       onnx_opset=onnx_opset, output=output)
@@ -191,6 +197,25 @@ def _prune(
     log.info("fxprune: %d -> %d parameters in %.2fs", params_before, params_after, seconds)
     return PruneResult(done.model, plan, done.modified or changed_parts, params_before, params_after,
                        macs_before, macs_after, done.oracle, seconds, tuple(parts))
+
+
+def _budget_with_parts(arguments: dict[str, Any], target_macs: float | None, target_params: float | None) -> PruneResult:
+    """Bisect one uniform ratio until the whole model (opaque parts included) is at or below the budget."""
+    target = target_macs if target_macs is not None else target_params
+    probe = {**arguments, "target_macs": None, "target_params": None, "verify": False, "onnx": None}
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(8):  # ratio to within 0.004: the fraction to within about 1%
+        mid = (lo + hi) / 2
+        r = _prune(**{**probe, "ratio": mid})
+        frac = r.macs_after / r.macs_before if target_macs is not None else r.params_after / r.params_before
+        if frac <= target:  # type: ignore[operator]
+            best, hi = mid, mid
+        else:
+            lo = mid
+    if best is None:
+        raise FxPruneError(f"the budget {target} cannot be met even at ratio 0.95 (too much is pinned)")
+    log.info("fxprune: ratio %.3f meets the budget over the whole model, opaque parts included", best)
+    return _prune(**{**arguments, "ratio": best, "target_macs": None, "target_params": None})
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int, training: bool) -> None:

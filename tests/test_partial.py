@@ -221,3 +221,15 @@ def test_hugging_face_pruned_models_export_to_onnx(name: str, tmp_path) -> None:
     dynamic = name in ("bert", "vit")
     report = export_onnx(r.model, x, tmp_path / f"{name}.onnx", dynamic_batch=dynamic, n_check_inputs=2 if dynamic else 1)
     assert report.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("target", ["target_params", "target_macs"])
+def test_budget_counts_opaque_parts_once(target: str) -> None:
+    """A budget with opaque parts is searched over the whole model: no compounding inside each part."""
+    torch.manual_seed(0)
+    model = WithHead().eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    r = fxprune.prune(model, 0.5, example_inputs=x, **{target: 0.5})
+    frac = r.params_after / r.params_before if target == "target_params" else r.macs_after / r.macs_before
+    assert 0.4 <= frac <= 0.5
+    assert any(p.name == "head" and p.params_after < p.params_before for p in r.parts)

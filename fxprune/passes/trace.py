@@ -228,9 +228,11 @@ def _trace_with_fallback(
             if culprit and tracer.values is not None and not specialize and _needs_specialising(e):
                 # Its branch on shapes could follow the example inputs once it is compiled on its own
                 # (piecewise, as the user's module): keep its parent whole too, so that part also holds
-                # the layers that consume its width (BERT's self-attention and its output projection).
+                # the layers that consume its width (BERT's self-attention and its output projection). A
+                # container parent (a Sequential holding the whole network) would swallow too much.
                 parent = culprit.rpartition(".")[0]
-                culprit = parent if parent and parent not in opaque else culprit
+                container = parent and isinstance(model.get_submodule(parent), (nn.Sequential, nn.ModuleList))
+                culprit = parent if parent and parent not in opaque and not container else culprit
             if not culprit or culprit in opaque:
                 raise TraceError(
                     f"cannot trace {type(model).__name__}.forward with torch.fx ({type(e).__name__}: {e}). "
