@@ -201,6 +201,7 @@ def _prune(
 
 def _budget_with_parts(arguments: dict[str, Any], target_macs: float | None, target_params: float | None) -> PruneResult:
     """Bisect one uniform ratio until the whole model (opaque parts included) is at or below the budget."""
+    t0 = time.perf_counter()
     target = target_macs if target_macs is not None else target_params
     probe = {**arguments, "target_macs": None, "target_params": None, "verify": False, "onnx": None}
     lo, hi, best = 0.0, 0.95, None
@@ -215,7 +216,8 @@ def _budget_with_parts(arguments: dict[str, Any], target_macs: float | None, tar
     if best is None:
         raise FxPruneError(f"the budget {target} cannot be met even at ratio 0.95 (too much is pinned)")
     log.info("fxprune: ratio %.3f meets the budget over the whole model, opaque parts included", best)
-    return _prune(**{**arguments, "ratio": best, "target_macs": None, "target_params": None})
+    result = _prune(**{**arguments, "ratio": best, "target_macs": None, "target_params": None})
+    return replace(result, seconds=time.perf_counter() - t0)  # the search's time too
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int, training: bool) -> None:
