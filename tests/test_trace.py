@@ -117,3 +117,32 @@ def test_list_inputs_are_not_iterated_without_specialising(specialize: bool) -> 
     else:
         with pytest.raises(fxprune.TraceError):
             trace(ListIn(), (), 1, xs, specialize=False)
+
+
+def test_branches_on_data_are_never_specialised() -> None:
+    """``if y.sum().item() > 0`` depends on the data: even for output="module" that module stays opaque."""
+
+    class DataBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            if y.sum().item() > 0:
+                y = F.relu(y)
+            return self.b(y)
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block = nn.Linear(8, 8), DataBranch()
+
+        def forward(self, x):
+            return self.block(self.inp(x))
+
+    x = (torch.randn(2, 8),)
+    _, opaque = trace(Wrapper(), (), 1, x, specialize=True)
+    assert "block" in opaque  # not traced through with the example's branch baked in
+    with pytest.raises(fxprune.TraceError):
+        trace(DataBranch(), (), 1, x, specialize=True)
