@@ -146,26 +146,27 @@ def _prune(
     part_kwargs = dict(ratio=ratio, importance=importance, global_ranking=global_ranking, target_macs=target_macs,
                        target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify,
                        prune_heads=prune_heads)
+    budget = target_macs is not None or target_params is not None
     try:  # a criterion that needs gradients writes .grad: it gets its own copy of the parameters
         a = analyse(model, example_inputs, ignore, leaves, share_tensors=not getattr(criterion, "needs_grad", False),
                     prune_heads=prune_heads, specialize=output == "module")
     except TraceError as e:
         if not partial:
             raise
-        if target_macs is not None or target_params is not None:
+        if budget:
             return _budget_with_parts(arguments, target_macs, target_params)
         return _prune_parts(model, example_inputs, part_kwargs, e, onnx, onnx_opset, t0, list(ignore))
     # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
     opaque_parts = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
     opaque_parts = opaque_parts if partial and not leaves else []
-    if opaque_parts and (target_macs is not None or target_params is not None):
+    if opaque_parts and budget:
         # The graph's search sees an opaque part as fixed, and a search inside each part would compound (0.3
         # of 0.3): search one uniform ratio over the whole model instead, parts included.
         return _budget_with_parts(arguments, target_macs, target_params)
     scores = score_groups(a.gm, a.deps, a.groups, criterion)  # importance of every channel, per group
     policy = Policy(ratio, ratios, group_ratios, global_ranking, round_to=round_to, min_channels=min_channels)
     cost = CostModel(a.gm, a.deps, params_before)
-    if target_macs is not None or target_params is not None:
+    if budget:
         plan = plan_for_budget(cost, a.groups, scores, policy, target_macs, target_params)
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.errors import ShapeError
+from fxprune.rules.modules import SHAPE_KEEPING_MODULES
 
 Shape = tuple[int, ...]
 
@@ -34,10 +35,7 @@ _MATMUL_LIKE = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.
                 F.conv_transpose3d, F.scaled_dot_product_attention, operator.matmul}
 
 
-# Modules whose eval-mode output has its input's shape and dtype, whatever their settings.
-_SHAPE_KEEPING = {nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
-                  nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
-                  nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout}
+_SHAPE_KEEPING = frozenset(SHAPE_KEEPING_MODULES)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -51,9 +49,10 @@ class _ShapeRecorder(fx.Interpreter):
         """Raise ``_NotOnMeta`` where a real kernel would reject dtypes that a meta kernel accepts."""
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         if n.op == "call_module":
-            tensors += [p for p in self.fetch_attr(str(n.target)).parameters(recurse=False)]
-            if isinstance(self.fetch_attr(str(n.target)), (nn.Embedding, nn.EmbeddingBag)):
+            mod = self.fetch_attr(str(n.target))
+            if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
                 return
+            tensors += list(mod.parameters(recurse=False))
         elif n.op != "call_function" or n.target not in _MATMUL_LIKE:
             return
         if len({t.dtype for t in tensors}) > 1:

@@ -18,12 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class _SizedProxy(fx.Proxy):
-    """A Proxy whose length is known when it is the result of ``chunk(n)`` or ``split([sizes])``."""
+    """A Proxy whose length is known (``chunk(n)``, ``split([sizes])``, a traced shape): see ``known_length``."""
 
     def __len__(self) -> int:
-        n = _literal_length(self.node)
-        if n is None and isinstance(self.tracer, _FallbackTracer):
-            n = self.tracer.known_length(self)
+        n = self.tracer.known_length(self) if isinstance(self.tracer, _FallbackTracer) else None
         if n is None:
             return super().__len__()
         return n
@@ -56,8 +54,12 @@ class _FallbackTracer(fx.Tracer):
         return node
 
     def known_length(self, obj: fx.Proxy) -> int | None:
-        """Length of a traced shape (its rank, fixed by the graph); when specialising, also of a list or tuple
-        value or of a tensor's first dim (these follow the example inputs); else None."""
+        """Length of ``chunk(n)``/``split([sizes])`` (a literal) or of a traced shape (its rank, fixed by the
+        graph); when specialising, also of a list or tuple value or of a tensor's first dim (these follow the
+        example inputs); else None."""
+        n = _literal_length(obj.node)
+        if n is not None:
+            return n
         value = example_value(obj.node)
         if isinstance(value, torch.Size):
             return len(value)
@@ -81,13 +83,11 @@ class _FallbackTracer(fx.Tracer):
         return _SizedProxy(node, self)
 
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
-        """Iterate the result of ``chunk(n)`` or ``split([sizes])``, whose length is a literal.
+        """Iterate a value whose length is known (``known_length``): ``chunk(n)``, ``split([sizes])``, a shape.
 
-        This is what makes ``list(x.chunk(2, 1))`` (Ultralytics C2f) traceable.
+        This is what makes ``list(x.chunk(2, 1))`` (Ultralytics C2f) and ``(*x.shape[:-1], -1, d)`` traceable.
         """
-        n = _literal_length(obj.node)
-        if n is None:
-            n = self.known_length(obj)
+        n = self.known_length(obj)
         if n is None:
             return super().iter(obj)
         return iter([obj[i] for i in range(n)])

@@ -215,9 +215,12 @@ for _n, _types in ((1, (nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.R
                    (3, (nn.ConstantPad3d, nn.ZeroPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d, nn.CircularPad3d))):
     for _t in _types:
         MODULE_RULES[_t] = _pool(_n)
-for _t in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-           nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU,
-           nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):
+# Elementwise modules without parameters: the output has the input's shape and dtype, whatever their settings
+# (the meta shape run in ``passes/shapes.py`` passes their input through instead of running them).
+SHAPE_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                         nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+                         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+for _t in (*SHAPE_KEEPING_MODULES, nn.PReLU):
     MODULE_RULES[_t] = unary
 # PReLU with one slope per channel is not elementwise-uniform; give it its own rule.
 
