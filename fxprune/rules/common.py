@@ -9,6 +9,13 @@ import torch.fx as fx
 from fxprune.rules.context import RuleContext, node_tensor_args
 
 
+def call_arg(node: fx.Node, pos: int, name: str, default: object = None) -> object:
+    """Argument ``name`` of a call node, given by position ``pos`` or by keyword."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
 def node_values(node: fx.Node, shapes: Mapping[str, object]) -> list[str]:
     """The tensor values a node produces: itself, or ``name#i`` for each tensor of a tuple output."""
     if node.name in shapes:

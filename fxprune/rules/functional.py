@@ -11,18 +11,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxprune.rules.common import linear_couplings, pin_all, unary
+from fxprune.rules.common import call_arg, linear_couplings, pin_all, unary
 from fxprune.rules.context import RuleContext
-
-
-def _arg(node: fx.Node, pos: int, name: str) -> object:
-    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
 
 
 def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
     """F.layer_norm(x, normalized_shape, weight, bias): weight/bias follow the normalised dims (inexact)."""
     x = ctx.tensor(node.args[0]) if node.args else None
-    shape = _arg(node, 1, "normalized_shape")
+    shape = call_arg(node, 1, "normalized_shape")
     if x is None or not isinstance(shape, (list, tuple)):
         pin_all(node, ctx, f"{node.name}: layer_norm with a computed shape")
         return
@@ -32,7 +28,7 @@ def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
         d = ctx.ndim(x) - k + j
         ctx.inexact(x, d, f"{node.name}: layer_norm normalises over this dim")
         for pos, name in ((2, "weight"), (3, "bias")):
-            p = ctx.tensor(_arg(node, pos, name))
+            p = ctx.tensor(call_arg(node, pos, name))
             if p is not None:
                 ctx.same(x, d, p, j)
     if k > 1:
@@ -42,8 +38,8 @@ def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
 def linear(node: fx.Node, ctx: RuleContext) -> None:
     """F.linear(x, weight, bias): like nn.Linear with the weight as a value."""
     x = ctx.tensor(node.args[0]) if node.args else None
-    w = ctx.tensor(_arg(node, 1, "weight"))
-    b = ctx.tensor(_arg(node, 2, "bias"))
+    w = ctx.tensor(call_arg(node, 1, "weight"))
+    b = ctx.tensor(call_arg(node, 2, "bias"))
     y = ctx.out()
     if x is None or w is None or y is None or ctx.ndim(w) != 2:
         pin_all(node, ctx, f"{node.name}: F.linear with unexpected arguments")
@@ -87,7 +83,7 @@ def batch_norm(node: fx.Node, ctx: RuleContext) -> None:
         return
     unary(node, ctx)
     for pos, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        p = ctx.tensor(_arg(node, pos, name))
+        p = ctx.tensor(call_arg(node, pos, name))
         if p is not None:
             ctx.same(x, 1, p, 0)
 
@@ -101,7 +97,7 @@ def group_norm(node: fx.Node, ctx: RuleContext) -> None:
 def embedding(node: fx.Node, ctx: RuleContext) -> None:
     """F.embedding(idx, weight): the embedding dim is produced by the table."""
     idx = ctx.tensor(node.args[0]) if node.args else None
-    w = ctx.tensor(_arg(node, 1, "weight"))
+    w = ctx.tensor(call_arg(node, 1, "weight"))
     y = ctx.out()
     if idx is None or w is None or y is None:
         pin_all(node, ctx, f"{node.name}: embedding with unexpected arguments")
@@ -133,7 +129,7 @@ def pad(node: fx.Node, ctx: RuleContext) -> None:
     """F.pad: unpadded dims pass through (Swin pads H and W of a channels-last map); padded dims are pinned."""
     x = ctx.tensor(node.args[0]) if node.args else None
     y = ctx.out()
-    padded = padded_dims(_arg(node, 1, "pad"), ctx.ndim(x)) if x is not None else None
+    padded = padded_dims(call_arg(node, 1, "pad"), ctx.ndim(x)) if x is not None else None
     if x is None or y is None or padded is None:
         pin_all(node, ctx, f"{node.name}: pad without a literal pad list")
         return

@@ -10,26 +10,29 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxprune.rules.common import broadcast, channelwise, no_channels, pin_all, reshape_like, unary, values_of
+from fxprune.rules.common import (
+    broadcast,
+    call_arg,
+    channelwise,
+    no_channels,
+    pin_all,
+    reshape_like,
+    unary,
+    values_of,
+)
 from fxprune.rules.context import RuleContext
 
 Rule = Callable[[fx.Node, RuleContext], None]
 
 
-def _arg(node: fx.Node, pos: int, name: str, default: object = None) -> object:
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
-
 def cat(node: fx.Node, ctx: RuleContext) -> None:
     """torch.cat: the cat dim of the output is the inputs laid end to end; other dims are shared."""
     y = ctx.out()
-    tensors = _arg(node, 0, "tensors")
+    tensors = call_arg(node, 0, "tensors")
     if y is None or not isinstance(tensors, (list, tuple)):
         pin_all(node, ctx, f"{node.name}: cat of a non-list")
         return
-    dim = int(_arg(node, 1, "dim", 0)) % ctx.ndim(y)  # type: ignore[arg-type]
+    dim = int(call_arg(node, 1, "dim", 0)) % ctx.ndim(y)  # type: ignore[arg-type]
     offset = 0
     for t in tensors:
         x = ctx.tensor(t)
@@ -49,11 +52,11 @@ def cat(node: fx.Node, ctx: RuleContext) -> None:
 def stack(node: fx.Node, ctx: RuleContext) -> None:
     """torch.stack: a new dim is inserted; every other dim is shared by all inputs."""
     y = ctx.out()
-    tensors = _arg(node, 0, "tensors")
+    tensors = call_arg(node, 0, "tensors")
     if y is None or not isinstance(tensors, (list, tuple)):
         pin_all(node, ctx, f"{node.name}: stack of a non-list")
         return
-    dim = int(_arg(node, 1, "dim", 0)) % ctx.ndim(y)  # type: ignore[arg-type]
+    dim = int(call_arg(node, 1, "dim", 0)) % ctx.ndim(y)  # type: ignore[arg-type]
     ctx.pin(y, f"{node.name}: stacked dim", [dim])
     for t in tensors:
         x = ctx.tensor(t)
@@ -71,7 +74,7 @@ def split(node: fx.Node, ctx: RuleContext) -> None:
     if x is None or not parts:
         pin_all(node, ctx, f"{node.name}: split of a non-tensor")
         return
-    dim = int(_arg(node, 2, "dim", 0)) % ctx.ndim(x)  # type: ignore[arg-type]
+    dim = int(call_arg(node, 2, "dim", 0)) % ctx.ndim(x)  # type: ignore[arg-type]
     offset = 0
     for p in parts:
         n = ctx.shape_of(p)[dim]
@@ -174,8 +177,8 @@ def permute(node: fx.Node, ctx: RuleContext) -> None:
     n = ctx.ndim(x)
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name in ("transpose", "swapaxes", "swapdims"):
-        d0 = int(_arg(node, 1, "dim0")) % n  # type: ignore[arg-type]
-        d1 = int(_arg(node, 2, "dim1")) % n  # type: ignore[arg-type]
+        d0 = int(call_arg(node, 1, "dim0")) % n  # type: ignore[arg-type]
+        d1 = int(call_arg(node, 2, "dim1")) % n  # type: ignore[arg-type]
         perm = list(range(n))
         perm[d0], perm[d1] = perm[d1], perm[d0]
     elif name == "t":
@@ -198,12 +201,12 @@ def reduction(keeps_exact: bool) -> Rule:
             pin_all(node, ctx, f"{node.name}: reduction without a single tensor result")
             return
         n = ctx.ndim(x)
-        dims = _arg(node, 1, "dim")
+        dims = call_arg(node, 1, "dim")
         if dims is None:
             reduced = list(range(n))
         else:
             reduced = [int(d) % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])]  # type: ignore[arg-type]
-        keepdim = bool(_arg(node, 2, "keepdim", False))
+        keepdim = bool(call_arg(node, 2, "keepdim", False))
         yd = 0
         for d in range(n):
             if d in reduced:
@@ -223,7 +226,7 @@ def softmax(node: fx.Node, ctx: RuleContext) -> None:
     """softmax/log_softmax: shape-preserving, but the normalised dim is pinned."""
     unary(node, ctx)
     x = ctx.tensor(node.args[0]) if node.args else None
-    dim = _arg(node, 1, "dim")
+    dim = call_arg(node, 1, "dim")
     if x is not None and isinstance(dim, int):
         ctx.pin(x, f"{node.name}: softmax normalises over this dim", [dim % ctx.ndim(x)])
     elif x is not None:
@@ -317,7 +320,7 @@ def roll(node: fx.Node, ctx: RuleContext) -> None:
     """torch.roll: rolled dims are permuted (pinned), every other dim passes through (Swin's shifted windows)."""
     x = ctx.tensor(node.args[0]) if node.args else None
     y = ctx.out()
-    dims = _arg(node, 2, "dims")
+    dims = call_arg(node, 2, "dims")
     if x is None or y is None or dims is None:
         pin_all(node, ctx, f"{node.name}: roll without explicit dims")
         return
