@@ -117,8 +117,14 @@ def _plain(mod: nn.Module) -> bool:
         and cls.__reduce_ex__ is object.__reduce_ex__
         and cls.__reduce__ is object.__reduce__
         and cls.__getstate__ is nn.Module.__getstate__
-        and cls.__setstate__ is nn.Module.__setstate__
+        and (cls.__setstate__ is nn.Module.__setstate__ or _fills_defaults(cls.__setstate__))
     )
+
+
+def _fills_defaults(setstate: Any) -> bool:
+    """torch.nn's own ``__setstate__`` overrides (conv, softmax, ...) only fill attributes that modules pickled
+    by old torch versions lack; a live module has them all, so copying its ``__dict__`` is equivalent."""
+    return getattr(setstate, "__module__", "").startswith("torch.nn.modules.")
 
 
 def _copy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -138,14 +144,29 @@ def _copy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
     for key, value in mod.__dict__.items():
         if key == "_modules":
             state[key] = {k: None if m is None else _copy_module(m, memo) for k, m in value.items()}
-        elif isinstance(value, _IMMUTABLE):
+        elif isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value)):
             state[key] = value
-        elif key in _HOOK_TABLES and type(value) in (dict, OrderedDict) and not value:
+        elif key in ("_parameters", "_buffers") and type(value) is dict:
+            state[key] = {k: _copy_tensor(t, memo) for k, t in value.items()}
+        elif key in _HOOK_TABLES and type(value) in (dict, OrderedDict, set) and not value:
             state[key] = type(value)()  # nn.Module's own per-instance tables: never shared
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     return new
+
+
+def _copy_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor | None:
+    """``copy.deepcopy(t, memo)`` for a module's own parameter or buffer, without the generic machinery."""
+    if t is None:
+        return None
+    if id(t) in memo:
+        return memo[id(t)]
+    if type(t) is torch.Tensor and t.is_leaf and not t.requires_grad and not t.__dict__:
+        new = t.clone(memory_format=torch.preserve_format)
+        memo[id(t)] = new
+        return new
+    return copy.deepcopy(t, memo)
 
 
 def unshare(model: nn.Module, shared: frozenset[int]) -> nn.Module:

@@ -9,6 +9,7 @@ needs to know about flatten blocks, grouped convs or tied weights.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,15 +57,20 @@ class MemberSlice:
     def row_sums(self, p: float = 2.0) -> torch.Tensor:
         """Per-row sum of ``|w|**p`` over the other dims, without a transposed copy.
 
-        ``vector_norm(...)**p`` reads the weight once and allocates only the per-row result: materialising
-        ``w * w`` first cost resnet50 0.1 s of allocation and page faults.
+        The parameter is viewed as ``[outer, rows, inner]``: the norm over the contiguous ``inner`` dim reads
+        the weight once and allocates only ``[outer, rows]``, which is then summed over ``outer``. Reducing
+        over non-contiguous dims directly (a conv's input channels) is 4x slower, and materialising ``w * w``
+        cost resnet50 0.1 s of allocation and page faults.
         """
         t = self.tensor
-        others = [i for i in range(t.dim()) if i != self.dim]
-        if others:  # a reduction that reads the weight once and allocates only the result
-            out = torch.linalg.vector_norm(t, ord=p, dim=others).pow(p)
+        rows = t.shape[self.dim]
+        outer = math.prod(t.shape[: self.dim])
+        w = t.reshape(outer, rows, -1)
+        if w.shape[2] > 1:
+            out = torch.linalg.vector_norm(w, ord=p, dim=2).pow(p)
         else:
-            out = t * t if p == 2 else t.abs().pow(p)
+            out = w.squeeze(2).abs().pow(p) if p != 2 else w.squeeze(2).square()
+        out = out.sum(0) if outer > 1 else out.squeeze(0)
         return out if self.index is None else out[self.index]
 
 

@@ -44,6 +44,12 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes: dict[str, Shape] = {}
         self.failed_at: fx.Node | None = None
         self.meta = meta
+        self._modules: dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
+
+    def fetch_attr(self, target: str) -> Any:
+        """Submodules from a table built once (``functional_call`` swaps tensors, never modules)."""
+        mod = self._modules.get(target)
+        return mod if mod is not None else super().fetch_attr(target)
 
     def _guard(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise ``_NotOnMeta`` where a real kernel would reject dtypes that a meta kernel accepts."""
@@ -52,7 +58,7 @@ class _ShapeRecorder(fx.Interpreter):
             mod = self.fetch_attr(str(n.target))
             if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
                 return
-            tensors += list(mod.parameters(recurse=False))
+            tensors += [t for t in mod._parameters.values() if t is not None]
         elif n.op != "call_function" or n.target not in _MATMUL_LIKE:
             return
         if len({t.dtype for t in tensors}) > 1:
@@ -69,8 +75,8 @@ class _ShapeRecorder(fx.Interpreter):
         if type(mod) not in _SHAPE_KEEPING and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return None
         x = args[0]
-        for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)):
-            if t.dim() == 1 and (x.dim() < 2 or t.shape[0] != x.shape[1]):
+        for t in (*mod._parameters.values(), *mod._buffers.values()):
+            if t is not None and t.dim() == 1 and (x.dim() < 2 or t.shape[0] != x.shape[1]):
                 raise _NotOnMeta(n.format_node())  # the real run names the mismatch
         return x
 
@@ -112,8 +118,9 @@ def _meta_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[st
     """Shapes from a meta run, or None when meta cannot stand in for the real run."""
     if not all(isinstance(t, torch.Tensor) for t in example_inputs) or any(t.is_meta for t in example_inputs):
         return None
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for n in gm.graph.nodes:
-        if n.op == "call_module" and not type(gm.get_submodule(str(n.target))).__module__.startswith("torch.nn."):
+        if n.op == "call_module" and not type(modules[str(n.target)]).__module__.startswith("torch.nn."):
             return None  # a forward of the user's own: it may cache what it computes
     runner = _OnMeta(gm)
     try:
@@ -142,19 +149,24 @@ def record_shapes(
     Raises:
         ShapeError: the graph does not run on these inputs; the message names the failing node.
     """
-    was_training = gm.training
-    gm.eval()
+    training = [m for m in gm.modules() if m.training]  # run in eval mode, then restore exactly these
+    for m in training:
+        m.training = False
+    try:
+        return _record(gm, example_inputs, meta)
+    finally:
+        for m in training:
+            m.training = True
+
+
+def _record(gm: fx.GraphModule, example_inputs: tuple[Any, ...], meta: bool) -> tuple[dict[str, Shape], Any]:
     if meta:
-        try:
-            shapes = _meta_shapes(gm, example_inputs)
-        finally:
-            gm.train(was_training)
+        shapes = _meta_shapes(gm, example_inputs)
         if shapes is not None:
             for n in gm.graph.nodes:
                 if n.name in shapes:
                     n.meta["fxprune_shape"] = shapes[n.name]
             return shapes, None
-        gm.eval()
     rec = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
@@ -166,8 +178,6 @@ def record_shapes(
             f"the model does not run on example inputs of shape {shapes}: {type(e).__name__}: {e} "
             f"(at node {where}). Pass example_inputs that the model accepts."
         ) from e
-    finally:
-        gm.train(was_training)
     return rec.shapes, out
 
 
