@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
+from fxprune.passes.base import submodule
 from fxprune.rules import lookup
 from fxprune.rules.common import pin_all, values_of
 from fxprune.rules.context import Regroup, RuleContext
@@ -94,7 +95,7 @@ def build_dependencies(
         elif node.op == "get_attr":
             _get_attr(node, ctx)
             owner = str(node.target).rpartition(".")[0]
-            if ignore and ctx.out() is not None and _matches(owner, ctx.gm.get_submodule(owner), ignore):
+            if ignore and ctx.out() is not None and _matches(owner, submodule(ctx.gm, owner), ignore):
                 pin_all(node, ctx, f"ignored by the user: {owner}")
         else:
             if node.op == "call_module" and str(node.target) in opaque:
@@ -102,7 +103,7 @@ def build_dependencies(
             else:
                 lookup(node, gm)(node, ctx)
             if node.op == "call_module":
-                mod = gm.get_submodule(str(node.target))
+                mod = submodule(gm, str(node.target))
                 if _matches(str(node.target), mod, ignore):
                     _pin_module(node, mod, ctx)
     heads = _attention_reshapes(gm, {rg.node for rg in ctx.regroups}) if prune_heads else frozenset()
@@ -117,7 +118,7 @@ def _get_attr(node: fx.Node, ctx: RuleContext) -> None:
     if y is None:
         return
     owner_name, _, attr = str(node.target).rpartition(".")
-    owner = ctx.gm.get_submodule(owner_name)
+    owner = submodule(ctx.gm, owner_name)
     p = ctx.param(owner, attr)
     if p is None:
         ctx.pin(y, f"{node.name}: constant tensor attribute that is not a parameter or buffer")

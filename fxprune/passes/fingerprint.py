@@ -6,12 +6,13 @@ import hashlib
 
 import torch.fx as fx
 
+from fxprune.passes.base import submodule
 from fxprune.passes.dependency import DependencyResult
 
 
 def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
-        return f"{node.target}:{type(gm.get_submodule(str(node.target))).__name__}"
+        return f"{node.target}:{type(submodule(gm, str(node.target))).__name__}"
     if node.op == "call_function":
         return getattr(node.target, "__qualname__", str(node.target))
     return str(node.target)

@@ -22,6 +22,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune.passes.base import submodule
+
 log = logging.getLogger(__name__)
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -59,7 +61,7 @@ def lower_multihead_attention(gm: fx.GraphModule, opaque: set[str] | None = None
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or str(node.target) in (opaque or set()):
             continue
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, str(node.target))
         if not isinstance(mod, nn.MultiheadAttention):
             continue
         why = _why_not(node, mod)

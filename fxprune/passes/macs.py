@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.depgraph import param_value
+from fxprune.passes.base import submodule
 from fxprune.passes.dependency import DependencyResult
 
 Shape = tuple[int, ...]
@@ -37,7 +38,7 @@ def estimate_macs(gm: fx.GraphModule, deps: DependencyResult, shapes: dict[str, 
     for node in gm.graph.nodes:
         out = shapes.get(node.name)
         if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, str(node.target))
             if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and out is not None:
                 w = shapes.get(param_value(canonical.get(id(mod.weight), "")))
                 if w is None:

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import InvariantError
-from fxprune.passes.base import PassResult
+from fxprune.passes.base import PassResult, submodule
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
@@ -109,12 +109,12 @@ class RewritePass:
         x = node.args[0] if node.args else None
         new_in = None
         if isinstance(x, fx.Node) and x.name in self.shapes:
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, str(node.target))
             if isinstance(mod, nn.modules.conv._ConvNd):
                 cd = len(self.shapes[x.name]) - len(mod.kernel_size) - 1
                 new_in = self.shapes[x.name][cd]
         if str(node.target) in changed or new_in is not None:
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, str(node.target))
             fix_module(mod, new_in)
             _check_divisible(node, mod)
 

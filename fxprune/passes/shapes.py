@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.errors import ShapeError
+from fxprune.passes.base import submodule
 from fxprune.rules.modules import SHAPE_KEEPING_MODULES
 
 Shape = tuple[int, ...]
@@ -194,7 +195,7 @@ def synthesize_inputs(gm: fx.GraphModule, spatial: int) -> tuple[torch.Tensor, .
         for user in ph.users:
             if user.op != "call_module":
                 continue
-            m = gm.get_submodule(str(user.target))
+            m = submodule(gm, str(user.target))
             if isinstance(m, nn.modules.conv._ConvNd):
                 guess = torch.randn(1, m.in_channels, *([spatial] * len(m.kernel_size)))
             elif isinstance(m, nn.Linear):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.passes.base import submodule
 from fxprune.rules import attention, functional
 from fxprune.rules.common import pin_all
 from fxprune.rules.context import RuleContext
@@ -60,7 +61,7 @@ def _unknown(reason: str) -> Rule:
 def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule:
     """Return the rule for a ``call_*`` node; ops without a rule get one that pins everything they touch."""
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, str(node.target))
         for t in type(mod).__mro__:
             # A subclass that overrides forward computes something else: it gets no inherited rule.
             if t in MODULE_RULES and type(mod).forward is t.forward:

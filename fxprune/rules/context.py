@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.depgraph import DependencyGraph, SpaceKey, param_value
+from fxprune.passes.base import submodule
 
 Shape = tuple[int, ...]
 
@@ -76,7 +77,7 @@ class RuleContext:
     def module(self) -> torch.nn.Module:
         """Return the submodule the current ``call_module`` node calls."""
         assert self.node is not None
-        return self.gm.get_submodule(str(self.node.target))
+        return submodule(self.gm, str(self.node.target))
 
     def param(self, owner: torch.nn.Module, attr: str) -> str | None:
         """Register a parameter/buffer of ``owner`` and return its value name (None if absent)."""

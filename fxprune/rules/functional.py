@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxprune.passes.base import submodule
 from fxprune.rules.common import call_arg, linear_couplings, pin_all, unary
 from fxprune.rules.context import RuleContext
 
@@ -70,7 +71,7 @@ def _produce_param(arg: object, ctx: RuleContext, dim: int) -> None:
     """A weight fed through a get_attr node produces channels along ``dim`` of its parameter."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         owner, _, attr = str(arg.target).rpartition(".")
-        p = ctx.param(ctx.gm.get_submodule(owner), attr)
+        p = ctx.param(submodule(ctx.gm, owner), attr)
         if p is not None:
             ctx.produce(p, dim)
 
