@@ -178,10 +178,11 @@ def _prune(
         # Your forward takes a size from somewhere fxprune cannot rewrite (an attribute, another tensor):
         # keep that module's channels and try again, so output="module" still gives your classes.
         ignore = list(ignore)
-        if not e.culprit or e.culprit in ignore or len(ignore) > 64:
+        new = [c for c in e.culprits if c and c not in ignore]
+        if not new or len(ignore) > 64:
             raise
-        log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", e.culprit, e)
-        return _prune(**{**arguments, "ignore": [*ignore, e.culprit]})
+        log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
+        return _prune(**{**arguments, "ignore": [*ignore, *new]})
     parts: list[PartReport] = []
     for name in opaque_parts:  # opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first

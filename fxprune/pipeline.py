@@ -23,6 +23,7 @@ from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
 from fxprune.passes.fingerprint import graph_fingerprint
 from fxprune.passes.lower import lower_multihead_attention
+from fxprune.passes.lower_windows import lower_window_attention
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import describe_groups
 from fxprune.passes.shapes import shapes_for
@@ -201,6 +202,7 @@ def analyse(
     # (only for output="module", where the user's own forward is re-run and proven equal).
     gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
     lower_multihead_attention(gm, set(opaque))  # its ops, not the module: heads become prunable
+    lower_window_attention(gm)  # torchvision Swin's attention function, likewise
     shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
     deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 3. channel rules -> coupled classes
     groups = describe_groups(deps)

@@ -22,9 +22,10 @@ from fxprune.rules.modules import fix_module
 class WriteBackError(InvariantError):
     """The user's forward disagrees with the pruned graph; ``culprit`` names the module where it failed."""
 
-    def __init__(self, message: str, culprit: str = "") -> None:
+    def __init__(self, message: str, culprit: str = "", culprits: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.culprit = culprit
+        self.culprits = culprits or ((culprit,) if culprit else ())
 
 
 def _failing_module(work: nn.Module, tb: Any) -> str:
@@ -37,6 +38,22 @@ def _failing_module(work: nn.Module, tb: Any) -> str:
             culprit = names[id(obj)]
         tb = tb.tb_next
     return culprit
+
+
+def _check_lowered(work: nn.Module, gm: fx.GraphModule, source: dict[str, torch.Tensor]) -> None:
+    """Modules whose computation the graph lowered (``gm.meta["fxprune_lowered"]``) and whose Python forward
+    cannot follow a changed width: name them all at once, so the caller keeps them whole in one retry."""
+    lowered: dict[str, str] = gm.meta.get("fxprune_lowered", {})
+    culprits = []
+    for owner in lowered:
+        prefix = f"{owner}." if owner else ""
+        for name, t in work.named_parameters(remove_duplicate=False):
+            new = source.get(name)
+            if name.startswith(prefix) and new is not None and new.shape != t.shape:
+                culprits.append(owner)
+                break
+    if culprits:
+        raise WriteBackError(f"{culprits[0]}: {lowered[culprits[0]]}", culprits[0], tuple(culprits))
 
 
 def write_back(
@@ -52,6 +69,7 @@ def write_back(
     """
     source = dict(gm.named_parameters(remove_duplicate=False))
     source.update(dict(gm.named_buffers(remove_duplicate=False)))
+    _check_lowered(work, gm, source)
     gm_modules = {id(m) for m in gm.modules()}
     for mod_name, mod in work.named_modules(remove_duplicate=False):
         changed = False

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.passes.base import submodule
-from fxprune.rules import attention, functional
+from fxprune.rules import attention, functional, windows
 from fxprune.rules.common import pin_all
 from fxprune.rules.context import RuleContext
 from fxprune.rules.modules import MODULE_RULES
@@ -23,6 +23,7 @@ Rule = Callable[[fx.Node, RuleContext], None]
 
 FUNCTION_RULES.update(attention.FUNCTIONS)
 FUNCTION_RULES.update(functional.FUNCTIONS)
+FUNCTION_RULES.update(windows.FUNCTIONS)  # type: ignore[arg-type]
 METHOD_RULES.update(attention.METHODS)
 MODULE_RULES.update(attention.MODULES)
 
