@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError, PlanMismatchError, TraceError
+from fxprune.hf_config import sync_config
 from fxprune.metrics import count_macs, count_params
 from fxprune.partial import PartReport, compile_parts
 from fxprune.passes.budget import CostModel, plan_for_budget
@@ -241,6 +242,7 @@ def _prune_parts(
     root = private_copy(model)
     params_before = count_params(model)
     parts = compile_parts(root, root, "", inputs, part_kwargs, ignore)
+    sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can
     if not any(p.params_after < p.params_before for p in parts):
         why = "; ".join(f"{p.name}: {p.skipped}" for p in parts if p.skipped)[:400]
         raise TraceError(f"{error} No traceable submodule could be pruned either ({why or 'none found'}).") from error

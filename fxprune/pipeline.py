@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError, InvariantError
+from fxprune.hf_config import sync_config
 from fxprune.metrics import count_params
 from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
@@ -253,6 +254,7 @@ def finish(
     model: nn.Module = pruned
     if output == "module":
         model = write_back(a.work, pruned, a.inputs, a.deps.prune_heads)  # the user's classes, proven equal to the graph
+        sync_config(model, a.inputs)  # a Hugging Face config follows the pruned widths where it can
     if onnx is not None:
         from fxprune.passes.export import export_onnx
 

@@ -223,6 +223,38 @@ def test_hugging_face_pruned_models_export_to_onnx(name: str, tmp_path) -> None:
     assert report.max_abs_diff < 1e-4
 
 
+@pytest.mark.parametrize(("name", "prune_heads"), [("llama", False), ("llama", True), ("vit", True)])
+def test_hugging_face_config_follows_the_pruned_widths(name: str, prune_heads: bool, tmp_path) -> None:
+    """output="module": the config describes the pruned model, so save_pretrained/from_pretrained round-trips."""
+    from fxprune.outputs import tensors_of
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    build, x = _hf_models()[name]
+    model = build().eval()
+    r = fxprune.prune(model, 0.5, example_inputs=x, prune_heads=prune_heads, output="module")
+    assert r.model.config.intermediate_size == 64 and model.config.intermediate_size == 128  # caller's untouched
+    if prune_heads:
+        assert r.model.config.num_attention_heads == 2
+    r.model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        for a, b in zip(tensors_of(r.model(*x)), tensors_of(back(*x)), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_hugging_face_config_it_cannot_describe_is_left_with_a_warning(caplog) -> None:
+    """BERT derives its head size from hidden_size: thinned heads cannot be described, and the warning says so."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    build, x = _hf_models()["bert"]
+    with caplog.at_level("WARNING", logger="fxprune"):
+        r = fxprune.prune(build().eval(), 0.5, example_inputs=x, output="module")
+    assert "derives the head size from hidden_size" in caplog.text
+    assert r.model.config.intermediate_size == 128 and r.model.config.num_attention_heads == 4
+    assert r.model.encoder.layer[0].intermediate.dense.out_features == 64  # the model itself is pruned
+
+
 @pytest.mark.parametrize("target", ["target_params", "target_macs"])
 def test_budget_counts_opaque_parts_once(target: str) -> None:
     """A budget with opaque parts is searched over the whole model: no compounding inside each part."""

@@ -55,6 +55,23 @@ def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list
                     setattr(mod, total_attr, head_dim * heads)
                 changed.append(name)
             break
+    return changed + fix_mlp_attributes(root)
+
+
+_MLP_LAYOUTS = (("intermediate_size", ("up_proj", "gate_proj", "fc1", "c_fc")), ("hidden_size", ("down_proj", "fc2")))
+
+
+def fix_mlp_attributes(root: nn.Module) -> list[str]:
+    """An MLP's recorded widths (Llama's ``intermediate_size``/``hidden_size``) follow its pruned projections."""
+    changed = []
+    for name, mod in root.named_modules():
+        for attr, children in _MLP_LAYOUTS:
+            value = getattr(mod, attr, None)
+            proj = next((getattr(mod, c) for c in children if isinstance(getattr(mod, c, None), nn.Module)), None)
+            width = _out_width(proj)
+            if isinstance(value, int) and not isinstance(value, bool) and width is not None and width != value:
+                setattr(mod, attr, width)
+                changed.append(name)
     return changed
 
 

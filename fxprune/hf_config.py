@@ -1,0 +1,168 @@
+"""Keep a Hugging Face model's config in step with its pruned widths (``output="module"``).
+
+A pruned ``PreTrainedModel`` still carries its original config. ``save_pretrained`` would then write a
+checkpoint that ``from_pretrained`` cannot load (every pruned weight has the wrong shape). fxprune rewrites the
+config fields that can describe the pruned model: the MLP width (``intermediate_size``, GPT-2's ``n_inner``)
+and, for attention with an explicit head dim (Llama, Mistral, Qwen), ``num_attention_heads``,
+``num_key_value_heads`` and ``head_dim``. For BERT, ViT and GPT-2 the config can only describe head counts
+when heads x head size equals the hidden size, since they derive the head size from it.
+
+A proposal is written only when it is proven three ways:
+
+1. A model built from the new config on the meta device has exactly the pruned model's parameter names and
+   shapes, so ``from_pretrained`` loads the checkpoint.
+2. Every number attribute of every module (head counts, head dims, split sizes, attention scales) equals
+   the pruned model's: a config that re-derives the scale from a thinned head dim is refused.
+3. The pruned model gives the same outputs before and after the config change (some forwards read the
+   config at run time).
+
+Anything the config cannot describe is left as it was, and a warning says why. The model still works and
+saves with ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fxprune.outputs import tensors_of
+
+log = logging.getLogger(__name__)
+
+_MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
+_MLP_UP = ("intermediate.dense", "mlp.c_fc", "mlp.up_proj", "mlp.fc1", "mlp.dense_h_to_4h")
+
+
+def _out_width(m: nn.Module) -> int:
+    w = m.weight  # type: ignore[union-attr]
+    return int(w.shape[1] if type(m).__name__ == "Conv1D" else w.shape[0])  # Conv1D keeps [in, out]
+
+
+def _one(values: list[int]) -> int | None:
+    return values[0] if values and len(set(values)) == 1 else None
+
+
+def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
+    """Config changes that describe ``model``'s widths, and why other widths cannot be described."""
+    cfg = model.config  # type: ignore[union-attr]
+    fields = cfg.to_dict()
+    changes: dict[str, int] = {}
+    why: list[str] = []
+    mods = list(model.named_modules())
+    hidden = _hidden_width(model)
+    hidden_field = next((f for f in ("hidden_size", "n_embd", "d_model") if f in fields), None)
+    if hidden is not None and hidden_field is not None and hidden != fields[hidden_field]:
+        changes[hidden_field] = hidden
+    new_hidden = changes.get(hidden_field or "", fields.get(hidden_field or ""))
+    ups = [_out_width(m) for n, m in mods if n.endswith(_MLP_UP) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    field = next((f for f in _MLP_FIELDS if f in fields), None)
+    width = _one(ups)
+    if ups and width is None:
+        why.append(f"MLP widths differ between layers ({sorted(set(ups))})")
+    elif field is not None and width is not None and width != fields[field]:
+        changes[field] = width
+
+    explicit = [m for _, m in mods if isinstance(getattr(m, "head_dim", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    derived = [m for _, m in mods if isinstance(getattr(m, "attention_head_size", None), int)]
+    if explicit:
+        hd = _one([m.head_dim for m in explicit])
+        heads = _one([_out_width(m.q_proj) // m.head_dim for m in explicit])
+        kv = _one([_out_width(m.k_proj) // m.head_dim for m in explicit])
+        if None in (hd, heads, kv):
+            why.append("attention heads differ between layers")
+        else:
+            for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv), ("head_dim", hd)):
+                if name in fields and fields[name] != value:
+                    changes[name] = value  # type: ignore[assignment]
+            if "head_dim" not in fields and hd != (new_hidden or 0) // heads:  # type: ignore[operator]
+                why.append(f"head dim {hd} is not hidden_size / heads and the config has no head_dim field")
+    elif derived:
+        heads = _one([m.num_attention_heads for m in derived])
+        size = _one([m.attention_head_size for m in derived])
+        if heads is None or size is None:
+            why.append("attention heads differ between layers")
+        elif heads * size == new_hidden:
+            if heads != fields.get("num_attention_heads"):
+                changes["num_attention_heads"] = heads
+        else:
+            why.append(f"attention is {heads} heads x {size}, but the config derives the head size from "
+                       f"hidden_size {new_hidden}")
+    else:
+        split = [m for _, m in mods if isinstance(getattr(m, "split_size", None), int) and hasattr(m, "embed_dim")]
+        if any(m.split_size != m.embed_dim for m in split):
+            why.append("attention width differs from the hidden size, which the config derives it from")
+    return changes, why
+
+
+def _hidden_width(model: nn.Module) -> int | None:
+    """Width of the residual stream: what the input embedding (tokens or patches) produces."""
+    try:
+        emb = model.get_input_embeddings()  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - a model without one
+        return None
+    if isinstance(emb, nn.Embedding):
+        return emb.embedding_dim
+    proj = getattr(emb, "projection", None)
+    return proj.out_channels if isinstance(proj, nn.Conv2d) else None
+
+
+def _same_structure(model: nn.Module, config: Any) -> str:
+    """"" when a model built from ``config`` has ``model``'s parameter shapes and number attributes."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception as e:  # noqa: BLE001 - any construction failure means the config does not describe it
+        return f"the new config does not build ({type(e).__name__}: {e})"
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if want != got:
+        bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))[:3]
+        return f"a model built from it differs in {bad}"
+    built = dict(fresh.named_modules())
+    for name, m in model.named_modules():
+        other = built.get(name)
+        for attr, value in vars(m).items():
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and other is not None
+                    and getattr(other, attr, value) != value):
+                return f"{name}.{attr} would be {getattr(other, attr)}, the pruned model has {value}"
+    return ""
+
+
+def sync_config(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
+    """Rewrite ``model.config`` in place to describe its pruned widths; returns what could not be described."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict") or not hasattr(type(model), "config_class"):
+        return []
+    changes, why = propose(model)
+    if changes:
+        new = copy.deepcopy(cfg)
+        for k, v in changes.items():
+            setattr(new, k, v)
+        problem = _same_structure(model, new)
+        if not problem:
+            old = {k: getattr(cfg, k) for k in changes}
+            with torch.no_grad():
+                before = tensors_of(model(*example_inputs))
+                for k, v in changes.items():
+                    setattr(cfg, k, v)
+                try:
+                    after = tensors_of(model(*example_inputs))
+                    same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+                except Exception:  # noqa: BLE001 - a forward that breaks on the new config: revert
+                    same = False
+            if not same:
+                for k, v in old.items():
+                    setattr(cfg, k, v)
+                problem = "the model's forward reads the config and changes with it"
+        if problem:
+            why.append(f"config changes {changes} not written: {problem}")
+        else:
+            log.info("fxprune: config updated: %s", changes)
+    for reason in why:
+        log.warning("fxprune: the %s config cannot describe the pruned model: %s; save it with torch.save",
+                    type(model).__name__, reason)
+    return why
