@@ -247,3 +247,24 @@ def test_onnxslim_is_the_alternative_simplifier(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
     report = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", simplify="onnxslim")
     assert report.simplified and report.max_abs_diff < 1e-4 and (tmp_path / "m.onnx").exists()
+
+
+class _ListInput(nn.Module):
+    """A detector-style forward: a list of images of different sizes, one output per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.conv(img.unsqueeze(0)).mean((2, 3)) for img in images]
+
+
+def test_list_of_tensors_input_gives_one_onnx_input_per_tensor(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    images = [torch.randn(3, 16, 16), torch.randn(3, 12, 20)]
+    report = export_onnx(_ListInput().eval(), (images,), tmp_path / "list.onnx", dynamic_batch=False, n_check_inputs=2)
+    assert report.max_abs_diff < 1e-5
+    assert [i.name for i in onnx.load(report.path).graph.input] == ["input_0", "input_1"]
+    with pytest.raises(ExportError, match="lists of tensors"):
+        export_onnx(_ListInput().eval(), ([],), tmp_path / "empty.onnx")

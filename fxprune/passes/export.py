@@ -107,6 +107,12 @@ def _random_like(example: torch.Tensor, batch: int | None, gen: torch.Generator)
     return torch.randint(lo, hi + 1, shape, generator=gen).to(example.dtype).to(example.device)
 
 
+def _flat(inputs: Inputs) -> list[torch.Tensor]:
+    """The tensors of an input tuple in ONNX input order (a list argument, such as a detector's images,
+    gives one ONNX input per tensor)."""
+    return [t for x in inputs for t in (x if isinstance(x, (list, tuple)) else [x])]
+
+
 def make_check_inputs(example_inputs: Inputs, n: int, *, dynamic_batch: bool, seed: int = 0) -> list[Inputs]:
     """Seeded random input tuples shaped like ``example_inputs``.
 
@@ -115,7 +121,13 @@ def make_check_inputs(example_inputs: Inputs, n: int, *, dynamic_batch: bool, se
     """
     gen = torch.Generator().manual_seed(seed)
     batches: list[int | None] = [1, 2] if dynamic_batch else [None]
-    return [tuple(_random_like(x, batches[i % len(batches)], gen) for x in example_inputs) for i in range(n)]
+
+    def like(x: Any, batch: int | None) -> Any:
+        if isinstance(x, (list, tuple)):  # a list of tensors (images of a detector): each keeps its shape
+            return [_random_like(t, None, gen) for t in x]
+        return _random_like(x, batch, gen)
+
+    return [tuple(like(x, batches[i % len(batches)]) for x in example_inputs) for i in range(n)]
 
 
 def _compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float, where: str) -> float:
@@ -184,18 +196,19 @@ def check_onnx(
     with eval_mode(model), torch.no_grad():
         for k, inputs in enumerate(inputs_list):
             inputs = tuple(inputs)
-            source = {f"input_{i}": x for i, x in enumerate(inputs)}
+            flat = _flat(inputs)
+            source = {f"input_{i}": x for i, x in enumerate(flat)}
             if not set(onnx_inputs) <= source.keys():  # not named by export_onnx: match by position
-                if len(onnx_inputs) != len(inputs):
-                    raise ExportError(f"ONNX model takes inputs {onnx_inputs}, got {len(inputs)} tensors")
-                source = dict(zip(onnx_inputs, inputs, strict=True))
+                if len(onnx_inputs) != len(flat):
+                    raise ExportError(f"ONNX model takes inputs {onnx_inputs}, got {len(flat)} tensors")
+                source = dict(zip(onnx_inputs, flat, strict=True))
             feed = {name: source[name].detach().cpu().numpy() for name in onnx_inputs}
             expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
             try:
                 actual = session.run(None, feed)
             except Exception as e:
                 raise ExportError(
-                    f"onnxruntime failed on check input {k} (shapes {[tuple(x.shape) for x in inputs]}): {e}; "
+                    f"onnxruntime failed on check input {k} (shapes {[tuple(x.shape) for x in flat]}): {e}; "
                     "the export may have baked in the example batch size (try dynamic_batch=False)"
                 ) from e
             if len(actual) != len(expected):
@@ -347,8 +360,11 @@ def export_onnx(
             fails, or onnxruntime disagrees with PyTorch. No file is written then.
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not args or not all(isinstance(x, torch.Tensor) for x in args):
-        raise ExportError("example_inputs must be a non-empty tuple of tensors")
+    if not args or not all(
+        isinstance(x, torch.Tensor) or (isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x))
+        for x in args
+    ):
+        raise ExportError("example_inputs must be a non-empty tuple of tensors (or of lists of tensors)")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
     target = Path(path)
@@ -358,9 +374,9 @@ def export_onnx(
     except Exception as e:
         raise ExportError(f"model does not run on example_inputs: {type(e).__name__}: {e}") from e
     outputs = flatten_outputs(raw_outputs)
-    input_names = [f"input_{i}" for i in range(len(args))]
+    input_names = [f"input_{i}" for i in range(len(_flat(args)))]
     output_names = [f"output_{i}" for i in range(len(outputs))]
-    named = [*zip(input_names, args, strict=True), *zip(output_names, outputs, strict=True)]
+    named = [*zip(input_names, _flat(args), strict=True), *zip(output_names, outputs, strict=True)]
     dynamic_axes = {name: {0: "batch"} for name, t in named if dynamic_batch and t.dim() >= 1} or None
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     large = weight_bytes >= EXTERNAL_DATA_THRESHOLD_BYTES
