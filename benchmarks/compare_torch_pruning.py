@@ -26,6 +26,7 @@ import torch.nn as nn
 import fxprune
 import models_zoo
 from fxprune.metrics import count_macs, count_params, measure_latency
+from fxprune.outputs import tensors_of
 
 DEFAULT_MODELS = [
     "tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:densenet121", "tv:efficientnet_b0", "tv:googlenet",
@@ -47,13 +48,7 @@ def build(spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def _out_shapes(out: Any) -> list[tuple[int, ...]]:
-    if isinstance(out, torch.Tensor):
-        return [tuple(out.shape)]
-    if isinstance(out, (list, tuple)):
-        return [s for o in out for s in _out_shapes(o)]
-    if isinstance(out, dict):
-        return [s for o in out.values() for s in _out_shapes(o)]
-    return []
+    return [tuple(t.shape) for t in tensors_of(out)]
 
 
 def run_fxprune(model: nn.Module, x: tuple[torch.Tensor, ...], ratio: float) -> tuple[nn.Module, bool]:

@@ -126,5 +126,8 @@ def _lower(gm: fx.GraphModule, node: fx.Node, a: dict[str, Any]) -> None:
         out = g.call_method("reshape", (g.call_method("transpose", (out, 1, 2)), n_b, n, inner))
         out = g.call_function(F.linear, (out, a["proj_weight"], a.get("proj_bias")))
         out = g.call_function(window_reverse, (out, h, w, window, shift))
+    for n in g.nodes:
+        if n.op == "call_function" and n.target in (window_partition, window_mask, window_reverse):
+            n.meta["is_wrapped"] = True  # the generated code re-wraps them: a saved GraphModule reloads
     node.replace_all_uses_with(out)
     g.erase_node(node)

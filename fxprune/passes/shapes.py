@@ -45,11 +45,10 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes: dict[str, Shape] = {}
         self.failed_at: fx.Node | None = None
         self.meta = meta
-        self._modules: dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
 
     def fetch_attr(self, target: str) -> Any:
-        """Submodules from a table built once (``functional_call`` swaps tensors, never modules)."""
-        mod = self._modules.get(target)
+        """Submodules from the Interpreter's own table (``functional_call`` swaps tensors, never modules)."""
+        mod = self.submodules.get(target)
         return mod if mod is not None else super().fetch_attr(target)
 
     def _guard(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
