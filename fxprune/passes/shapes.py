@@ -37,6 +37,7 @@ _MATMUL_LIKE = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.
 
 
 _SHAPE_KEEPING = frozenset(SHAPE_KEEPING_MODULES)
+_BATCH_NORM_FNS = frozenset({F.batch_norm, torch.batch_norm})
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -64,19 +65,26 @@ class _ShapeRecorder(fx.Interpreter):
         if len({t.dtype for t in tensors}) > 1:
             raise _NotOnMeta(n.format_node())
 
-    def _same_shape(self, n: fx.Node, args: tuple[Any, ...]) -> torch.Tensor | None:
+    def _same_shape(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
         """On meta, the output of an eval-mode module that keeps its input's shape is the input itself.
 
-        Meta batch norm is a Python decomposition (~1 ms a call); checking its channel count is enough.
+        Meta batch norm is a Python decomposition (~1 ms a call); checking its channel count is enough. The
+        same holds for ``F.batch_norm`` called in a forward (timm's BatchNormAct2d).
         """
-        if n.op != "call_module" or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            return None
-        mod = self.fetch_attr(str(n.target))
-        if type(mod) not in _SHAPE_KEEPING and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
-        for t in (*mod._parameters.values(), *mod._buffers.values()):
-            if t is not None and t.dim() == 1 and (x.dim() < 2 or t.shape[0] != x.shape[1]):
+        if n.op == "call_function" and n.target in _BATCH_NORM_FNS:
+            stats: list[Any] = [*args[1:], *kwargs.values()]
+        elif n.op == "call_module" and len(args) == 1:
+            mod = self.fetch_attr(str(n.target))
+            if type(mod) not in _SHAPE_KEEPING and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                return None
+            stats = [*mod._parameters.values(), *mod._buffers.values()]
+        else:
+            return None
+        for t in stats:
+            if isinstance(t, torch.Tensor) and t.dim() == 1 and (x.dim() < 2 or t.shape[0] != x.shape[1]):
                 raise _NotOnMeta(n.format_node())  # the real run names the mismatch
         return x
 
@@ -87,7 +95,7 @@ class _ShapeRecorder(fx.Interpreter):
                 with self._set_current_node(n):
                     args, kwargs = self.fetch_args_kwargs_from_env(n)
                 self._guard(n, args, kwargs)
-                out = self._same_shape(n, args)
+                out = self._same_shape(n, args, kwargs)
             if out is None:
                 out = super().run_node(n)
         except Exception:
