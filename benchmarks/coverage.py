@@ -130,15 +130,9 @@ def child(spec: str, ratio: float) -> dict[str, Any]:
 
 
 def _shapes(out: Any) -> list[tuple[int, ...]]:
-    import torch
+    from fxprune.outputs import tensors_of
 
-    if isinstance(out, torch.Tensor):
-        return [tuple(out.shape)]
-    if isinstance(out, (list, tuple)):
-        return [s for o in out for s in _shapes(o)]
-    if isinstance(out, dict):
-        return [s for k in sorted(out) for s in _shapes(out[k])]
-    return []
+    return [tuple(t.shape) for t in tensors_of(out)]
 
 
 def child_tp(spec: str, ratio: float) -> dict[str, Any]:
