@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 
 import numpy as np
 import torch
@@ -70,6 +71,7 @@ class RewritePass:
                     if old:
                         rewrite(node, old, new)
         fix_attention_attributes(gm, self.deps.prune_heads)
+        views_to_reshapes(gm)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified=True)
@@ -127,3 +129,44 @@ def _check_divisible(node: fx.Node, mod: nn.Module) -> None:
             f"{node.format_node()}: channels {mod.in_channels}->{mod.out_channels} not divisible by groups={mod.groups}"
         )
 
+
+
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
+
+
+def _writes(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` may write into one of its inputs (in-place op, ``inplace=True``, ``out=``)."""
+    if node.kwargs.get("inplace") or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function":
+        return node.target in _IN_PLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_module":
+        return bool(getattr(submodule(gm, str(node.target)), "inplace", False))
+    return False
+
+
+def views_to_reshapes(gm: fx.GraphModule) -> int:
+    """Turn ``x.view(sizes)`` into ``x.reshape(sizes)`` where nothing writes in place into ``x`` or the view.
+
+    A pruned tensor can change memory layout: a conv output left with one channel has ambiguous strides, torch
+    picks channels-last for it, and a ``view`` that worked on the original fails (fuzz seed 43156). ``reshape``
+    returns the same values (a view whenever one exists); only aliasing differs, which matters only for
+    in-place writes, so those keep their ``view``.
+    """
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_method" or node.target != "view" or len(node.args) < 2:
+            continue
+        if isinstance(node.args[1], torch.dtype) or "dtype" in node.kwargs:
+            continue  # a dtype view reinterprets bytes: no reshape equivalent
+        base = node.args[0]
+        users = [*node.users, *(base.users if isinstance(base, fx.Node) else [])]
+        if any(_writes(u, gm) for u in users):
+            continue
+        node.target = "reshape"
+        changed += 1
+    return changed
