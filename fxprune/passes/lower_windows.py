@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxprune.passes.base import submodule
 from fxprune.passes.window_ops import window_mask, window_partition, window_reverse
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _why_not(gm: fx.GraphModule, a: dict[str, Any]) -> str:
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
     owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+    return getattr(submodule(gm, owner), attr)
 
 
 def lower_window_attention(gm: fx.GraphModule) -> int:
