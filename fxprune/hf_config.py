@@ -30,16 +30,12 @@ import torch
 import torch.nn as nn
 
 from fxprune.outputs import tensors_of
+from fxprune.rules.attributes import out_width
 
 log = logging.getLogger(__name__)
 
 _MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
 _MLP_UP = ("intermediate.dense", "mlp.c_fc", "mlp.up_proj", "mlp.fc1", "mlp.dense_h_to_4h")
-
-
-def _out_width(m: nn.Module) -> int:
-    w = m.weight  # type: ignore[union-attr]
-    return int(w.shape[1] if type(m).__name__ == "Conv1D" else w.shape[0])  # Conv1D keeps [in, out]
 
 
 def _one(values: list[int]) -> int | None:
@@ -58,7 +54,7 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
     if hidden is not None and hidden_field is not None and hidden != fields[hidden_field]:
         changes[hidden_field] = hidden
     new_hidden = changes.get(hidden_field or "", fields.get(hidden_field or ""))
-    ups = [_out_width(m) for n, m in mods if n.endswith(_MLP_UP) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    ups = [w for n, m in mods if n.endswith(_MLP_UP) and (w := out_width(m)) is not None]
     field = next((f for f in _MLP_FIELDS if f in fields), None)
     width = _one(ups)
     if ups and width is None:
@@ -66,12 +62,13 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
     elif field is not None and width is not None and width != fields[field]:
         changes[field] = width
 
-    explicit = [m for _, m in mods if isinstance(getattr(m, "head_dim", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    explicit = [m for _, m in mods if isinstance(getattr(m, "head_dim", None), int)
+                and out_width(getattr(m, "q_proj", None)) is not None and out_width(getattr(m, "k_proj", None)) is not None]
     derived = [m for _, m in mods if isinstance(getattr(m, "attention_head_size", None), int)]
     if explicit:
         hd = _one([m.head_dim for m in explicit])
-        heads = _one([_out_width(m.q_proj) // m.head_dim for m in explicit])
-        kv = _one([_out_width(m.k_proj) // m.head_dim for m in explicit])
+        heads = _one([out_width(m.q_proj) // m.head_dim for m in explicit])
+        kv = _one([out_width(m.k_proj) // m.head_dim for m in explicit])
         if None in (hd, heads, kv):
             why.append("attention heads differ between layers")
         else:

@@ -39,7 +39,7 @@ def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list
             if not isinstance(heads, int) or not isinstance(getattr(mod, dim_attr, None), int) or heads <= 0:
                 continue
             q = next((getattr(mod, c) for c in q_names if isinstance(getattr(mod, c, None), nn.Module)), None)
-            width = _out_width(q)
+            width = out_width(q)
             head_dim = getattr(mod, dim_attr)
             unit = share * (head_dim if prune_heads else heads)
             if width is None or head_dim <= 0 or width % unit:
@@ -68,14 +68,15 @@ def fix_mlp_attributes(root: nn.Module) -> list[str]:
         for attr, children in _MLP_LAYOUTS:
             value = getattr(mod, attr, None)
             proj = next((getattr(mod, c) for c in children if isinstance(getattr(mod, c, None), nn.Module)), None)
-            width = _out_width(proj)
+            width = out_width(proj)
             if isinstance(value, int) and not isinstance(value, bool) and width is not None and width != value:
                 setattr(mod, attr, width)
                 changed.append(name)
     return changed
 
 
-def _out_width(q: nn.Module | None) -> int | None:
+def out_width(q: nn.Module | None) -> int | None:
+    """Output width of a Linear or of Hugging Face's Conv1D (which keeps its weight as [in, out]); else None."""
     if isinstance(q, nn.Linear):
         return q.out_features
     w = getattr(q, "weight", None)  # HF Conv1D keeps [in, out]
