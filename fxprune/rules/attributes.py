@@ -58,7 +58,8 @@ def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list
     return changed + fix_mlp_attributes(root)
 
 
-_MLP_LAYOUTS = (("intermediate_size", ("up_proj", "gate_proj", "fc1", "c_fc")), ("hidden_size", ("down_proj", "fc2")))
+# ``hidden_size`` only beside a Llama-style ``down_proj``: beside an ``fc2`` it may name the inner width.
+_MLP_LAYOUTS = (("intermediate_size", ("up_proj", "gate_proj", "fc1", "c_fc")), ("hidden_size", ("down_proj",)))
 
 
 def fix_mlp_attributes(root: nn.Module) -> list[str]:
