@@ -126,9 +126,8 @@ def _meta_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[st
     """Shapes from a meta run, or None when meta cannot stand in for the real run."""
     if not all(isinstance(t, torch.Tensor) for t in example_inputs) or any(t.is_meta for t in example_inputs):
         return None
-    modules = dict(gm.named_modules(remove_duplicate=False))
     for n in gm.graph.nodes:
-        if n.op == "call_module" and not type(modules[str(n.target)]).__module__.startswith("torch.nn."):
+        if n.op == "call_module" and not type(submodule(gm, str(n.target))).__module__.startswith("torch.nn."):
             return None  # a forward of the user's own: it may cache what it computes
     runner = _OnMeta(gm)
     try:

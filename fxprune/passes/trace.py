@@ -46,6 +46,7 @@ class _FallbackTracer(fx.Tracer):
         self.stack: list[str] = []
         self.values = values  # values of traced nodes (``example_values.py``), when the inputs are known
         self.specialize = specialize  # may a branch on shapes follow the example inputs?
+        self._names: tuple[nn.Module, dict[int, str], dict[int, str]] | None = None  # see _tensor_names
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **options)
@@ -98,17 +99,15 @@ class _FallbackTracer(fx.Tracer):
 
     def _tensor_names(self) -> tuple[dict[int, str], dict[int, str]]:
         """First name of every parameter and of every buffer of the root being traced, by id."""
-        cached = getattr(self, "_names_cache", None)
-        if cached is None or cached[0] is not self.root:
+        if self._names is None or self._names[0] is not self.root:
             params: dict[int, str] = {}
             for n, p in self.root.named_parameters():
                 params.setdefault(id(p), n)
             buffers: dict[int, str] = {}
             for n, b in self.root.named_buffers():
                 buffers.setdefault(id(b), n)
-            cached = (self.root, params, buffers)
-            self._names_cache = cached
-        return cached[1], cached[2]
+            self._names = (self.root, params, buffers)
+        return self._names[1], self._names[2]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.extra_leaves or super().is_leaf_module(m, module_qualified_name)
