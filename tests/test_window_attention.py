@@ -87,3 +87,22 @@ def test_window_ops_round_trip_and_mask_match_torchvision(size: tuple[int, int])
         attn = window_mask((q * 3**-0.5) @ k.transpose(-2, -1) + bias, h, w, window, shift).softmax(-1)
         got = window_reverse(proj((attn @ v).transpose(1, 2).reshape(xw.shape[0], 16, 6)), h, w, window, shift)
     torch.testing.assert_close(got, want)
+
+
+class _PatchMerge(nn.Module):
+    """conv -> channels-last -> torchvision's _patch_merging_pad (odd H/W: padded) -> Linear reduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.reduction = nn.Linear(4 * 6, 5)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        return self.reduction(swin._patch_merging_pad(y))
+
+
+def test_patch_merging_pad_couples_its_four_channel_copies_exactly() -> None:
+    r = check_pruned(_PatchMerge().eval(), (torch.randn(2, 3, 7, 9),), 0.5, importance="random")
+    assert r.model.get_submodule("conv").out_channels == 3
+    assert r.model.get_submodule("reduction").in_features == 4 * 3  # the same 3 channels in every copy
