@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import TraceError
+from fxprune.passes.base import deferred_graph_module
 from fxprune.passes.example_values import ExampleEvaluator, example_value, forget
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class _FallbackTracer(fx.Tracer):
         self.stack: list[str] = []
         self.values = values  # values of traced nodes (``example_values.py``), when the inputs are known
         self.specialize = specialize  # may a branch on shapes follow the example inputs?
-        self._names: tuple[nn.Module, dict[int, str], dict[int, str]] | None = None  # see _tensor_names
+        self._names: tuple[nn.Module, _Names, _Names] | None = None  # see _tensor_names
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **options)
@@ -83,10 +84,10 @@ class _FallbackTracer(fx.Tracer):
         read ``self.weight`` themselves: 0.1 s of repvgg_a0's 0.3 s compile)."""
         if not isinstance(attr_val, torch.Tensor):
             return attr_val
-        names = self._tensor_names()
-        name = names[0].get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        params, buffers = self._tensor_names()
+        name = _name_of(params, attr_val) if isinstance(attr_val, nn.Parameter) else None
         if name is None and self.proxy_buffer_attributes:
-            name = names[1].get(id(attr_val))
+            name = _name_of(buffers, attr_val)
         if name is None:
             return attr_val
         if name not in parameter_proxy_cache:
@@ -97,15 +98,27 @@ class _FallbackTracer(fx.Tracer):
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
         return parameter_proxy_cache[name]
 
-    def _tensor_names(self) -> tuple[dict[int, str], dict[int, str]]:
-        """First name of every parameter and of every buffer of the root being traced, by id."""
+    def create_arg(self, a: Any) -> Any:
+        """fx's ``create_arg`` with a module's own parameters and buffers named from the table: fx scans every
+        buffer of the root for each tensor argument (quadratic in timm's BatchNormAct2d, whose forward passes
+        its running statistics to ``F.batch_norm``: 0.1 s of efficientnet_b0's compile)."""
+        if isinstance(a, torch.Tensor):
+            params, buffers = self._tensor_names()
+            name = _name_of(params if isinstance(a, nn.Parameter) else buffers, a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def _tensor_names(self) -> tuple[_Names, _Names]:
+        """First name of every parameter and of every buffer of the root being traced, by id (with the tensor,
+        so a hit is checked by identity: an id freed and reused during tracing never matches)."""
         if self._names is None or self._names[0] is not self.root:
-            params: dict[int, str] = {}
+            params: _Names = {}
             for n, p in self.root.named_parameters():
-                params.setdefault(id(p), n)
-            buffers: dict[int, str] = {}
+                params.setdefault(id(p), (n, p))
+            buffers: _Names = {}
             for n, b in self.root.named_buffers():
-                buffers.setdefault(id(b), n)
+                buffers.setdefault(id(b), (n, b))
             self._names = (self.root, params, buffers)
         return self._names[1], self._names[2]
 
@@ -131,6 +144,15 @@ class _FallbackTracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()
         return out
+
+
+_Names = dict[int, tuple[str, torch.Tensor]]
+
+
+def _name_of(table: _Names, t: torch.Tensor) -> str | None:
+    """The name ``table`` gives the very tensor ``t``, or None."""
+    hit = table.get(id(t))
+    return hit[0] if hit is not None and hit[1] is t else None
 
 
 def _keep_state_dict_keys(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -277,7 +299,7 @@ def _trace_with_fallback(
             opaque[culprit] = reason
             continue
         forget(graph)
-        gm = fx.GraphModule(tracer.root, graph, name)  # copies the constants the tracer put on the root
+        gm = deferred_graph_module(tracer.root, graph, name)  # copies the constants the tracer put on the root
         _restore(saved)
         _keep_state_dict_keys(model, gm)
         return gm, opaque

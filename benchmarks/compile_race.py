@@ -1,0 +1,128 @@
+"""Per-model compile time of fxprune beside Torch-Pruning, repeated in fresh processes: medians and ratios.
+
+The coverage run (``coverage.py --tp``) times one first compile per model and tool, which on a shared
+2-core machine can swing by 2x. This benchmark repeats that measurement: for every model, ``--rounds``
+rounds, each running a fresh fxprune process and a fresh Torch-Pruning process (interleaved, so drift in
+machine load hits both alike). Each process builds the model (random weights, 1 torch thread), times the
+first compile after import at the given ratio, and reports it. The table has both medians, their ratio
+(Torch-Pruning / fxprune: above 1 means fxprune is faster) and how many rounds fxprune won.
+
+    .venv/bin/python benchmarks/compile_race.py --models tv:efficientnet_b0,timm:repvgg_a0 [--rounds 5]
+    .venv/bin/python benchmarks/compile_race.py --from-coverage docs/coverage.jsonl   # every model TP handles
+
+Specs are those of ``coverage.py`` (``tv:``, ``tvseg:``, ``tvdet:``, ``timm:``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_fx(spec: str, ratio: float) -> dict[str, Any]:
+    """One fxprune compile (in the subprocess): the first after import, without ``verify``."""
+    from coverage import build
+
+    import fxprune
+
+    model, x = build(spec)
+    t0 = time.perf_counter()
+    r = fxprune.prune(model, ratio, example_inputs=x)
+    return {"s": time.perf_counter() - t0, "params_ratio": r.params_after / r.params_before}
+
+
+def child_tp(spec: str, ratio: float) -> dict[str, Any]:
+    """One Torch-Pruning step (in the subprocess), as ``coverage.py`` runs it."""
+    from coverage import child_tp as run
+
+    row = run(spec, ratio)
+    return {"s": row["tp_s"], "params_ratio": row["tp_params_ratio"], "ok": row["tp_ok"]}
+
+
+def _run(tool: str, spec: str, ratio: float, timeout: int) -> dict[str, Any] | None:
+    cmd = [sys.executable, __file__, f"--child-{tool}", spec, "--ratio", str(ratio)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def race(spec: str, ratio: float, rounds: int, timeout: int) -> dict[str, Any]:
+    """``rounds`` interleaved fresh-process compiles of each tool on one model."""
+    fx: list[float] = []
+    tp: list[float] = []
+    for _ in range(rounds):
+        a = _run("fx", spec, ratio, timeout)
+        b = _run("tp", spec, ratio, timeout)
+        if a is None or b is None or not b.get("ok"):
+            return {"model": spec, "error": "fxprune failed" if a is None else "Torch-Pruning failed or timed out"}
+        fx.append(a["s"])
+        tp.append(b["s"])
+    wins = sum(f < t for f, t in zip(fx, tp, strict=True))
+    return {"model": spec, "fx_s": statistics.median(fx), "tp_s": statistics.median(tp),
+            "ratio": statistics.median(tp) / statistics.median(fx), "wins": wins, "rounds": rounds,
+            "fx_all": fx, "tp_all": tp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="", help="comma-separated coverage specs")
+    parser.add_argument("--from-coverage", default="", help="a coverage JSONL: every model Torch-Pruning handled")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--out", default="", help="append rows to this JSONL")
+    parser.add_argument("--child-fx", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-tp", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_fx or args.child_tp:
+        run = child_fx if args.child_fx else child_tp
+        print(json.dumps(run(args.child_fx or args.child_tp, args.ratio)))
+        return
+    specs = [s for s in args.models.split(",") if s]
+    if args.from_coverage:
+        with open(args.from_coverage) as f:
+            specs += [r["model"] for r in map(json.loads, f) if r.get("tp_ok")]
+    if not specs:
+        parser.error("give --models or --from-coverage")
+    import torch
+
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.machine()} {os.cpu_count()} cores | "
+          f"torch {torch.__version__} | ratio {args.ratio} | {args.rounds} rounds, fresh process each\n")
+    print("| model | fxprune median s | Torch-Pruning median s | TP / fxprune | fxprune faster in |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for spec in specs:
+        row = race(spec, args.ratio, args.rounds, args.timeout)
+        rows.append(row)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if "error" in row:
+            print(f"| {spec} | - | - | - | {row['error']} |", flush=True)
+        else:
+            print(f"| {spec} | {row['fx_s']:.3f} | {row['tp_s']:.3f} | {row['ratio']:.2f}x | "
+                  f"{row['wins']}/{row['rounds']} |", flush=True)
+    ratios = [r["ratio"] for r in rows if "ratio" in r]
+    if ratios:
+        slower = [r["model"] for r in rows if r.get("ratio", 2) < 1]
+        print(f"\nmedian TP / fxprune: {statistics.median(ratios):.2f}x over {len(ratios)} models; "
+              f"fxprune slower (by median) on {len(slower)}: {', '.join(slower) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
