@@ -267,8 +267,8 @@ def finish(
         InvariantError: a value's shape, the parameter count or the oracle disagrees with the plan.
     """
     reference = copy.deepcopy(a.gm) if verify else None
-    macs_after, predicted = cost.absolute(plan)
     rewrite = RewritePass(a.deps, plan)
+    macs_after, predicted = cost.absolute(plan, rewrite.shapes)
     with gc_paused():
         result = rewrite(a.gm)  # slice parameters, fix module attributes, rewrite literal sizes
         pruned = result.model

@@ -41,9 +41,10 @@ class CostModel:
                 removed += int(np.prod(self.deps.value_shapes[value])) - int(np.prod(shapes[value]))
         return removed
 
-    def absolute(self, plan: PruningPlan) -> tuple[int, int]:
-        """(MACs, params) of the pruned model a plan gives."""
-        shapes = new_shapes(self.deps, kept_indices(self.deps, plan))
+    def absolute(self, plan: PruningPlan, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[int, int]:
+        """(MACs, params) of the pruned model a plan gives (``shapes``: its planned shapes, when known)."""
+        if shapes is None:
+            shapes = new_shapes(self.deps, kept_indices(self.deps, plan))
         return estimate_macs(self.gm, self.deps, shapes, self.canonical), self.params_before - self.removed_params(shapes)
 
     def cost(self, plan: PruningPlan) -> Cost:

@@ -27,13 +27,13 @@ Shape = tuple[int, ...]
 def kept_indices(deps: DependencyResult, plan: PruningPlan) -> dict[tuple[str, int], np.ndarray]:
     """Kept indices of every space that loses at least one index."""
     sol = deps.solution
-    dropped = plan.dropped_mask(sol.n_classes)
-    out: dict[tuple[str, int], np.ndarray] = {}
-    for space in sol.offsets:
-        keep = ~dropped[sol.space_labels(space)]
-        if not keep.all():
-            out[space] = np.nonzero(keep)[0]
-    return out
+    dropped = plan.dropped_mask(sol.n_classes)[sol.labels]  # per element of every space
+    starts = np.fromiter(sol.offsets.values(), dtype=np.int64, count=len(sol.offsets))
+    ends = starts + np.fromiter((sol.sizes[s] for s in sol.offsets), dtype=np.int64, count=len(sol.offsets))
+    before = np.concatenate(([0], np.cumsum(dropped, dtype=np.int64)))  # dropped elements before each id
+    hit = np.nonzero(before[ends] > before[starts])[0]  # spaces losing at least one index
+    spaces = list(sol.offsets)
+    return {spaces[i]: np.nonzero(~dropped[starts[i] : ends[i]])[0] for i in hit.tolist()}
 
 
 def new_shapes(deps: DependencyResult, kept: dict[tuple[str, int], np.ndarray]) -> dict[str, Shape]:

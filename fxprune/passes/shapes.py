@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fxprune.errors import ShapeError
 from fxprune.passes.base import submodule
+from fxprune.passes.shape_fns import fast_meta
 from fxprune.rules.modules import SHAPE_KEEPING_MODULES
 
 Shape = tuple[int, ...]
@@ -91,11 +92,14 @@ class _ShapeRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         try:
             out = None
-            if self.meta and n.op in ("call_module", "call_function"):
+            if self.meta and n.op in ("call_module", "call_function", "call_method"):
                 with self._set_current_node(n):
                     args, kwargs = self.fetch_args_kwargs_from_env(n)
                 self._guard(n, args, kwargs)
                 out = self._same_shape(n, args, kwargs)
+                if out is None:
+                    mod = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
+                    out = fast_meta(n.op, n.target, args, kwargs, mod)
             if out is None:
                 out = super().run_node(n)
         except Exception:
