@@ -149,28 +149,33 @@ def unique(values: np.ndarray) -> np.ndarray:
     return flat[keep]
 
 
-def _edge_endpoints(dep: DependencyGraph, offsets: dict[SpaceKey, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Global element ids of both ends of every coupling (identity couplings expanded without a loop)."""
+def _space_classes(dep: DependencyGraph, index: dict[SpaceKey, int]) -> tuple[int, np.ndarray]:
+    """Components of the spaces under identity couplings alone: (count, component of every space).
+
+    Identity couplings (same shape, index by index) are nearly all of them, and they join whole spaces: every
+    space of a component has one size and maps index by index onto the component's first space, its
+    *representative*. Only representatives then need per-index ids (a tenth of them on a MobileNetV3).
+    """
+    pairs = [(index[a], index[b]) for a, b, ai, bi, _ in dep.couplings if ai is None and bi is None]
+    n = len(index)
+    r = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+    c = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
+    return connected_components(coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n)).tocsr(), directed=False)
+
+
+def _mapped_endpoints(
+    dep: DependencyGraph, index: dict[SpaceKey, int], rep_start: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Representative element ids of both ends of every index-mapped coupling."""
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
-    starts_a: list[int] = []
-    starts_b: list[int] = []
-    lengths: list[int] = []
     for a, b, ai, bi, _ in dep.couplings:
         if ai is None and bi is None:
-            starts_a.append(offsets[a])
-            starts_b.append(offsets[b])
-            lengths.append(dep.sizes[a])
             continue
         ai = np.arange(len(bi)) if ai is None else np.asarray(ai, dtype=np.int64)
         bi = np.arange(len(ai)) if bi is None else np.asarray(bi, dtype=np.int64)
-        rows.append(offsets[a] + ai)
-        cols.append(offsets[b] + bi)
-    if lengths:
-        n = np.asarray(lengths, dtype=np.int64)
-        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-        rows.append(np.repeat(np.asarray(starts_a, dtype=np.int64), n) + within)
-        cols.append(np.repeat(np.asarray(starts_b, dtype=np.int64), n) + within)
+        rows.append(rep_start[index[a]] + ai)
+        cols.append(rep_start[index[b]] + bi)
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.concatenate(rows), np.concatenate(cols)
@@ -212,21 +217,42 @@ def _number_groups(
 
 
 def _solve(dep: DependencyGraph) -> Solution:
-    offsets: dict[SpaceKey, int] = {}
-    total = 0
-    for space, size in dep.sizes.items():
-        offsets[space] = total
-        total += size
-    r, c = _edge_endpoints(dep, offsets)
-    adjacency = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(total, total)).tocsr()
+    spaces = list(dep.sizes)
+    n_spaces = len(spaces)
+    sizes = np.fromiter(dep.sizes.values(), dtype=np.int64, count=n_spaces)
+    starts = np.cumsum(sizes) - sizes
+    total = int(sizes.sum())
+    offsets = dict(zip(spaces, starts.tolist(), strict=True))
+    index = {space: i for i, space in enumerate(spaces)}
+    # 1. Whole spaces joined by identity couplings; each component is represented by its first space.
+    n_comp, comp_of = _space_classes(dep, index)
+    rep = np.full(n_comp, n_spaces, dtype=np.int64)
+    np.minimum.at(rep, comp_of, np.arange(n_spaces))
+    rep_of = rep[comp_of]  # per space, its representative
+    is_rep = rep_of == np.arange(n_spaces)
+    rep_sizes = np.where(is_rep, sizes, 0)
+    rep_start = np.cumsum(rep_sizes) - rep_sizes  # per representative, its first element id
+    n_rep = int(rep_sizes.sum())
+    # 2. Index-mapped couplings (cat, split, flatten, groups) between representatives' elements.
+    r, c = _mapped_endpoints(dep, index, rep_start[rep_of])
+    adjacency = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n_rep, n_rep)).tocsr()
     n_classes, raw = connected_components(adjacency, directed=False)
-    # Canonical labels: classes numbered by their first element, so results never depend on scipy's order.
+    # Canonical labels: classes numbered by their first element over all spaces, so results never depend on
+    # scipy's order. A representative's element i stands for element i of each space in its component; the
+    # first of those is in the component's first space.
+    rep_spaces = np.nonzero(is_rep)[0]
+    comp_first = np.full(n_comp, total, dtype=np.int64)
+    np.minimum.at(comp_first, comp_of, starts)
+    local = np.arange(n_rep, dtype=np.int64) - np.repeat(rep_start[rep_spaces], sizes[rep_spaces])
+    elem_comp = np.repeat(comp_of[rep_spaces], sizes[rep_spaces])  # component of every representative element
     first = np.full(n_classes, total, dtype=np.int64)
-    np.minimum.at(first, raw, np.arange(total))
+    np.minimum.at(first, raw, comp_first[elem_comp] + local)
     order = np.argsort(first, kind="stable")
     rank = np.empty(n_classes, dtype=np.int64)
     rank[order] = np.arange(n_classes)
-    labels = rank[raw]
+    rep_labels = rank[raw]
+    within = np.arange(total, dtype=np.int64) - np.repeat(starts, sizes)
+    labels = rep_labels[np.repeat(rep_start[rep_of], sizes) + within]  # every element, through its representative
 
     class_pin = _class_pins(dep, offsets, labels, n_classes)
 
@@ -252,13 +278,16 @@ def _solve(dep: DependencyGraph) -> Solution:
     # Within one producer component, channels that appear in different tensors are different groups (a
     # fused qkv projection: the q/k head dims and the v head dims), so a ratio thins each of them evenly
     # and never empties one. The signature of a class is a hash of the set of spaces it appears in.
-    space_of = np.repeat(np.arange(len(offsets)), [dep.sizes[sp] for sp in offsets])
-    # Each (class, space) pair once: a sparse incidence matrix sums duplicate entries in C.
-    incidence = coo_matrix((np.ones(total, dtype=np.int8), (labels, space_of)), shape=(n_classes, len(offsets))).tocsr()
+    # A class is in a space exactly when it is in the space's representative, so the hash sums, per
+    # (class, component) pair, the weights of the component's spaces (uint64 sums wrap: order-free).
+    weights = np.random.default_rng(0).integers(1, 2**63, size=n_spaces, dtype=np.uint64)
+    comp_weight = np.zeros(n_comp, dtype=np.uint64)
+    np.add.at(comp_weight, comp_of, weights)
+    # Each (class, component) pair once: a sparse incidence matrix sums duplicate entries in C.
+    incidence = coo_matrix((np.ones(n_rep, dtype=np.int8), (rep_labels, elem_comp)), shape=(n_classes, n_comp)).tocsr()
     incidence.sum_duplicates()
-    weights = np.random.default_rng(0).integers(1, 2**63, size=len(offsets), dtype=np.uint64)
     signature = np.zeros(n_classes, dtype=np.uint64)
-    np.add.at(signature, np.repeat(np.arange(n_classes), np.diff(incidence.indptr)), weights[incidence.indices])
+    np.add.at(signature, np.repeat(np.arange(n_classes), np.diff(incidence.indptr)), comp_weight[incidence.indices])
     class_group, n_groups = _number_groups(np.nonzero(has_producer)[0], class_comp, signature, n_classes)
     members = np.nonzero(class_group >= 0)[0]
     order = members[np.argsort(class_group[members], kind="stable")]
