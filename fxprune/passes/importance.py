@@ -94,12 +94,23 @@ class GroupTensors:
 Criterion = Callable[[GroupTensors], np.ndarray]
 
 
-def _owners(gm: nn.Module) -> dict[str, str]:
-    out = {}
+def _parameters_and_owners(gm: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every parameter by qualified name (shared ones under each name), and the type name of the module that
+    holds each parameter and buffer: one walk over ``_parameters``/``_buffers`` (``named_parameters`` per
+    module builds a generator chain per call)."""
+    params: dict[str, torch.Tensor] = {}
+    owners: dict[str, str] = {}
     for mod_name, mod in gm.named_modules(remove_duplicate=False):
-        for attr, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            out[f"{mod_name}.{attr}" if mod_name else attr] = type(mod).__name__
-    return out
+        prefix = f"{mod_name}." if mod_name else ""
+        kind = type(mod).__name__
+        for attr, t in mod._parameters.items():
+            if t is not None:
+                params[prefix + attr] = t
+                owners[prefix + attr] = kind
+        for attr, t in mod._buffers.items():
+            if t is not None:
+                owners[prefix + attr] = kind
+    return params, owners
 
 
 def group_tensors(
@@ -110,8 +121,7 @@ def group_tensors(
 ) -> Iterator[GroupTensors]:
     """Yield the parameter slices of every group (parameters only; running statistics are skipped)."""
     sol = deps.solution
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    owners = _owners(gm)
+    params, owners = _parameters_and_owners(gm)
     position = np.full(sol.n_classes, -1, dtype=np.int64)
     for classes in sol.groups:
         position[classes] = np.arange(len(classes))
@@ -128,14 +138,17 @@ def group_tensors(
             gbase = None
             if grads is not None and qual in grads:
                 gbase = grads[qual].movedim(d, 0).reshape(t.shape[d], -1).float()
-            for g in unique(gids[gids >= 0]):
-                rows_idx = np.nonzero(gids == g)[0]
-                whole = len(rows_idx) == len(labels)  # the common case: no copy
-                idx = torch.as_tensor(rows_idx)
-                grad = None if gbase is None else (gbase if whole else gbase[idx])
-                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base,
-                                     None if whole else idx, position[labels[rows_idx]], grad)
-                per_group.setdefault(int(g), []).append(member)
+            whole = len(gids) > 0 and bool((gids == gids[0]).all())  # the common case: one group, no copy
+            found = ([int(gids[0])] if gids[0] >= 0 else []) if whole else unique(gids[gids >= 0]).tolist()
+            for g in found:
+                if whole:
+                    idx, pos, grad = None, position[labels], gbase
+                else:
+                    rows_idx = np.nonzero(gids == g)[0]
+                    idx = torch.as_tensor(rows_idx)
+                    pos, grad = position[labels[rows_idx]], None if gbase is None else gbase[idx]
+                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base, idx, pos, grad)
+                per_group.setdefault(g, []).append(member)
     for group in groups:
         yield GroupTensors(group, tuple(per_group.get(group.id, ())))
 

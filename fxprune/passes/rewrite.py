@@ -78,12 +78,13 @@ class RewritePass:
 
     def _slice_parameters(self, gm: fx.GraphModule) -> set[str]:
         owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+        by_name: dict[str, torch.Tensor] = {}
         for mod_name, mod in gm.named_modules(remove_duplicate=False):
-            for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-                if t is not None:
-                    owners.setdefault(id(t), []).append((mod, attr, mod_name))
-        by_name = dict(gm.named_parameters(remove_duplicate=False))
-        by_name.update(dict(gm.named_buffers(remove_duplicate=False)))
+            for table in (mod._parameters, mod._buffers):
+                for attr, t in table.items():
+                    if t is not None:
+                        owners.setdefault(id(t), []).append((mod, attr, mod_name))
+                        by_name[f"{mod_name}.{attr}" if mod_name else attr] = t
         changed: set[str] = set()
         for value, qual in self.deps.params.items():
             t = by_name[qual]

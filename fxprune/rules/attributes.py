@@ -35,8 +35,8 @@ def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list
     changed = []
     for name, mod in root.named_modules():
         for heads_attr, dim_attr, total_attr, q_names, share in _LAYOUTS:
-            heads = getattr(mod, heads_attr, None)
-            if not isinstance(heads, int) or not isinstance(getattr(mod, dim_attr, None), int) or heads <= 0:
+            heads = int_attribute(mod, heads_attr)
+            if heads is None or int_attribute(mod, dim_attr) is None or heads <= 0:
                 continue
             q = next((getattr(mod, c) for c in q_names if isinstance(getattr(mod, c, None), nn.Module)), None)
             width = out_width(q)
@@ -67,13 +67,27 @@ def fix_mlp_attributes(root: nn.Module) -> list[str]:
     changed = []
     for name, mod in root.named_modules():
         for attr, children in _MLP_LAYOUTS:
-            value = getattr(mod, attr, None)
+            value = int_attribute(mod, attr)
+            if value is None:
+                continue
             proj = next((getattr(mod, c) for c in children if isinstance(getattr(mod, c, None), nn.Module)), None)
             width = out_width(proj)
             if isinstance(value, int) and not isinstance(value, bool) and width is not None and width != value:
                 setattr(mod, attr, width)
                 changed.append(name)
     return changed
+
+
+def int_attribute(mod: nn.Module, name: str) -> int | None:
+    """``getattr(mod, name)`` when it is an int, else None; without a failing ``nn.Module.__getattr__`` (which
+    raises and catches an AttributeError: most of the cost of scanning every module for six layouts)."""
+    if name in mod.__dict__:
+        value = mod.__dict__[name]
+    elif hasattr(type(mod), name):  # a class attribute or a property
+        value = getattr(mod, name, None)
+    else:
+        return None  # nn.Module.__getattr__ only finds parameters, buffers and submodules: never an int
+    return value if isinstance(value, int) else None
 
 
 def out_width(q: nn.Module | None) -> int | None:
