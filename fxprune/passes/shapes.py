@@ -66,6 +66,20 @@ class _ShapeRecorder(fx.Interpreter):
         if len({t.dtype for t in tensors}) > 1:
             raise _NotOnMeta(n.format_node())
 
+    def _run_on_meta(self, n: fx.Node) -> Any:
+        """``Interpreter.run_node`` for a call on meta, with the shape shortcuts, and without recording the
+        node as the current one for tracebacks (two context managers per node, a large share of a meta run
+        whose kernels are shortcut; a failure is reported through ``failed_at`` instead)."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self._guard(n, args, kwargs)
+        out = self._same_shape(n, args, kwargs)
+        if out is None:
+            mod = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
+            out = fast_meta(n.op, n.target, args, kwargs, mod)
+        if out is None:
+            out = getattr(self, n.op)(n.target, args, kwargs)
+        return out
+
     def _same_shape(self, n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
         """On meta, the output of an eval-mode module that keeps its input's shape is the input itself.
 
@@ -91,16 +105,9 @@ class _ShapeRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            out = None
             if self.meta and n.op in ("call_module", "call_function", "call_method"):
-                with self._set_current_node(n):
-                    args, kwargs = self.fetch_args_kwargs_from_env(n)
-                self._guard(n, args, kwargs)
-                out = self._same_shape(n, args, kwargs)
-                if out is None:
-                    mod = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
-                    out = fast_meta(n.op, n.target, args, kwargs, mod)
-            if out is None:
+                out = self._run_on_meta(n)
+            else:
                 out = super().run_node(n)
         except Exception:
             self.failed_at = n
