@@ -14,6 +14,7 @@ channels: a conv's output filters) form a *coupled group*, the unit a pruning ra
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -131,6 +132,11 @@ class Solution:
     class_group: np.ndarray
     groups: list[np.ndarray]
     group_producers: list[list[SpaceKey]]
+
+    @functools.cached_property
+    def pinned(self) -> np.ndarray:
+        """Per class, whether it is pinned (``class_pin`` as a boolean array)."""
+        return np.fromiter(map(bool, self.class_pin), dtype=bool, count=self.n_classes)
 
     def space_labels(self, space: SpaceKey) -> np.ndarray:
         """Return the class label of each index of ``space``."""

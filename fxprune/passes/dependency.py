@@ -46,11 +46,13 @@ class DependencyResult:
 
 def canonical_names(gm: nn.Module) -> dict[int, str]:
     """Map ``id(tensor)`` of every parameter and buffer to its first qualified name (tied weights share one)."""
+    modules = [(f"{name}." if name else "", mod) for name, mod in gm.named_modules(remove_duplicate=False)]
     names: dict[int, str] = {}
-    for name, t in gm.named_parameters(remove_duplicate=False):
-        names.setdefault(id(t), name)
-    for name, t in gm.named_buffers(remove_duplicate=False):
-        names.setdefault(id(t), name)
+    for table in ("_parameters", "_buffers"):  # every parameter before any buffer, as named_parameters does
+        for prefix, mod in modules:
+            for attr, t in getattr(mod, table).items():
+                if t is not None:
+                    names.setdefault(id(t), prefix + attr)
     return names
 
 

@@ -62,19 +62,24 @@ def describe_groups(deps: DependencyResult) -> tuple[ChannelGroup, ...]:
             space = (value, d)
             if space not in sol.offsets:
                 continue
-            for g in unique(sol.class_group[sol.space_labels(space)]):
-                if g >= 0:
-                    members[g].append(space_label(space))
+            gids = sol.class_group[sol.space_labels(space)]
+            if len(gids) and (gids == gids[0]).all():  # the common case: one group or none
+                found = [int(gids[0])] if gids[0] >= 0 else []
+            else:
+                found = [g for g in unique(gids).tolist() if g >= 0]
+            for g in found:
+                members[g].append(space_label(space))
     out = []
     for g, classes in enumerate(sol.groups):
-        reasons = list(dict.fromkeys(sol.class_pin[c] for c in classes if sol.class_pin[c]))
+        pinned = classes[sol.pinned[classes]].tolist()
+        reasons = list(dict.fromkeys(sol.class_pin[c] for c in pinned))
         out.append(
             ChannelGroup(
                 id=g,
                 size=len(classes),
                 producers=tuple(space_label(s) for s in sol.group_producers[g]),
                 members=tuple(members[g]),
-                n_pinned=sum(1 for c in classes if sol.class_pin[c]),
+                n_pinned=len(pinned),
                 pin_reasons=tuple(reasons),
             )
         )
@@ -157,16 +162,16 @@ def select_channels(
     for group, classes, n_keep in zip(groups, sol.groups, keep_counts(deps, groups, scores, policy), strict=True):
         positions = np.arange(len(classes))
         if n_keep >= len(classes):
-            kept_all.append(tuple(int(p) for p in positions))
+            kept_all.append(tuple(positions.tolist()))
             continue
-        pinned = np.array([bool(sol.class_pin[c]) for c in classes], dtype=bool)
+        pinned = sol.pinned[classes]
         free = positions[~pinned]
         n_free_keep = n_keep - int(pinned.sum())
         order = np.lexsort((free, -scores[group.id][free]))  # best first; ties by position
         keep_mask = pinned.copy()
         keep_mask[free[order[:n_free_keep]]] = True
-        kept_all.append(tuple(int(p) for p in positions[keep_mask]))
-        dropped.extend(int(c) for c in classes[~keep_mask])
+        kept_all.append(tuple(positions[keep_mask].tolist()))
+        dropped.extend(classes[~keep_mask].tolist())
     ratio = policy.ratio
     return PruningPlan(ratio=ratio, groups=groups, kept=tuple(kept_all), dropped_labels=tuple(sorted(dropped)))
 
