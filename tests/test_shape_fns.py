@@ -7,6 +7,7 @@ import itertools
 import operator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -85,6 +86,7 @@ def test_binary_ops_decline_what_they_do_not_model() -> None:
     assert fast_meta("call_function", torch.add, (2, x), {}) is None  # torch.add needs a tensor first
     assert fast_meta("call_function", operator.add, (2, 3), {}) is None
     assert fast_meta("call_function", operator.add, (x, torch.rand(3)), {}) is None  # a CPU tensor: run it
+    assert fast_meta("call_function", operator.mul, (x, np.float32(2.0)), {}) is None  # numpy scalar: run it
 
 
 @pytest.mark.parametrize("name", ["mean", "sum"])

@@ -1,17 +1,17 @@
 """Shape functions for the ops whose meta kernels are slow, used by the meta shape run (``shapes.py``).
 
 Meta kernels of broadcasting arithmetic, reductions and ``addmm`` are Python decompositions: 150-500 us a
-call, against 20 us to compute the same result shape directly (a conv module on meta: 60-90 us). A shape function here returns the meta
-tensor the kernel would return (shape, dtype and a contiguous layout), or None whenever it is not certain
-to: inputs that are not contiguous (the kernel would propagate their layout, and a later ``view`` depends
-on it), keyword arguments it does not model, dtypes the real op would reject. None means: run the kernel.
+call, against 20 us to compute the same result shape directly (a conv module on meta: 60-90 us). A shape
+function here returns the meta tensor the kernel would return (shape, dtype and a contiguous layout), or
+None whenever it is not certain to: inputs that are not contiguous (the kernel would propagate their
+layout, and a later ``view`` depends on it), keyword arguments it does not model, dtypes the real op would
+reject. None means: run the kernel.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from numbers import Number
 from typing import Any
 
 import torch
@@ -26,10 +26,11 @@ def _dense(t: Any) -> bool:
 
 
 def _operand(v: Any) -> bool:
-    """A contiguous meta tensor or a real Python number; nothing boolean (``-`` rejects bools)."""
+    """A contiguous meta tensor or a plain Python int/float; nothing boolean (``-`` rejects bools), no numpy
+    scalars (``torch.result_type`` does not take them)."""
     if isinstance(v, torch.Tensor):
         return _dense(v) and v.dtype != torch.bool
-    return isinstance(v, Number) and not isinstance(v, (complex, bool))
+    return type(v) in (int, float)
 
 
 def _binary(true_divide: bool, tensor_first: bool) -> ShapeFn:
