@@ -138,6 +138,13 @@ class Solution:
         """Per class, whether it is pinned (``class_pin`` as a boolean array)."""
         return np.fromiter(map(bool, self.class_pin), dtype=bool, count=self.n_classes)
 
+    def groups_in(self, space: SpaceKey) -> list[int]:
+        """Ids of the groups with a channel in ``space``, ascending (one comparison when there is one group)."""
+        gids = self.class_group[self.space_labels(space)]
+        if len(gids) and (gids == gids[0]).all():
+            return [int(gids[0])] if gids[0] >= 0 else []
+        return [g for g in unique(gids).tolist() if g >= 0]
+
     def space_labels(self, space: SpaceKey) -> np.ndarray:
         """Return the class label of each index of ``space``."""
         start = self.offsets[space]

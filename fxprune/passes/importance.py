@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.depgraph import space_label, unique
+from fxprune.depgraph import space_label
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import ChannelGroup
 
@@ -138,16 +138,13 @@ def group_tensors(
             gbase = None
             if grads is not None and qual in grads:
                 gbase = grads[qual].movedim(d, 0).reshape(t.shape[d], -1).float()
-            whole = len(gids) > 0 and bool((gids == gids[0]).all())  # the common case: one group, no copy
-            found = ([int(gids[0])] if gids[0] >= 0 else []) if whole else unique(gids[gids >= 0]).tolist()
-            for g in found:
-                if whole:
-                    idx, pos, grad = None, position[labels], gbase
-                else:
-                    rows_idx = np.nonzero(gids == g)[0]
-                    idx = torch.as_tensor(rows_idx)
-                    pos, grad = position[labels[rows_idx]], None if gbase is None else gbase[idx]
-                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base, idx, pos, grad)
+            for g in sol.groups_in(space):
+                rows_idx = np.nonzero(gids == g)[0]
+                whole = len(rows_idx) == len(labels)  # the common case: no copy
+                idx = None if whole else torch.as_tensor(rows_idx)
+                grad = None if gbase is None else (gbase if whole else gbase[idx])
+                member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base, idx,
+                                     position[labels[rows_idx]], grad)
                 per_group.setdefault(g, []).append(member)
     for group in groups:
         yield GroupTensors(group, tuple(per_group.get(group.id, ())))

@@ -62,12 +62,7 @@ def describe_groups(deps: DependencyResult) -> tuple[ChannelGroup, ...]:
             space = (value, d)
             if space not in sol.offsets:
                 continue
-            gids = sol.class_group[sol.space_labels(space)]
-            if len(gids) and (gids == gids[0]).all():  # the common case: one group or none
-                found = [int(gids[0])] if gids[0] >= 0 else []
-            else:
-                found = [g for g in unique(gids).tolist() if g >= 0]
-            for g in found:
+            for g in sol.groups_in(space):
                 members[g].append(space_label(space))
     out = []
     for g, classes in enumerate(sol.groups):

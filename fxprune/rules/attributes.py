@@ -72,7 +72,7 @@ def fix_mlp_attributes(root: nn.Module) -> list[str]:
                 continue
             proj = next((getattr(mod, c) for c in children if isinstance(getattr(mod, c, None), nn.Module)), None)
             width = out_width(proj)
-            if isinstance(value, int) and not isinstance(value, bool) and width is not None and width != value:
+            if not isinstance(value, bool) and width is not None and width != value:
                 setattr(mod, attr, width)
                 changed.append(name)
     return changed
