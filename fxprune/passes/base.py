@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -38,6 +40,34 @@ def submodule(root: nn.Module, target: str) -> nn.Module:
     if mod is None:
         return root.get_submodule(target)
     return mod
+
+
+class ModuleTensor(NamedTuple):
+    """One parameter or buffer under one of its qualified names."""
+
+    name: str  # qualified name, ``layer1.0.conv1.weight``
+    module_name: str
+    module: nn.Module
+    attr: str
+    tensor: torch.Tensor
+    is_parameter: bool
+
+
+def module_tensors(root: nn.Module) -> list[ModuleTensor]:
+    """Every parameter and buffer under ``root``, a shared module's under each of its names, module by module
+    (its parameters, then its buffers).
+
+    What ``named_parameters``/``named_buffers(remove_duplicate=False)`` give, in one walk of the modules'
+    ``_parameters``/``_buffers`` tables, without torch's generator chain per module and per call.
+    """
+    out: list[ModuleTensor] = []
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for table, is_parameter in ((mod._parameters, True), (mod._buffers, False)):
+            for attr, t in table.items():
+                if t is not None:
+                    out.append(ModuleTensor(prefix + attr, mod_name, mod, attr, t, is_parameter))
+    return out
 
 
 def deferred_graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:

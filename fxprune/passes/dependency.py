@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
-from fxprune.passes.base import submodule
+from fxprune.passes.base import module_tensors, submodule
 from fxprune.rules import lookup
 from fxprune.rules.common import pin_all, values_of
 from fxprune.rules.context import Regroup, RuleContext
@@ -46,13 +46,12 @@ class DependencyResult:
 
 def canonical_names(gm: nn.Module) -> dict[int, str]:
     """Map ``id(tensor)`` of every parameter and buffer to its first qualified name (tied weights share one)."""
-    modules = [(f"{name}." if name else "", mod) for name, mod in gm.named_modules(remove_duplicate=False)]
+    tensors = module_tensors(gm)
     names: dict[int, str] = {}
-    for table in ("_parameters", "_buffers"):  # every parameter before any buffer, as named_parameters does
-        for prefix, mod in modules:
-            for attr, t in getattr(mod, table).items():
-                if t is not None:
-                    names.setdefault(id(t), prefix + attr)
+    for is_parameter in (True, False):  # every parameter before any buffer, as named_parameters does
+        for m in tensors:
+            if m.is_parameter == is_parameter:
+                names.setdefault(id(m.tensor), m.name)
     return names
 
 

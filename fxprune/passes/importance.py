@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from fxprune.depgraph import space_label
+from fxprune.passes.base import module_tensors
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import ChannelGroup
 
@@ -94,25 +94,6 @@ class GroupTensors:
 Criterion = Callable[[GroupTensors], np.ndarray]
 
 
-def _parameters_and_owners(gm: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every parameter by qualified name (shared ones under each name), and the type name of the module that
-    holds each parameter and buffer: one walk over ``_parameters``/``_buffers`` (``named_parameters`` per
-    module builds a generator chain per call)."""
-    params: dict[str, torch.Tensor] = {}
-    owners: dict[str, str] = {}
-    for mod_name, mod in gm.named_modules(remove_duplicate=False):
-        prefix = f"{mod_name}." if mod_name else ""
-        kind = type(mod).__name__
-        for attr, t in mod._parameters.items():
-            if t is not None:
-                params[prefix + attr] = t
-                owners[prefix + attr] = kind
-        for attr, t in mod._buffers.items():
-            if t is not None:
-                owners[prefix + attr] = kind
-    return params, owners
-
-
 def group_tensors(
     gm: fx.GraphModule,
     deps: DependencyResult,
@@ -121,7 +102,9 @@ def group_tensors(
 ) -> Iterator[GroupTensors]:
     """Yield the parameter slices of every group (parameters only; running statistics are skipped)."""
     sol = deps.solution
-    params, owners = _parameters_and_owners(gm)
+    tensors = module_tensors(gm)
+    params = {m.name: m.tensor for m in tensors if m.is_parameter}
+    owners = {m.name: type(m.module).__name__ for m in tensors}
     position = np.full(sol.n_classes, -1, dtype=np.int64)
     for classes in sol.groups:
         position[classes] = np.arange(len(classes))

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import InvariantError
-from fxprune.passes.base import PassResult, submodule
+from fxprune.passes.base import PassResult, module_tensors, submodule
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
@@ -79,12 +79,9 @@ class RewritePass:
     def _slice_parameters(self, gm: fx.GraphModule) -> set[str]:
         owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
         by_name: dict[str, torch.Tensor] = {}
-        for mod_name, mod in gm.named_modules(remove_duplicate=False):
-            for table in (mod._parameters, mod._buffers):
-                for attr, t in table.items():
-                    if t is not None:
-                        owners.setdefault(id(t), []).append((mod, attr, mod_name))
-                        by_name[f"{mod_name}.{attr}" if mod_name else attr] = t
+        for m in module_tensors(gm):
+            owners.setdefault(id(m.tensor), []).append((m.module, m.attr, m.module_name))
+            by_name[m.name] = m.tensor
         changed: set[str] = set()
         for value, qual in self.deps.params.items():
             t = by_name[qual]
