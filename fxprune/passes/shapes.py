@@ -6,7 +6,8 @@ run on the example inputs: an op without a meta kernel, a value-dependent branch
 forward creates on the CPU, or inputs whose dtypes disagree with a layer's parameters (meta kernels do not
 check dtypes; the real run then gives the error the user would see). Graphs that call a module of the user's
 own (an opaque leaf) always run for real: its forward may cache tensors (anchors, masks) on the module, and a
-cached meta tensor would poison every later run.
+cached meta tensor would poison every later run. Known composites (``rules.modules.COMPOSITES``, such as
+timm's BatchNormAct2d) are not the user's own: their forwards were read and cache nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from fxprune.errors import ShapeError
 from fxprune.passes.base import submodule
 from fxprune.passes.shape_fns import fast_meta
-from fxprune.rules.modules import SHAPE_KEEPING_MODULES
+from fxprune.rules.modules import SHAPE_KEEPING_MODULES, composite_rule
 
 Shape = tuple[int, ...]
 
@@ -138,7 +139,8 @@ def _meta_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[st
     if not all(isinstance(t, torch.Tensor) for t in example_inputs) or any(t.is_meta for t in example_inputs):
         return None
     for n in gm.graph.nodes:
-        if n.op == "call_module" and not type(submodule(gm, str(n.target))).__module__.startswith("torch.nn."):
+        mod = submodule(gm, str(n.target)) if n.op == "call_module" else None
+        if mod is not None and not type(mod).__module__.startswith("torch.nn.") and composite_rule(mod) is None:
             return None  # a forward of the user's own: it may cache what it computes
     runner = _OnMeta(gm)
     try:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from fxprune.errors import TraceError
 from fxprune.passes.base import deferred_graph_module
 from fxprune.passes.example_values import ExampleEvaluator, example_value, forget
+from fxprune.rules.modules import composite_rule
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,12 @@ class _FallbackTracer(fx.Tracer):
         return self._names[1], self._names[2]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.extra_leaves or super().is_leaf_module(m, module_qualified_name)
+        """fx's leaves (``torch.nn`` modules), the requested ones, and known composites (``COMPOSITES``)."""
+        return (
+            module_qualified_name in self.extra_leaves
+            or super().is_leaf_module(m, module_qualified_name)
+            or composite_rule(m) is not None
+        )
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)

@@ -16,7 +16,7 @@ from fxprune.passes.base import submodule
 from fxprune.rules import attention, functional, windows
 from fxprune.rules.common import pin_all
 from fxprune.rules.context import RuleContext
-from fxprune.rules.modules import MODULE_RULES
+from fxprune.rules.modules import MODULE_RULES, composite_rule
 from fxprune.rules.tensor_ops import FUNCTION_RULES, METHOD_RULES
 
 Rule = Callable[[fx.Node, RuleContext], None]
@@ -63,6 +63,9 @@ def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule:
     """Return the rule for a ``call_*`` node; ops without a rule get one that pins everything they touch."""
     if node.op == "call_module":
         mod = submodule(gm, str(node.target))
+        rule = composite_rule(mod)
+        if rule is not None:
+            return rule
         for t in type(mod).__mro__:
             # A subclass that overrides forward computes something else: it gets no inherited rule.
             if t in MODULE_RULES and type(mod).forward is t.forward:

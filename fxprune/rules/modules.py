@@ -248,6 +248,33 @@ MODULE_RULES[nn.PixelShuffle] = _shuffle_module
 MODULE_RULES[nn.PixelUnshuffle] = _shuffle_module
 
 
+
+# ---- third-party composites kept whole ---------------------------------------------------------------
+# A library module whose forward we have read, traced as one leaf when every part of it is channelwise: fewer
+# nodes to trace, check and generate (timm's BatchNormAct2d traces to nine nodes: rank assert, four tensor
+# reads, batch_norm, drop, act). Keyed by (module, qualified name) so that the library is never imported.
+# Only the exact class qualifies (a subclass may compute something else), and only when its parts are
+# parameter-free elementwise modules of exact known types; otherwise it is traced through as before.
+_ELEMENTWISE = frozenset(SHAPE_KEEPING_MODULES)
+
+
+def _timm_norm_act(m: nn.Module) -> bool:
+    """timm ``BatchNormAct2d``: ``F.batch_norm`` over dim 1, then ``self.drop``, then ``self.act``."""
+    parts = m.__dict__.get("_modules", {})
+    return set(parts) == {"drop", "act"} and all(type(p) in _ELEMENTWISE for p in parts.values())
+
+
+COMPOSITES: dict[tuple[str, str], tuple[Callable[[nn.Module], bool], Callable[[fx.Node, RuleContext], None]]] = {
+    ("timm.layers.norm_act", "BatchNormAct2d"): (_timm_norm_act, batch_norm),
+}
+
+
+def composite_rule(m: nn.Module) -> Callable[[fx.Node, RuleContext], None] | None:
+    """The rule of a known composite module (``COMPOSITES``) whose parts qualify, else None."""
+    cls = type(m)
+    entry = COMPOSITES.get((cls.__module__, cls.__qualname__))
+    return entry[1] if entry is not None and entry[0](m) else None
+
 # ---- attribute fix-ups after parameters were sliced ------------------------------------------------
 
 def fix_conv(m: nn.Module, new_in: int) -> None:
