@@ -251,7 +251,7 @@ MODULE_RULES[nn.PixelUnshuffle] = _shuffle_module
 
 # ---- third-party composites kept whole ---------------------------------------------------------------
 # A library module whose forward we have read, traced as one leaf when every part of it is channelwise: fewer
-# nodes to trace, check and generate (timm's BatchNormAct2d traces to nine nodes: rank assert, four tensor
+# nodes to trace, check and generate (timm's BatchNormAct2d traces to eleven nodes: a rank check, four tensor
 # reads, batch_norm, drop, act). Keyed by (module, qualified name) so that the library is never imported.
 # Only the exact class qualifies (a subclass may compute something else), and only when its parts are
 # parameter-free elementwise modules of exact known types; otherwise it is traced through as before.
