@@ -146,3 +146,36 @@ def test_branches_on_data_are_never_specialised() -> None:
     assert "block" in opaque  # not traced through with the example's branch baked in
     with pytest.raises(fxprune.TraceError):
         trace(DataBranch(), (), 1, x, specialize=True)
+
+
+class TorchFunctions(nn.Module):
+    """Torch functions, functionals, tensor methods called as functions, and a property: every path into
+    ``Proxy.__torch_function__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        z = torch.cat([y, torch.sigmoid(y)], 1)
+        a, b = torch.Tensor.split(z, 4, 1)  # a tensor method (written in Python) reached as a function
+        z = torch.flatten(a * b, 1)
+        w = torch.add(torch.flatten(y, 1), 1.0).sum(1, keepdim=True)
+        return F.normalize(z, dim=1) * w + torch.abs(z).mean() + z.T.sum()
+
+
+def test_torch_functions_are_recorded_as_fx_records_them() -> None:
+    from fxprune.passes.trace import _tensor_attributes
+
+    # The shortcut answers "no tensor method" only for functions outside every Tensor entry of torch's table.
+    assert set(torch.overrides.get_overridable_functions()[torch.Tensor]) <= _tensor_attributes()
+    model = TorchFunctions().eval()
+    ours, _ = trace(model)
+    ref = torch.fx.symbolic_trace(model)
+    def rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, str]]:
+        return [(n.op, n.name, str(n.target), str(n.args)) for n in gm.graph.nodes]
+    assert rows(ours) == rows(ref)
+    assert ("call_method", "split") in {(n.op, n.target) for n in ours.graph.nodes}
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(ours(x), model(x))

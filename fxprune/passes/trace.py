@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterable, Iterator
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from fxprune.errors import TraceError
 from fxprune.passes.base import deferred_graph_module
@@ -19,8 +21,50 @@ from fxprune.rules.modules import composite_rule
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _tensor_attributes() -> frozenset[Any]:
+    """Every attribute of ``torch.Tensor``, and the ``__get__`` of each non-callable one.
+
+    ``torch.overrides.is_tensor_method_or_property`` answers from torch's table of every overridable function
+    of every namespace, built on its first call (12 ms, a tenth of a small model's compile). The Tensor
+    entries of that table are taken from exactly these attributes, so a function outside this set is no
+    tensor method (``tests/test_trace.py`` checks the inclusion).
+    """
+    found: set[Any] = set()
+    for name in dir(torch.Tensor):
+        value = getattr(torch.Tensor, name, None)
+        try:
+            found.add(value)
+            if not callable(value) and hasattr(value, "__get__"):
+                found.add(value.__get__)
+        except TypeError:  # an unhashable class attribute: no function
+            continue
+    return frozenset(found)
+
+
 class _SizedProxy(fx.Proxy):
     """A Proxy whose length is known (``chunk(n)``, ``split([sizes])``, a traced shape): see ``known_length``."""
+
+    @classmethod
+    def __torch_function__(
+        cls, orig_method: Any, types: tuple[type, ...], args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> fx.Proxy:
+        """fx's, with a torch function that is no tensor method (``torch.flatten``, ``F.relu``) recorded as a
+        ``call_function`` without asking torch's table of overridable functions (see ``_tensor_attributes``)."""
+        name = getattr(orig_method, "__name__", None)
+        if (
+            isinstance(name, str) and name != "__get__" and inspect.isroutine(orig_method)
+            and not isinstance(orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator))
+            and orig_method not in _tensor_attributes()
+        ):
+            tracers = {a.tracer for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)}
+            if len(tracers) == 1:
+                tracer = tracers.pop()
+                return tracer.create_proxy(
+                    "call_function", orig_method, args or (), kwargs or {}, name=tracer.graph._target_to_str(name)
+                )
+        return super().__torch_function__(orig_method, types, args, kwargs)
 
     def __len__(self) -> int:
         n = self.tracer.known_length(self) if isinstance(self.tracer, _FallbackTracer) else None
