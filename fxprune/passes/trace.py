@@ -26,7 +26,7 @@ def _tensor_attributes() -> frozenset[Any]:
     """Every attribute of ``torch.Tensor``, and the ``__get__`` of each non-callable one.
 
     ``torch.overrides.is_tensor_method_or_property`` answers from torch's table of every overridable function
-    of every namespace, built on its first call (12 ms, a tenth of a small model's compile). The Tensor
+    of every namespace, built on its first call (9-12 ms here, a tenth of a small model's compile). The Tensor
     entries of that table are taken from exactly these attributes, so a function outside this set is no
     tensor method (``tests/test_trace.py`` checks the inclusion).
     """

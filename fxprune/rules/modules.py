@@ -248,13 +248,13 @@ MODULE_RULES[nn.PixelShuffle] = _shuffle_module
 MODULE_RULES[nn.PixelUnshuffle] = _shuffle_module
 
 
-
 # ---- third-party composites kept whole ---------------------------------------------------------------
 # A library module whose forward we have read, traced as one leaf when every part of it is channelwise: fewer
 # nodes to trace, check and generate (timm's BatchNormAct2d traces to eleven nodes: a rank check, four tensor
 # reads, batch_norm, drop, act). Keyed by (module, qualified name) so that the library is never imported.
 # Only the exact class qualifies (a subclass may compute something else), and only when its parts are
-# parameter-free elementwise modules of exact known types; otherwise it is traced through as before.
+# parameter-free elementwise modules of exact known types; otherwise it is traced through as before. The
+# forward was read in timm 1.0.x; ``verify=True`` (the mask oracle) re-checks any result.
 _ELEMENTWISE = frozenset(SHAPE_KEEPING_MODULES)
 
 
@@ -274,6 +274,7 @@ def composite_rule(m: nn.Module) -> Callable[[fx.Node, RuleContext], None] | Non
     cls = type(m)
     entry = COMPOSITES.get((cls.__module__, cls.__qualname__))
     return entry[1] if entry is not None and entry[0](m) else None
+
 
 # ---- attribute fix-ups after parameters were sliced ------------------------------------------------
 
