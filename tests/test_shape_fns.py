@@ -163,3 +163,19 @@ def test_meta_run_with_shape_functions_equals_the_real_run() -> None:
     meta, _ = record_shapes(gm, x, meta=True)
     real, _ = record_shapes(gm, x, meta=False)
     assert meta == real
+
+
+def test_interpolate_matches_the_kernel() -> None:
+    F = torch.nn.functional
+    answered = 0
+    inputs = [torch.rand(2, 3, 5, 6), torch.rand(1, 2, 7), torch.rand(1, 2, 3, 4, 5), torch.rand(2, 3, 5, 6).double(),
+              torch.rand(2, 3, 5, 6).half(), torch.rand(1, 1, 1, 1), torch.rand(2, 3, 5, 6).to(memory_format=torch.channels_last)]
+    modes = ["nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area"]
+    for x, mode, corners in itertools.product(inputs, modes, [None, False, True]):
+        n = x.dim() - 2
+        for size in [9, (4, 8)[:n] if n < 3 else (2, 3, 4), torch.Size([3] * n), [2] * n, (0,) * n, (3,) * (n + 1)]:
+            answered += _agrees("call_function", F.interpolate, (x,), {"size": size, "mode": mode, "align_corners": corners})
+        answered += _agrees("call_function", F.interpolate, (x, 6, None, mode, corners), {})
+        answered += _agrees("call_function", F.interpolate, (x,), {"scale_factor": 2.0, "mode": mode})
+        answered += _agrees("call_function", F.interpolate, (x, 6), {"mode": mode, "antialias": True})
+    assert answered >= 60

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 Shape = tuple[int, ...]
 ShapeFn = Callable[[tuple[Any, ...], dict[str, Any]], "torch.Tensor | None"]
@@ -77,13 +78,45 @@ def _reduction(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | 
     return None if shape is None else torch.empty(shape, dtype=x.dtype, device="meta")
 
 
+_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+_RESAMPLE_RANK = {"nearest": (3, 4, 5), "nearest-exact": (3, 4, 5), "linear": (3,), "bilinear": (4,),
+                  "bicubic": (4,), "trilinear": (5,)}
+
+
+def _interpolate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """``F.interpolate`` to an explicit ``size`` (a 5 ms Python decomposition on meta for bilinear): the output
+    is ``(N, C, *size)``. Declined: a scale factor (its rounding), ``area`` (adaptive pooling), antialiasing,
+    ``align_corners`` where the mode rejects it, dtypes other than float32/float64, and layouts the kernel
+    would keep (a channels-last input)."""
+    if len(args) > len(_INTERPOLATE_ARGS) or set(kwargs) - set(_INTERPOLATE_ARGS[len(args):]):
+        return None
+    a = {**dict(zip(_INTERPOLATE_ARGS, args, strict=False)), **kwargs}
+    x, size, mode = a.get("input"), a.get("size"), a.get("mode", "nearest")
+    if not _dense(x) or x.dtype not in (torch.float32, torch.float64) or 0 in x.shape:
+        return None
+    if not isinstance(mode, str) or mode not in _RESAMPLE_RANK or x.dim() not in _RESAMPLE_RANK[mode]:
+        return None
+    if a.get("scale_factor") is not None or a.get("recompute_scale_factor") is not None or a.get("antialias", False):
+        return None
+    corners = a.get("align_corners")
+    if not (corners is None or (isinstance(corners, bool) and mode in ("linear", "bilinear", "bicubic", "trilinear"))):
+        return None
+    n = x.dim() - 2
+    sizes = (size,) * n if type(size) is int else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(sizes) != n or not all(type(v) is int and v > 0 for v in sizes):
+        return None
+    if n == 2 and x.is_contiguous(memory_format=torch.channels_last):
+        return None  # an ambiguous layout ([N, C, 1, 1]): the kernel picks
+    return torch.empty((*x.shape[:2], *sizes), dtype=x.dtype, device="meta")
+
+
 _OP_ADD, _OP_DIV = _binary(False, tensor_first=False), _binary(True, tensor_first=False)
 _ADD, _DIV = _binary(False, tensor_first=True), _binary(True, tensor_first=True)
 
 FUNCTIONS: dict[Any, ShapeFn] = {
     operator.add: _OP_ADD, operator.sub: _OP_ADD, operator.mul: _OP_ADD, operator.truediv: _OP_DIV,
     torch.add: _ADD, torch.sub: _ADD, torch.mul: _ADD, torch.div: _DIV, torch.true_divide: _DIV,
-    torch.mean: _reduction, torch.sum: _reduction,
+    torch.mean: _reduction, torch.sum: _reduction, F.interpolate: _interpolate,
 }
 METHODS: dict[str, ShapeFn] = {
     "add": _ADD, "sub": _ADD, "mul": _ADD, "div": _DIV, "true_divide": _DIV, "mean": _reduction, "sum": _reduction,
