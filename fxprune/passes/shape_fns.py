@@ -105,7 +105,7 @@ def _interpolate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     sizes = (size,) * n if type(size) is int else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(sizes) != n or not all(type(v) is int and v > 0 for v in sizes):
         return None
-    if n == 2 and x.is_contiguous(memory_format=torch.channels_last):
+    if n in (2, 3) and x.is_contiguous(memory_format=torch.channels_last if n == 2 else torch.channels_last_3d):
         return None  # an ambiguous layout ([N, C, 1, 1]): the kernel picks
     return torch.empty((*x.shape[:2], *sizes), dtype=x.dtype, device="meta")
 
