@@ -196,3 +196,22 @@ def test_sensitivity_curves_and_allocation(tmp_path: Path) -> None:
     ratios = sens.allocate(target_macs=0.6)
     r = check_pruned(model, x, 0.0, group_ratios=ratios)
     assert r.macs_after / r.macs_before <= 0.6
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.5])
+def test_row_sums_match_a_direct_reduction(p: float) -> None:
+    """``MemberSlice.row_sums`` (a norm over the contiguous inner dims, then a sum over the outer ones) against
+    the plain definition: the sum of ``|w|**p`` over every dim but ``dim``, for all rows and for an index."""
+    from fxprune.passes.importance import MemberSlice
+
+    torch.manual_seed(0)
+    shapes = [(6,), (8, 4), (8, 4, 3, 3), (16, 1, 3, 3), (5, 7, 1, 1), (300, 256, 1, 1), (64, 40, 5, 5)]
+    for shape in shapes:
+        t = torch.randn(shape)
+        for dim in range(len(shape)):
+            ref = (t.movedim(dim, 0).reshape(shape[dim], -1).double().abs() ** p).sum(1)
+            index = torch.arange(0, shape[dim], 2)
+            for idx in (None, index):
+                m = MemberSlice("x", "x", dim, "Conv2d", t, idx, np.zeros(shape[dim], dtype=np.int64), None)
+                want = ref if idx is None else ref[idx]
+                torch.testing.assert_close(m.row_sums(p).double(), want, rtol=1e-5, atol=1e-6)
