@@ -26,6 +26,13 @@ def _dense(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_meta and t.is_contiguous() and t.layout == torch.strided
 
 
+def _ambiguous_layout(x: torch.Tensor, n_spatial: int) -> bool:
+    """A contiguous input that is also channels-last contiguous (``[N, C, 1, 1]``): on meta the input alone
+    picks the output layout of a conv or a resampling, so such an input is left to the kernel."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(n_spatial)
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
 def _operand(v: Any) -> bool:
     """A contiguous meta tensor or a plain Python int/float; nothing boolean (``-`` rejects bools), no numpy
     scalars (``torch.result_type`` does not take them)."""
@@ -105,8 +112,8 @@ def _interpolate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     sizes = (size,) * n if type(size) is int else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(sizes) != n or not all(type(v) is int and v > 0 for v in sizes):
         return None
-    if n in (2, 3) and x.is_contiguous(memory_format=torch.channels_last if n == 2 else torch.channels_last_3d):
-        return None  # an ambiguous layout ([N, C, 1, 1]): the kernel picks
+    if _ambiguous_layout(x, n):
+        return None
     return torch.empty((*x.shape[:2], *sizes), dtype=x.dtype, device="meta")
 
 
@@ -155,7 +162,7 @@ def _conv(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     n = w.dim() - 2
     if mod.padding_mode != "zeros" or not _dense(w) or x.dim() not in (n + 1, n + 2) or x.dtype != w.dtype:
         return None
-    if n in (2, 3) and x.is_contiguous(memory_format=torch.channels_last if n == 2 else torch.channels_last_3d):
+    if _ambiguous_layout(x, n):
         return None
     groups = mod.groups
     channels = x.shape[-n - 1]

@@ -38,7 +38,6 @@ _MATMUL_LIKE = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.
                 F.conv_transpose3d, F.scaled_dot_product_attention, operator.matmul}
 
 
-_SHAPE_KEEPING = frozenset(SHAPE_KEEPING_MODULES)
 _BATCH_NORM_FNS = frozenset({F.batch_norm, torch.batch_norm})
 
 
@@ -94,7 +93,7 @@ class _ShapeRecorder(fx.Interpreter):
             stats: list[Any] = [*args[1:], *kwargs.values()]
         elif n.op == "call_module" and len(args) == 1:
             mod = self.fetch_attr(str(n.target))
-            if type(mod) not in _SHAPE_KEEPING and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if type(mod) not in SHAPE_KEEPING_MODULES and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 return None
             stats = [*mod._parameters.values(), *mod._buffers.values()]
         else:

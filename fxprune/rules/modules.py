@@ -216,10 +216,13 @@ for _n, _types in ((1, (nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.R
     for _t in _types:
         MODULE_RULES[_t] = _pool(_n)
 # Elementwise modules without parameters: the output has the input's shape and dtype, whatever their settings
-# (the meta shape run in ``passes/shapes.py`` passes their input through instead of running them).
-SHAPE_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                         nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
-                         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# (the meta shape run in ``passes/shapes.py`` passes their input through instead of running them). A set of
+# exact types, tested with ``type(m) in``: a subclass may override forward.
+SHAPE_KEEPING_MODULES = frozenset({
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+})
 for _t in (*SHAPE_KEEPING_MODULES, nn.PReLU):
     MODULE_RULES[_t] = unary
 # PReLU with one slope per channel is not elementwise-uniform; give it its own rule.
@@ -255,13 +258,12 @@ MODULE_RULES[nn.PixelUnshuffle] = _shuffle_module
 # Only the exact class qualifies (a subclass may compute something else), and only when its parts are
 # parameter-free elementwise modules of exact known types; otherwise it is traced through as before. The
 # forward was read in timm 1.0.x; ``verify=True`` (the mask oracle) re-checks any result.
-_ELEMENTWISE = frozenset(SHAPE_KEEPING_MODULES)
 
 
 def _timm_norm_act(m: nn.Module) -> bool:
     """timm ``BatchNormAct2d``: ``F.batch_norm`` over dim 1, then ``self.drop``, then ``self.act``."""
     parts = m.__dict__.get("_modules", {})
-    return set(parts) == {"drop", "act"} and all(type(p) in _ELEMENTWISE for p in parts.values())
+    return set(parts) == {"drop", "act"} and all(type(p) in SHAPE_KEEPING_MODULES for p in parts.values())
 
 
 COMPOSITES: dict[tuple[str, str], tuple[Callable[[nn.Module], bool], Callable[[fx.Node, RuleContext], None]]] = {
