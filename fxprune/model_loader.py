@@ -7,9 +7,11 @@ Specs, tried in this order:
 - ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False)`` (input shape from its config).
 - ``ultralytics:FILE.yaml`` — ``ultralytics.YOLO(FILE.yaml).model``; needs the optional ``ultralytics``.
 - ``path/to/file.py:NAME`` — the file is imported and ``NAME()`` (a class or factory) is called.
-- ``path/to/file.pt`` — a whole model saved with ``torch.save(model)``. It is read with
-  ``torch.load(weights_only=False)``, which runs pickle code: load only files you trust. The model's
-  class must be importable (as it was when saved).
+- ``path/to/file.pt`` — a whole model saved with ``torch.save(model)``. Unpickling a whole module runs
+  code stored in the file, so it is refused unless the caller opts in with ``trust_pickle=True`` (the
+  CLI's ``--trust-pickle``); the file is first read with ``torch.load(weights_only=True)``, which runs no
+  code, so a state_dict is recognised and explained without any risk. The model's class must be
+  importable (as it was when saved).
 
 Weights are never downloaded: everything is random init unless a ``state_dict`` checkpoint is loaded
 with :func:`load_checkpoint`.
@@ -144,14 +146,23 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
     return LoadedModel(model, f"{file}:{name}", None)
 
 
-def _from_saved(file: str) -> LoadedModel:
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=False)  # a whole pickled model: trusted files only
-    except Exception as e:
-        raise ModelLoadError(
-            f"cannot load {file} with torch.load: {type(e).__name__}: {_first_line(e)} "
-            "(a torch.save(model) file needs the model's class to be importable)"
-        ) from e
+def _from_saved(file: str, trust_pickle: bool) -> LoadedModel:
+    try:  # weights_only=True runs no code from the file: a state_dict or tensors load, a module is refused
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the file holds objects beyond tensors and containers
+        if not trust_pickle:
+            raise ModelLoadError(
+                f"{file} holds a pickled object (a whole model?), and unpickling it would run code stored in the "
+                "file; fxprune refuses that by default. If you trust the file, pass --trust-pickle (Python: "
+                "load_model(..., trust_pickle=True)); or save a state_dict and give it as --checkpoint"
+            ) from e
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=False)  # the caller trusts this file
+        except Exception as e2:
+            raise ModelLoadError(
+                f"cannot load {file} with torch.load: {type(e2).__name__}: {_first_line(e2)} "
+                "(a torch.save(model) file needs the model's class to be importable)"
+            ) from e2
     if isinstance(obj, dict):
         raise ModelLoadError(
             f"{file} holds a state_dict, not a model; give the architecture as MODEL and this file as --checkpoint"
@@ -161,12 +172,14 @@ def _from_saved(file: str) -> LoadedModel:
     return LoadedModel(obj, file, None)
 
 
-def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
+def load_model(spec: str, *, seed: int = 0, trust_pickle: bool = False) -> LoadedModel:
     """Build the model a spec names, with seeded random weights, in eval mode.
 
     Args:
         spec: See the module docstring for the accepted forms.
         seed: Seed of the random initialisation (``torch.manual_seed``).
+        trust_pickle: allow a ``torch.save(model)`` file to be unpickled (this runs code stored in the
+            file; only for files you trust). Without it such a file is refused with a ``ModelLoadError``.
 
     Returns:
         The loaded model.
@@ -184,7 +197,7 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
     elif spec.endswith(".py"):
         raise ModelLoadError(f"name the model class in the file: {spec}:ClassName")
     elif Path(spec).is_file():
-        loaded = _from_saved(spec)
+        loaded = _from_saved(spec, trust_pickle)
     elif "/" in spec or "\\" in spec or Path(spec).suffix:
         raise ModelLoadError(f"model file not found: {spec}")
     else:

@@ -221,8 +221,31 @@ def test_file_class_checkpoint_and_saved_model(work: Path, capsys: pytest.Captur
 
     code, out, err = run(["compile", "tiny_model.pt", "--input-shape", "1,3,16,16", "--ratio", "0.25", "--runs", "0"],
                          capsys)
+    assert code == 2 and "--trust-pickle" in err  # a pickled module is refused by default
+    code, out, err = run(["compile", "tiny_model.pt", "--input-shape", "1,3,16,16", "--ratio", "0.25", "--runs", "0",
+                          "--trust-pickle"], capsys)
     assert code == 0, err
     assert "fxprune compile tiny_model.pt" in out and "params" in out
+
+
+class _Payload:
+    """A pickle whose unpickling writes a file: what a hostile ``model.pt`` would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("command", ["compile", "analyze", "bench"])
+def test_pickled_file_runs_no_code_without_trust_pickle(command: str, work: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    marker = work / "pwned.txt"
+    torch.save({"model": _Payload(str(marker))}, work / "evil.pt")
+    code, out, err = run([command, "evil.pt", "--input-shape", "1,4"], capsys)
+    assert code == 2 and "--trust-pickle" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()  # nothing stored in the file was executed
 
 
 def test_budget_flags_are_passed_only_when_given(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

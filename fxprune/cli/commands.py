@@ -78,7 +78,7 @@ def _first_line(e: BaseException) -> str:
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     """Build the model, load the checkpoint, make seeded inputs and check the model runs on them."""
-    loaded = load_model(args.model, seed=args.seed)
+    loaded = load_model(args.model, seed=args.seed, trust_pickle=args.trust_pickle)
     if args.checkpoint:
         load_checkpoint(loaded.model, args.checkpoint)
     if args.input_shape:

@@ -11,7 +11,7 @@ __all__ = ["build_parser"]
 MODEL_HELP = (
     "the model: models_zoo:NAME, torchvision:NAME, timm:NAME, ultralytics:FILE.yaml (needs ultralytics), "
     "path/to/file.py:ClassName (called without arguments) or a file saved with torch.save(model) "
-    "(loaded with torch.load(weights_only=False): trusted files only). Weights are random unless --checkpoint."
+    "(unpickling runs code from the file: refused unless --trust-pickle). Weights are random unless --checkpoint."
 )
 
 EPILOG = """examples:
@@ -55,6 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "models); default: the zoo/timm entry's shape, else 1,3,224,224")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="a state_dict file (torch.save(model.state_dict())) loaded into the model, strictly")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow MODEL to be a pickled torch.save(model) file; unpickling runs code stored in the "
+                        "file, so only for files you trust (default: refused; state_dicts need no flag)")
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
                    help="qualified name of a submodule whose channels must stay (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
