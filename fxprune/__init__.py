@@ -14,6 +14,7 @@ from fxprune.errors import (
     QuantizationError,
     ShapeError,
     TraceError,
+    TrainModeError,
     UnsupportedOpError,
 )
 from fxprune.passes.importance import GroupTensors, MemberSlice, Taylor
@@ -55,6 +56,7 @@ __all__ = [
     "SensitivityResult",
     "ShapeError",
     "TraceError",
+    "TrainModeError",
     "UnsupportedOpError",
     "analyze",
     "apply",

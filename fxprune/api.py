@@ -148,9 +148,8 @@ def _prune(
                        target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify,
                        prune_heads=prune_heads)
     budget = target_macs is not None or target_params is not None
-    try:  # a criterion that needs gradients writes .grad: it gets its own copy of the parameters
-        a = analyse(model, example_inputs, ignore, leaves, share_tensors=not getattr(criterion, "needs_grad", False),
-                    prune_heads=prune_heads, specialize=output == "module")
+    try:
+        a = analyse(model, example_inputs, ignore, leaves, prune_heads=prune_heads, specialize=output == "module")
     except TraceError as e:
         if not partial:
             raise
@@ -311,7 +310,7 @@ def apply(
     if isinstance(plan, str):
         plan = PruningPlan.load(plan)
     training = model.training
-    a = analyse(model, example_inputs, ignore, leaves, share_tensors=True, prune_heads=plan.prune_heads)
+    a = analyse(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
     for mine, theirs in zip(a.groups, plan.groups, strict=True):

@@ -37,3 +37,8 @@ class ModelLoadError(FxPruneError):
 
 class QuantizationError(FxPruneError):
     """onnxruntime int8 quantisation of a pruned ONNX file failed."""
+
+
+class TrainModeError(FxPruneError):
+    """A pruned GraphModule was called in train mode, but the model's train-mode forward differs from the
+    eval-mode graph it was traced as (``F.dropout(training=...)``, an auxiliary output): use ``output="module"``."""

@@ -102,16 +102,20 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.
     are not counted. MACs are ``flops // 2``.
 
     Args:
-        model: The module to measure; it is run in eval mode under ``torch.no_grad``.
+        model: The module to measure. It is never run itself: a private deep copy runs in eval mode under
+            ``torch.no_grad`` (a forward may update buffers or even parameters, ``Embedding(max_norm=...)``).
         example_inputs: Positional inputs of one forward call.
 
     Returns:
         The number of MACs.
     """
+    import copy
+
     inputs = _as_tuple(example_inputs)
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter:
-        model(*inputs)
+    private = copy.deepcopy(model)
+    with eval_mode(private), torch.no_grad(), counter:
+        private(*inputs)
     flops = int(counter.get_total_flops())
     logger.debug("count_macs: %d flops -> %d MACs", flops, flops // 2)
     return flops // 2

@@ -25,6 +25,7 @@ from fxprune.metrics import count_params
 from fxprune.passes.base import generated
 from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
+from fxprune.passes.eager_check import check_graph_matches_eager, restore_state
 from fxprune.passes.fingerprint import graph_fingerprint
 from fxprune.passes.lower import lower_multihead_attention
 from fxprune.passes.lower_windows import lower_window_attention
@@ -32,6 +33,7 @@ from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import describe_groups
 from fxprune.passes.shapes import shapes_for
 from fxprune.passes.trace import trace
+from fxprune.passes.train_mode import guard_train_mode, restore_flags, train_mode_difference
 from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
 from fxprune.passes.writeback import write_back
 from fxprune.plan import ChannelGroup, PruningPlan
@@ -50,7 +52,8 @@ class Analysed:
     inputs: tuple[Any, ...]
     fingerprint: str
     work: nn.Module
-    shared: frozenset[int] = frozenset()
+    flags: dict[str, bool]  # every module's own training flag in the caller's model, by qualified name
+    train_differs: str = ""  # why the model's train-mode graph differs from the eval graph ("" when it does not)
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -75,15 +78,10 @@ def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
             raise ValueError(f"ignore={item!r} names no submodule of the model{hint}")
 
 
-def private_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
-    """A deep copy in eval mode: fxprune never touches the caller's model.
-
-    Args:
-        model: the caller's model.
-        share_tensors: copy the modules and buffers but not the parameters (much faster on big models).
-            Only for callers that never write into a parameter (nor its ``.grad``) and that pass the result
-            through ``unshare`` before handing it out. Buffers are always copied: a forward may update them.
-    """
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode, parameters and buffers included: fxprune never runs or writes the caller's
+    tensors (a forward may update buffers, and ``Embedding(max_norm=...)`` or ``.data.clamp_()`` even write
+    parameters)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from torch.nn.utils import prune as nn_prune
@@ -101,11 +99,8 @@ def private_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
                 f"module {name or type(model).__name__} carries torch.nn.utils.prune masks; structured pruning "
                 "needs real weights: call fxprune.sparsity.make_permanent(model) first"
             )
-    memo: dict[int, Any] = {}
-    if share_tensors:
-        memo = {id(p): p for p in model.parameters()}
     try:
-        return _copy_module(model, memo).eval()
+        return _copy_module(model, {}).eval()
     except Exception as e:
         raise FxPruneError(f"cannot copy the model ({e}); fxprune never prunes the caller's model in place") from e
 
@@ -174,20 +169,6 @@ def _copy_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor |
     return copy.deepcopy(t, memo)
 
 
-def unshare(model: nn.Module, shared: frozenset[int]) -> nn.Module:
-    """Replace every parameter of ``model`` whose id is in ``shared`` by a copy (ties stay tied)."""
-    if not shared:
-        return model
-    copies: dict[int, torch.Tensor] = {}
-    for mod in model.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None and id(p) in shared:
-                if id(p) not in copies:
-                    copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
-                mod._parameters[attr] = copies[id(p)]
-    return model
-
-
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while a compile pass allocates its graphs (restored on exit).
@@ -209,34 +190,37 @@ def gc_paused() -> Iterator[None]:
 
 def analyse(
     model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
-    share_tensors: bool = False, prune_heads: bool = False, specialize: bool = False,
+    prune_heads: bool = False, specialize: bool = False,
 ) -> Analysed:
-    """Trace a private copy and solve its channel dependencies.
-
-    With ``share_tensors`` the copy shares the caller's parameters until ``finish`` (which copies whatever
-    the rewrite did not replace): nothing in between may write into a parameter or its gradient.
-    """
+    """Trace a private copy, check the graph against eager PyTorch and solve its channel dependencies."""
     with gc_paused():
-        return _analyse(model, example_inputs, list(ignore), leaves, share_tensors, prune_heads, specialize)
+        return _analyse(model, example_inputs, list(ignore), leaves, prune_heads, specialize)
 
 
 def _analyse(
     model: nn.Module, example_inputs: Any, ignore: list[str | type], leaves: Sequence[str],
-    share_tensors: bool, prune_heads: bool, specialize: bool,
+    prune_heads: bool, specialize: bool,
 ) -> Analysed:
     _check_ignore(model, ignore)
-    work = private_copy(model, share_tensors)
-    shared = frozenset(id(p) for p in model.parameters()) if share_tensors else frozenset()
+    flags = {name: m.training for name, m in model.named_modules()}
+    work = private_copy(model)  # everything below runs on the copy only
     given = as_inputs(example_inputs)
     # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
     # (only for output="module", where the user's own forward is re-run and proven equal).
     gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
     lower_multihead_attention(gm, set(opaque))  # its ops, not the module: heads become prunable
     lower_window_attention(gm)  # torchvision Swin's attention function, likewise
-    shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
-    deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 3. channel rules -> coupled classes
+    try:
+        shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
+        # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
+        # (needs the inputs of step 2; restores every tensor of the copy that a run changed)
+        check_graph_matches_eager(gm, work, model, inputs)
+    finally:
+        restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
+    train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
+    deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
-    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, shared)
+    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs)
 
 
 @dataclass(frozen=True)
@@ -290,6 +274,7 @@ def finish(
         from fxprune.passes.export import export_onnx
 
         export_onnx(model, a.inputs, onnx, opset=onnx_opset)
-    model = unshare(model, a.shared)  # the result never shares a tensor with the caller's model
-    model.train(training)
+    restore_flags(model, a.flags)  # each module's own training flag, as in the caller's model
+    if output == "graph" and a.train_differs:
+        guard_train_mode(model, a.train_differs)
     return Finished(model, result.modified, params_after, macs_after, oracle)

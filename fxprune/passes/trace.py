@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -93,6 +95,7 @@ class _FallbackTracer(fx.Tracer):
         self.values = values  # values of traced nodes (``example_values.py``), when the inputs are known
         self.specialize = specialize  # may a branch on shapes follow the example inputs?
         self._names: tuple[nn.Module, _Names, _Names] | None = None  # see _tensor_names
+        self.function_calls: list[str] = []  # FunctionCall modules added to the root while tracing
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **options)
@@ -198,6 +201,68 @@ class _FallbackTracer(fx.Tracer):
 
 _Names = dict[int, tuple[str, torch.Tensor]]
 
+# Augmented assignment on a Proxy: fx defines no ``__iadd__``, so Python falls back to ``a = a + b`` and the
+# graph loses the write into ``a``'s tensor that every other name for it (``skip = a``) sees in eager PyTorch.
+# Recorded as ``operator.iadd`` (codegen ``a += b``), the graph mutates the same tensor, as eager does.
+_INPLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul")
+
+
+def _inplace_operator(name: str) -> Any:
+    target = getattr(operator, name)
+
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in _INPLACE_OPERATORS:
+    setattr(_SizedProxy, f"__{_name}__", _inplace_operator(_name))
+
+
+class FunctionCall(nn.Module):
+    """One call of a custom ``torch.autograd.Function``, kept whole in the graph.
+
+    Tracing through ``MyFunction.apply`` would record its forward's ops and lose its backward (a
+    straight-through estimator's gradient becomes zero). The graph calls this module instead, which calls
+    ``apply`` at run time, backward included. It has no channel rule, so what it touches is pinned.
+    """
+
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function.apply(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+
+_APPLY = torch.autograd.Function.__dict__["apply"]  # the classmethod every Function subclass inherits
+
+
+@contextlib.contextmanager
+def _functions_as_calls(tracer: _FallbackTracer) -> Iterator[None]:
+    """While ``tracer`` traces, ``SomeFunction.apply`` on a Proxy becomes a ``call_module`` of a ``FunctionCall``."""
+
+    def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
+        proxies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy) and a.tracer is tracer]
+        if not proxies:
+            return _APPLY.__func__(cls, *args, **kwargs)
+        name = f"_fxprune_function_{len(tracer.function_calls)}"
+        tracer.function_calls.append(name)
+        tracer.root.add_module(name, FunctionCall(cls))
+        return tracer.create_proxy("call_module", name, args, kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = _APPLY  # type: ignore[method-assign]
+
 
 def _name_of(table: _Names, t: torch.Tensor) -> str | None:
     """The name ``table`` gives the very tensor ``t``, or None."""
@@ -232,6 +297,11 @@ def _keep_state_dict_keys(model: nn.Module, gm: fx.GraphModule) -> None:
             owner.register_parameter(attr, t)
         else:
             owner.register_buffer(attr, t)
+
+
+def _drop_function_calls(model: nn.Module, tracer: _FallbackTracer) -> None:
+    for name in tracer.function_calls:
+        model._modules.pop(name, None)
 
 
 def _literal_length(node: fx.Node) -> int | None:
@@ -320,8 +390,10 @@ def _trace_with_fallback(
         tracer = _FallbackTracer(set(opaque), values, specialize)
         saved = [(m, dict(m.__dict__)) for m in model.modules()]
         try:
-            graph = tracer.trace(model)
+            with _functions_as_calls(tracer):
+                graph = tracer.trace(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the leaf fallback
+            _drop_function_calls(model, tracer)
             _restore(saved)
             if not with_values and inputs is not None:
                 with_values = True  # first retry: the same modules, with every value known
@@ -350,6 +422,7 @@ def _trace_with_fallback(
             continue
         forget(graph)
         gm = deferred_graph_module(tracer.root, graph, name)  # copies the constants the tracer put on the root
+        _drop_function_calls(model, tracer)  # they live in the GraphModule only, not in the user's tree
         _restore(saved)
         _keep_state_dict_keys(model, gm)
         return gm, opaque

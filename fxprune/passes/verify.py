@@ -2,8 +2,10 @@
 
 The oracle runs the ORIGINAL graph in float64 with every removed channel zeroed right after the node that
 produces it, and compares with the pruned model in float64. For graphs of linear maps, pointwise ops,
-pooling, concat/split and reshapes this equality is exact; it cannot hold where a removed channel enters a
-statistic over channels (LayerNorm over the pruned dim), which the dependency graph records as inexact.
+pooling, concat/split and reshapes this equality is exact. A normalisation over channels (LayerNorm,
+RMSNorm) whose normalised dim lost channels is computed in the reference over the kept channels only,
+which is what the pruned model computes, so it is exact too. Ops the reference cannot model that way are
+recorded as inexact by their rule, and the oracle then says "not applicable".
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from fxprune.errors import InvariantError
 from fxprune.outputs import tensors_of
 from fxprune.passes.dependency import DependencyResult
 from fxprune.passes.shapes import record_shapes
 from fxprune.plan import PruningPlan
+from fxprune.rules.common import call_arg
 
 Shape = tuple[int, ...]
 
@@ -64,7 +68,9 @@ class _MaskedInterpreter(fx.Interpreter):
         self.zero = zero
 
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        out = self._norm_over_kept(n)
+        if out is None:
+            out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             return self._mask(n.name, out)
         if isinstance(out, (tuple, list)) and any(f"{n.name}#{i}" in self.zero for i in range(len(out))):
@@ -72,10 +78,65 @@ class _MaskedInterpreter(fx.Interpreter):
             return type(out)(masked)
         return out
 
+    def _norm_over_kept(self, n: fx.Node) -> torch.Tensor | None:
+        """A LayerNorm/RMSNorm whose last (normalised) dim lost channels, over the kept channels only; else None."""
+        spec = norm_spec(n, self._module_of)
+        if spec is None or not isinstance(n.args[0], fx.Node):
+            return None
+        kind, x_node, shape, weight, bias, eps = spec
+        x = self.env[x_node]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            return None
+        last = x.dim() - 1
+        gone = [idx for dim, idx in self.zero.get(x_node.name, ()) if dim == last]
+        if not gone:
+            return None
+        keep_mask = torch.ones(x.shape[last], dtype=torch.bool)
+        for idx in gone:
+            keep_mask[idx] = False
+        keep = torch.nonzero(keep_mask).flatten()
+        w, b = self._arg(weight), self._arg(bias)
+        w = w.index_select(-1, keep) if isinstance(w, torch.Tensor) else None
+        b = b.index_select(-1, keep) if isinstance(b, torch.Tensor) else None
+        kept_shape = (*tuple(shape)[:-1], len(keep))
+        xs = x.index_select(last, keep)
+        if kind == "layer_norm":
+            ys = F.layer_norm(xs, kept_shape, w, b, 1e-5 if eps is None else float(eps))
+        else:
+            ys = F.rms_norm(xs, kept_shape, w, None if eps is None else float(eps))
+        return torch.zeros_like(x).index_copy(last, keep, ys)
+
+    def _module_of(self, target: str) -> torch.nn.Module:
+        return self.fetch_attr(target)
+
+    def _arg(self, a: Any) -> Any:
+        return self.env[a] if isinstance(a, fx.Node) else a
+
     def _mask(self, value: str, t: torch.Tensor) -> torch.Tensor:
         for dim, idx in self.zero.get(value, ()):
             t = t.index_fill(dim, idx, 0)
         return t
+
+
+def norm_spec(n: fx.Node, module_of: Any) -> tuple[str, fx.Node, Any, Any, Any, Any] | None:
+    """(kind, input, normalized_shape, weight, bias, eps) of a LayerNorm/RMSNorm node, else None.
+
+    ``kind`` is "layer_norm" or "rms_norm"; weight and bias are nodes, tensors or None.
+    """
+    if n.op == "call_module":
+        m = module_of(str(n.target))
+        for cls, kind in ((torch.nn.LayerNorm, "layer_norm"), (torch.nn.RMSNorm, "rms_norm")):
+            if isinstance(m, cls) and type(m).forward is cls.forward and n.args:
+                return kind, n.args[0], m.normalized_shape, m.weight, getattr(m, "bias", None), m.eps
+        return None
+    if n.op != "call_function" or not n.args:
+        return None
+    if n.target in (F.layer_norm, torch.layer_norm):
+        return ("layer_norm", n.args[0], call_arg(n, 1, "normalized_shape"), call_arg(n, 2, "weight"),
+                call_arg(n, 3, "bias"), call_arg(n, 4, "eps", 1e-5))
+    if n.target in (F.rms_norm, torch.rms_norm):
+        return "rms_norm", n.args[0], call_arg(n, 1, "normalized_shape"), call_arg(n, 2, "weight"), None, call_arg(n, 3, "eps")
+    return None
 
 
 def _double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:

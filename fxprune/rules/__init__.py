@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from fxprune.passes.base import submodule
 from fxprune.rules import attention, functional, windows
@@ -59,10 +60,24 @@ def _unknown(reason: str) -> Rule:
     return rule
 
 
+def _hooks(mod: nn.Module) -> str:
+    """The hooks of ``mod`` that run when the GraphModule calls it (none for plain modules)."""
+    kinds = [what for what, table in (("forward hooks", mod._forward_hooks), ("forward pre-hooks", mod._forward_pre_hooks))
+             if table]
+    return " and ".join(kinds)
+
+
 def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule:
     """Return the rule for a ``call_*`` node; ops without a rule get one that pins everything they touch."""
     if node.op == "call_module":
         mod = submodule(gm, str(node.target))
+        if parametrize.is_parametrized(mod):
+            names = ", ".join(mod.parametrizations)  # type: ignore[union-attr]
+            return _unknown(f"module {node.target} has parametrized {names} (torch.nn.utils.parametrize): its "
+                            "weight is computed, so its channels are kept")
+        hooks = _hooks(mod)
+        if hooks:  # a hook may change the module's output any way it likes: its rule no longer describes it
+            return _unknown(f"module {node.target} has {hooks}: what it computes is not the module's rule")
         rule = composite_rule(mod)
         if rule is not None:
             return rule

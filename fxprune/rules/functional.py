@@ -17,7 +17,9 @@ from fxprune.rules.context import RuleContext
 
 
 def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
-    """F.layer_norm(x, normalized_shape, weight, bias): weight/bias follow the normalised dims (inexact)."""
+    """F.layer_norm(x, normalized_shape, weight, bias) and F.rms_norm(x, normalized_shape, weight): weight/bias
+    follow the normalised dims; the oracle's reference normalises over the kept channels (``verify.norm_spec``)."""
+    params = ((2, "weight"), (3, "bias")) if node.target in (F.layer_norm, torch.layer_norm) else ((2, "weight"),)
     x = ctx.tensor(node.args[0]) if node.args else None
     shape = call_arg(node, 1, "normalized_shape")
     if x is None or not isinstance(shape, (list, tuple)):
@@ -27,8 +29,7 @@ def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
     k = len(shape)
     for j in range(k):
         d = ctx.ndim(x) - k + j
-        ctx.inexact(x, d, f"{node.name}: layer_norm normalises over this dim")
-        for pos, name in ((2, "weight"), (3, "bias")):
+        for pos, name in params:
             p = ctx.tensor(call_arg(node, pos, name))
             if p is not None:
                 ctx.same(x, d, p, j)
@@ -107,6 +108,8 @@ def embedding(node: fx.Node, ctx: RuleContext) -> None:
         ctx.same(idx, d, y, d)
     ctx.same(y, -1, w, 1)
     ctx.pin(w, f"{node.name}: vocabulary rows", [0])
+    if call_arg(node, 3, "max_norm") is not None:  # the renorm's row norms span the embedding dim
+        ctx.pin(w, f"{node.name}: embedding(max_norm=...) renormalises rows over the embedding dim", [1])
     _produce_param(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), ctx, 1)
 
 
@@ -144,7 +147,7 @@ def pad(node: fx.Node, ctx: RuleContext) -> None:
 
 FUNCTIONS = {
     F.pad: pad, torch._C._nn.pad: pad,
-    F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
+    F.layer_norm: layer_norm, torch.layer_norm: layer_norm, F.rms_norm: layer_norm, torch.rms_norm: layer_norm,
     F.linear: linear, torch._C._nn.linear: linear,
     F.batch_norm: batch_norm, torch.batch_norm: batch_norm,
     F.group_norm: group_norm, torch.group_norm: group_norm,

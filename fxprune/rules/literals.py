@@ -98,6 +98,8 @@ def normalized_shape(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
 FUNCTION_REWRITERS: dict[object, Rewriter] = {
     torch.nn.functional.layer_norm: normalized_shape,
     torch.layer_norm: normalized_shape,
+    torch.nn.functional.rms_norm: normalized_shape,
+    torch.rms_norm: normalized_shape,
     torch.nn.functional.scaled_dot_product_attention: fixed_attention_scale,
     torch.reshape: shape_args,
     torch.split: split_sizes,

@@ -116,18 +116,20 @@ def batch_norm(node: fx.Node, ctx: RuleContext) -> None:
 
 
 def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
-    """LayerNorm over the last dims: weight/bias follow them; pruning them changes the statistics."""
+    """LayerNorm/RMSNorm over the last dims: weight/bias follow them. A pruned model normalises over the kept
+    channels, and the oracle's reference does the same (``verify.norm_spec``), so the proof stays exact."""
     io = _io(node, ctx)
     if io is None:
         return
     x, y = io
     unary(node, ctx)
     m = ctx.module()
-    assert isinstance(m, nn.LayerNorm)
+    assert isinstance(m, (nn.LayerNorm, nn.RMSNorm))
     k = len(m.normalized_shape)
+    if m.weight is None and getattr(m, "bias", None) is None:  # nothing would carry the new normalized_shape
+        ctx.pin(x, f"{node.name}: {type(m).__name__} without affine parameters", list(range(ctx.ndim(x) - k, ctx.ndim(x))))
     for j in range(k):
         d = ctx.ndim(x) - k + j
-        ctx.inexact(x, d, f"{node.name}: LayerNorm normalises over this dim")
         for attr in ("weight", "bias"):
             p = ctx.param(m, attr)
             if p is not None:
@@ -157,6 +159,8 @@ def embedding(node: fx.Node, ctx: RuleContext) -> None:
         ctx.same(x, d, y, d)
     ctx.same(y, -1, w, 1)
     ctx.pin(w, f"{node.name}: vocabulary rows", [0])
+    if ctx.module().max_norm is not None:  # the renorm's row norms span the embedding dim
+        ctx.pin(w, f"{node.name}: Embedding(max_norm=...) renormalises rows over the embedding dim", [1])
     ctx.produce(w, 1)
 
 
@@ -184,6 +188,7 @@ MODULE_RULES: dict[type, Callable[[fx.Node, RuleContext], None]] = {
     nn.LayerNorm: layer_norm,
     nn.GroupNorm: group_norm,
     nn.Embedding: embedding,
+    nn.RMSNorm: layer_norm,
     nn.Flatten: reshape_like,
     nn.Unflatten: reshape_like,
 }
@@ -303,8 +308,8 @@ def fix_module(m: nn.Module, new_in: int | None) -> None:
         ref = m.running_mean if m.running_mean is not None else m.weight
         if ref is not None:
             m.num_features = ref.shape[0]
-    elif isinstance(m, nn.LayerNorm):
-        ref = m.weight if m.weight is not None else m.bias
+    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        ref = m.weight if m.weight is not None else getattr(m, "bias", None)
         if ref is not None:
             m.normalized_shape = tuple(ref.shape)
     elif isinstance(m, nn.Embedding):

@@ -1,0 +1,133 @@
+"""Check the traced graph against eager PyTorch once, before any analysis trusts it.
+
+The mask oracle proves the pruned graph equal to the *traced* graph with channels zeroed; that proof is
+worth nothing when the traced graph already differs from what the user's model computes in eager mode
+(an in-place op on an aliased tensor that tracing did not see, a forward hook, Python state read during
+tracing). This pass runs the private copy eagerly and the graph on one fresh input, with the same random
+seed, and requires the same outputs. Both runs happen on fxprune's private copy, never on the caller's
+tensors, and every parameter and buffer the runs changed is restored from the caller's model afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.errors import TraceError
+from fxprune.outputs import tensors_of
+
+log = logging.getLogger(__name__)
+
+RTOL = 1e-4  # |graph - eager| <= RTOL * max|eager| + ATOL per output: float32 reassociation, not a channel
+ATOL = 1e-5
+
+
+def fresh_inputs(example_inputs: tuple[Any, ...], seed: int = 1234) -> tuple[Any, ...]:
+    """Inputs of the same shapes and dtypes as ``example_inputs``, with other values.
+
+    Floating tensors are redrawn from a normal with the example's mean and spread; integer and boolean
+    tensors (token ids, masks) are a seeded permutation of the example's own values, so ids stay in range.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Any] = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.numel() and x.device.type == "cpu":
+            if x.is_floating_point():
+                flat = x.detach().double()
+                std = float(flat.std()) if x.numel() > 1 else 1.0
+                noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+                out.append((noise * (std if std > 0 else 1.0) + float(flat.mean())).to(x.dtype))
+            else:
+                perm = torch.randperm(x.numel(), generator=gen)
+                out.append(x.detach().reshape(-1)[perm].reshape(x.shape).clone())
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def _run(fn: Any, inputs: tuple[Any, ...], seed: int) -> list[torch.Tensor]:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return [t.detach().clone() for t in tensors_of(fn(*inputs))]
+
+
+def restore_state(work: nn.Module, original: nn.Module) -> None:
+    """Copy back every parameter and buffer of ``work`` whose value a run changed (read from ``original``).
+
+    ``work`` is fxprune's private deep copy of ``original``; a forward may update buffers (running
+    statistics, call counters) or even parameters (``Embedding(max_norm=...)`` renormalises its weight).
+    """
+    mine = dict(work.named_parameters(remove_duplicate=False))
+    mine.update(work.named_buffers(remove_duplicate=False))
+    theirs = dict(original.named_parameters(remove_duplicate=False))
+    theirs.update(original.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, t in mine.items():
+            src = theirs.get(name)
+            if src is None or src.shape != t.shape or src.dtype != t.dtype or src.is_meta or t.is_meta:
+                continue
+            if not torch.equal(t, src):
+                t.copy_(src)
+
+
+def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.Module,
+                              example_inputs: tuple[Any, ...]) -> None:
+    """Require the traced graph to compute what the eager model computes, on one fresh input.
+
+    Args:
+        gm: the traced (unpruned) graph of ``work``; it shares ``work``'s submodules.
+        work: fxprune's private copy of the user's model, in eval mode.
+        original: the caller's model: only read, to restore ``work``'s tensors afterwards.
+        example_inputs: the example inputs (the fresh input has their shapes and dtypes).
+
+    Raises:
+        TraceError: the graph's outputs differ from eager PyTorch (names the output and the difference).
+    """
+    inputs = fresh_inputs(example_inputs)
+    seed = 4321  # the same random stream in both runs: a forward that draws noise draws the same noise
+    try:
+        try:
+            eager = _run(work, inputs, seed)
+        except Exception as e:  # noqa: BLE001 - the model does not accept other values of its inputs
+            log.info("fxprune: eager check skipped, the model does not run on a fresh input (%s)", e)
+            return
+        restore_state(work, original)
+        graph = _run(gm, inputs, seed)
+    finally:
+        restore_state(work, original)
+    problem = _difference(graph, eager)
+    if problem:
+        raise TraceError(
+            f"the traced graph of {type(original).__name__} differs from eager PyTorch on a fresh input ({problem}); "
+            "tracing missed something the forward does (an in-place op on an aliased tensor, a forward hook, "
+            "Python state or randomness read while tracing). fxprune will not prune a graph that is not your "
+            "model: keep the part that does it opaque with leaves=[...], or rewrite it functionally"
+        )
+
+
+def _difference(graph: list[torch.Tensor], eager: list[torch.Tensor]) -> str:
+    if len(graph) != len(eager):
+        return f"the graph returns {len(graph)} tensors, the model {len(eager)}"
+    for i, (a, b) in enumerate(zip(graph, eager, strict=True)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(a.shape)} in the graph, {tuple(b.shape)} in the model"
+        if a.dtype != b.dtype:
+            return f"output {i} has dtype {a.dtype} in the graph, {b.dtype} in the model"
+        if not a.is_floating_point() and not a.is_complex():
+            if not torch.equal(a, b):
+                return f"output {i} (integer) differs"
+            continue
+        if not a.numel():
+            continue
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):
+            return f"output {i} has non-finite values in other places"
+        diff = float((a[finite] - b[finite]).abs().max()) if finite.any() else 0.0
+        peak = float(b[finite].abs().max()) if finite.any() else 0.0
+        if diff > RTOL * peak + ATOL:
+            return f"output {i}: max |graph - eager| = {diff:.3g} (max |eager| = {peak:.3g})"
+    return ""
