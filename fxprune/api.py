@@ -18,8 +18,11 @@ from fxprune.hf_config import sync_config
 from fxprune.metrics import count_macs, count_params
 from fxprune.partial import PartReport, compile_parts
 from fxprune.passes.budget import CostModel, plan_for_budget
+from fxprune.passes.eager_check import restore_state
 from fxprune.passes.importance import Criterion, resolve, score_groups
 from fxprune.passes.select import Policy, plan_from_kept, select_channels
+from fxprune.passes.ties import retie
+from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.verify import OracleReport
 from fxprune.passes.writeback import WriteBackError
 from fxprune.pipeline import analyse, as_inputs, finish, private_copy
@@ -142,7 +145,6 @@ def _prune(
         raise ValueError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), got {output!r}")
     criterion = resolve(importance)
     t0 = time.perf_counter()
-    training = model.training
     params_before = count_params(model)
     part_kwargs = dict(ratio=ratio, importance=importance, global_ranking=global_ranking, target_macs=target_macs,
                        target_params=target_params, round_to=round_to, min_channels=min_channels, verify=verify,
@@ -172,7 +174,7 @@ def _prune(
         plan = select_channels(a.deps, a.groups, scores, policy)
     plan = replace(plan, fingerprint=a.fingerprint, versions=_versions(), prune_heads=prune_heads)
     try:
-        done = finish(a, plan, cost, training=training, verify=verify, onnx=None if opaque_parts else onnx,
+        done = finish(a, plan, cost, verify=verify, onnx=None if opaque_parts else onnx,
                       onnx_opset=onnx_opset, output=output)
     except WriteBackError as e:
         # Your forward takes a size from somewhere fxprune cannot rewrite (an attribute, another tensor):
@@ -188,13 +190,17 @@ def _prune(
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, part_kwargs,
                                list(ignore), only=child)
+    if parts:  # each part was copied privately: ties into it, state and flags come from the caller's model
+        retie(done.model, model)
+        restore_state(done.model, model)
+        restore_flags(done.model, {n: m.training for n, m in model.named_modules()})
     changed_parts = any(p.params_after < p.params_before for p in parts)
     params_after = count_params(done.model) if changed_parts else done.params_after
     macs_after = count_macs(done.model, a.inputs) if changed_parts else done.macs_after
     # The graph's cost model sees an opaque part as one call: count both sides the same way when parts changed.
     macs_before = count_macs(model, a.inputs) if changed_parts else cost.macs_before
     if opaque_parts and onnx is not None:
-        _export(done.model, a.inputs, onnx, onnx_opset, training)
+        _export(done.model, a.inputs, onnx, onnx_opset)
     seconds = time.perf_counter() - t0
     log.info("fxprune: %d -> %d parameters in %.2fs", params_before, params_after, seconds)
     return PruneResult(done.model, plan, done.modified or changed_parts, params_before, params_after,
@@ -222,11 +228,12 @@ def _budget_with_parts(arguments: dict[str, Any], target_macs: float | None, tar
     return replace(result, seconds=time.perf_counter() - t0)  # the search's time too
 
 
-def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int, training: bool) -> None:
+def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int) -> None:
     from fxprune.passes.export import export_onnx
 
+    flags = {n: m.training for n, m in model.named_modules()}
     export_onnx(model, inputs, path, opset=opset)
-    model.train(training)
+    restore_flags(model, flags)
 
 
 def _prune_parts(
@@ -237,20 +244,22 @@ def _prune_parts(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TraceError(f"{error} Piecewise pruning of its submodules needs example_inputs.") from error
-    training = model.training
     root = private_copy(model)
     params_before = count_params(model)
+    macs_before = count_macs(root, inputs)  # a copy of the copy runs: nothing of the caller's
     parts = compile_parts(root, root, "", inputs, part_kwargs, ignore)
+    retie(root, model)
+    restore_state(root, model)  # the recording run may have updated buffers
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can
     if not any(p.params_after < p.params_before for p in parts):
         why = "; ".join(f"{p.name}: {p.skipped}" for p in parts if p.skipped)[:400]
         raise TraceError(f"{error} No traceable submodule could be pruned either ({why or 'none found'}).") from error
-    root.train(training)
+    restore_flags(root, {n: m.training for n, m in model.named_modules()})
     if onnx is not None:
-        _export(root, inputs, onnx, onnx_opset, training)
+        _export(root, inputs, onnx, onnx_opset)
     empty = PruningPlan(part_kwargs["ratio"], (), (), (), versions=_versions())
     params_after = count_params(root)
-    macs_before, macs_after = count_macs(model, inputs), count_macs(root, inputs)
+    macs_after = count_macs(root, inputs)
     return PruneResult(root, empty, True, params_before, params_after, macs_before, macs_after, None,
                        time.perf_counter() - t0, tuple(parts))
 
@@ -309,7 +318,6 @@ def apply(
     """
     if isinstance(plan, str):
         plan = PruningPlan.load(plan)
-    training = model.training
     a = analyse(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
@@ -330,7 +338,7 @@ def apply(
     replay = plan_from_kept(a.deps, a.groups, list(plan.kept), plan.ratio)
     replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions, prune_heads=plan.prune_heads)
     cost = CostModel(a.gm, a.deps, count_params(model))
-    return finish(a, replay, cost, training=training, verify=verify, onnx=None, onnx_opset=18).model
+    return finish(a, replay, cost, verify=verify, onnx=None, onnx_opset=18).model
 
 
 def analyze(

@@ -239,7 +239,6 @@ def finish(
     plan: PruningPlan,
     cost: CostModel,
     *,
-    training: bool,
     verify: bool,
     onnx: str | None,
     onnx_opset: int,

@@ -113,8 +113,13 @@ class _MaskedInterpreter(fx.Interpreter):
         return self.env[a] if isinstance(a, fx.Node) else a
 
     def _mask(self, value: str, t: torch.Tensor) -> torch.Tensor:
+        """Zero the removed channels of ``t`` in place where possible: a later in-place op on an alias of the
+        node (``skip = a; a += b``) must see the same tensor, as in eager PyTorch."""
         for dim, idx in self.zero.get(value, ()):
-            t = t.index_fill(dim, idx, 0)
+            try:
+                t.index_fill_(dim, idx, 0)
+            except RuntimeError:  # an expanded or otherwise overlapping tensor: a masked copy
+                t = t.index_fill(dim, idx, 0)
         return t
 
 

@@ -12,6 +12,7 @@ exporter, not of fxprune); any other exception is a failure.
 from __future__ import annotations
 
 import builtins
+import copy
 import dataclasses
 import random
 import re
@@ -134,6 +135,13 @@ def check_case(
         with torch.no_grad():
             ref, got = model(*one), result.model(*one)
         _expect(_structure(ref) == _structure(got), "at batch 1 the pruned model's outputs differ in structure")
+    train = copy.deepcopy(result.model).train()  # train mode: the eval graph's behaviour, or a clear refusal
+    try:
+        with torch.no_grad():
+            got, ref = train(*inputs), model(*inputs)
+        _expect(_structure(got) == _structure(ref), "in train mode the pruned model's outputs differ in structure")
+    except fxprune.TrainModeError:
+        _expect(bool(getattr(train, "_fxprune_train_differs", "")), "TrainModeError from a model without the guard")
     if onnx_path is not None:
         from fxprune.passes.export import export_onnx
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.testing.netspec import ACT_FUNCTIONS, BATCH, InvalidNet, NetSpec, Shape, Step, build, emit_step
+from fxprune.testing.trust_ops import FRESH_PRODUCERS
 
 ACTS = tuple(ACT_FUNCTIONS)
 
@@ -275,6 +276,36 @@ def propose_unflatten(d: _Draft) -> list[Step]:
 
 
 # op -> (proposer, weight). Weights favour the ops that create and couple channels.
+def propose_inplace(d: _Draft) -> list[Step]:
+    """``a += b`` on a fresh value ``a`` that later steps may still read under its old name."""
+    fresh = {st.name for st in d.steps if st.op in FRESH_PRODUCERS}
+    by_shape: dict[Shape, list[str]] = {}
+    for v, s in d.shapes.items():
+        by_shape.setdefault(s, []).append(v)
+    pairs = [(a, b) for vs in by_shape.values() for a in vs for b in vs if a != b and a in fresh]
+    if not pairs:
+        return []
+    a, b = d.rng.choice(pairs)
+    return [Step(d.name(), "inplace", (a, b), {"fn": d.rng.choices(["add", "mul"], [3, 1])[0]})]
+
+
+def propose_trust_op(d: _Draft) -> list[Step]:
+    """One of dropout, a hooked conv, a functional conv, tied convs or a norm over channels."""
+    r = d.rng
+    x = d.pick(4)
+    if x is None:
+        return []
+    op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm"])
+    attrs: dict[str, object] = {}
+    if op == "dropout":
+        attrs = {"p": r.choice([0.1, 0.5])}
+    elif op == "fconv":
+        attrs = {"out": r.randint(4, 32), "k": r.choice([1, 3]), "bias": r.random() < 0.5}
+    elif op == "cl_norm":
+        attrs = {"kind": r.choice(["ln_module", "rms_module", "ln_fn", "rms_fn"])}
+    return [Step(d.name(), op, (x,), attrs)]
+
+
 OP_WEIGHTS: dict[str, tuple[Callable[[_Draft], list[Step]], float]] = {
     "conv": (propose_conv, 5.0), "conv_transpose": (propose_conv_transpose, 0.7), "bn": (propose_bn, 2.0),
     "act": (propose_act, 2.0), "binary": (propose_binary, 2.0), "broadcast": (propose_broadcast, 0.5),
@@ -282,6 +313,7 @@ OP_WEIGHTS: dict[str, tuple[Callable[[_Draft], list[Step]], float]] = {
     "pool": (propose_pool, 1.0), "interpolate": (propose_interpolate, 0.6), "shuffle": (propose_shuffle, 0.7),
     "cl_linear": (propose_cl_linear, 0.7), "flatten": (propose_flatten, 0.5), "gap": (propose_gap, 0.4),
     "linear": (propose_linear, 1.0), "unflatten": (propose_unflatten, 0.3),
+    "inplace": (propose_inplace, 0.8), "trust": (propose_trust_op, 1.2),
 }
 
 

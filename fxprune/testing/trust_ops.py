@@ -1,0 +1,97 @@
+"""Fuzz ops for the classes of silent miscompilation: what tracing or a channel rule can get wrong.
+
+- ``inplace``: ``x += y`` on a value that other names still refer to (eager mutates every alias);
+- ``dropout``: ``F.dropout(x, p, self.training)``, train-mode behaviour an eval trace bakes away;
+- ``hooked``: a 1x1 conv whose forward hook reverses its channels (the conv rule no longer describes it);
+- ``fconv``: ``F.conv2d`` with the module's own weight and bias parameters;
+- ``tied``: two 1x1 convs sharing one weight (a tie that must stay a tie);
+- ``cl_norm``: LayerNorm or RMSNorm over the channels (channels-last), pruned and proven exactly.
+
+Each emitter has the signature of ``netspec.EMITTERS``' entries: ``(step, input shapes) -> Emitted``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Shape = tuple[int, ...]
+Emitted = tuple[dict[str, Shape], list[str], list[str]]
+
+# Producers whose result is a fresh tensor (never a view of an input): an in-place op on them is safe to draw.
+FRESH_PRODUCERS = frozenset({"conv", "conv_transpose", "bn", "binary", "cat", "linear", "se", "fconv", "tied"})
+
+
+def _need(ok: bool, why: str) -> None:
+    if not ok:
+        from fxprune.testing.netspec import InvalidNet
+
+        raise InvalidNet(why)
+
+
+def emit_inplace(st: Any, xs: list[Shape]) -> Emitted:
+    """``a += b`` / ``a *= b`` on equal shapes; the step's value is ``a`` itself (mutated)."""
+    a, b = xs
+    _need(a == b and st.ins[0] != st.ins[1], f"in-place operands differ: {a} vs {b}")
+    _need(not st.ins[0].startswith("x"), "never mutate an input")
+    op = {"add": "+=", "mul": "*="}[st.attrs["fn"]]
+    return {st.name: a}, [], [f"{st.ins[0]} {op} {st.ins[1]}", f"{st.name} = {st.ins[0]}"]
+
+
+def emit_dropout(st: Any, xs: list[Shape]) -> Emitted:
+    """Functional dropout that follows the module's training flag."""
+    return {st.name: xs[0]}, [], [f"{st.name} = F.dropout({st.ins[0]}, {st.attrs['p']}, self.training)"]
+
+
+def emit_hooked(st: Any, xs: list[Shape]) -> Emitted:
+    """A 1x1 conv with a forward hook that reverses the output channels."""
+    _need(len(xs[0]) == 4, "hooked conv needs NCHW")
+    c = xs[0][1]
+    init = [f"self.{st.name} = nn.Conv2d({c}, {c}, 1)",
+            f"self.{st.name}.register_forward_hook(lambda mod, args, out: out.flip(1))"]
+    return {st.name: xs[0]}, init, [f"{st.name} = self.{st.name}({st.ins[0]})"]
+
+
+def emit_fconv(st: Any, xs: list[Shape]) -> Emitted:
+    """``F.conv2d`` with parameters of the module (kernel 1 or 3, 'same' padding)."""
+    _need(len(xs[0]) == 4, "F.conv2d needs NCHW")
+    n, c, h, w = xs[0]
+    out, k = st.attrs["out"], st.attrs["k"]
+    init = [f"self.{st.name}_w = nn.Parameter(torch.randn({out}, {c}, {k}, {k}) * {(1.0 / (c * k * k)) ** 0.5:.4f})"]
+    bias = "None"
+    if st.attrs["bias"]:
+        init.append(f"self.{st.name}_b = nn.Parameter(torch.randn({out}) * 0.1)")
+        bias = f"self.{st.name}_b"
+    expr = f"F.conv2d({st.ins[0]}, self.{st.name}_w, {bias}, 1, {k // 2})"
+    return {st.name: (n, out, h, w)}, init, [f"{st.name} = {expr}"]
+
+
+def emit_tied(st: Any, xs: list[Shape]) -> Emitted:
+    """Two 1x1 convs C -> C whose weights are one Parameter."""
+    _need(len(xs[0]) == 4, "tied convs need NCHW")
+    c = xs[0][1]
+    init = [f"self.{st.name}_a = nn.Conv2d({c}, {c}, 1)", f"self.{st.name}_b = nn.Conv2d({c}, {c}, 1)",
+            f"self.{st.name}_b.weight = self.{st.name}_a.weight"]
+    return {st.name: xs[0]}, init, [f"{st.name} = self.{st.name}_b(F.relu(self.{st.name}_a({st.ins[0]})))"]
+
+
+def emit_cl_norm(st: Any, xs: list[Shape]) -> Emitted:
+    """LayerNorm (module or function) or RMSNorm over the channels of an NCHW value, through channels-last."""
+    _need(len(xs[0]) == 4, "channel norm needs NCHW")
+    c = xs[0][1]
+    x = st.ins[0]
+    kind = st.attrs["kind"]
+    if kind == "ln_module":
+        init = [f"self.{st.name} = nn.LayerNorm({c})"]
+        expr = f"self.{st.name}({x}.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)"
+    elif kind == "rms_module":
+        init = [f"self.{st.name} = nn.RMSNorm({c})"]
+        expr = f"self.{st.name}({x}.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)"
+    else:
+        init = [f"self.{st.name}_g = nn.Parameter(torch.rand({c}) + 0.5)"]
+        fn = "F.layer_norm" if kind == "ln_fn" else "F.rms_norm"
+        expr = f"{fn}({x}.permute(0, 2, 3, 1), ({c},), self.{st.name}_g).permute(0, 3, 1, 2)"
+    return {st.name: xs[0]}, init, [f"{st.name} = {expr}"]
+
+
+TRUST_EMITTERS = {"inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
+                  "tied": emit_tied, "cl_norm": emit_cl_norm}
