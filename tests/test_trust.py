@@ -350,3 +350,29 @@ def test_parametrized_weight_is_a_clear_pin_not_a_crash() -> None:
     assert r.oracle is not None and r.oracle.passed
     assert r.model.get_submodule("0").parametrizations.weight.original1.shape[0] == 8
     assert r.params_after < r.params_before  # the layers after it still prune
+
+
+class SpatialSplit(nn.Module):
+    """Split sizes read from other tensors on an unpruned (spatial) dim: they must stay computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.c1(x1), self.c2(x2)], 2)
+        a, b = torch.split(y, [x1.shape[2], x2.shape[2]], dim=2)
+        return self.head(a + b)
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_sizes_on_unpruned_dims_stay_dynamic(output: str) -> None:
+    torch.manual_seed(0)
+    model = SpatialSplit().eval()
+    small = fxprune.compile(model, 0.5, example_inputs=(torch.randn(1, 3, 7, 7), torch.randn(1, 3, 7, 7)),
+                            output=output)
+    assert small.c1.out_channels == 4
+    x1, x2 = _fresh(2, 3, 9, 11), _fresh(2, 3, 9, 11)
+    assert small(x1, x2).shape == model(x1, x2).shape == (2, 4, 9, 11)

@@ -116,9 +116,13 @@ class _MaskedInterpreter(fx.Interpreter):
         """Zero the removed channels of ``t`` in place where possible: a later in-place op on an alias of the
         node (``skip = a; a += b``) must see the same tensor, as in eager PyTorch."""
         for dim, idx in self.zero.get(value, ()):
+            expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))
+            if expanded:  # several elements share memory: a masked copy
+                t = t.index_fill(dim, idx, 0)
+                continue
             try:
                 t.index_fill_(dim, idx, 0)
-            except RuntimeError:  # an expanded or otherwise overlapping tensor: a masked copy
+            except RuntimeError:  # otherwise not writable in place (an overlapping view)
                 t = t.index_fill(dim, idx, 0)
         return t
 

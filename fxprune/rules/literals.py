@@ -62,6 +62,8 @@ def split_sizes(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = int(dim) % len(new[0])  # type: ignore[arg-type]
     sizes = [s[dim] for s in new]
+    if sizes == [s[dim] for s in old]:
+        return  # the split dim kept its sizes (others were pruned): sizes computed at run time stay computed
     kwargs = {k: v for k, v in node.kwargs.items() if k not in ("split_size_or_sections", "split_size", "chunks", "dim")}
     node.args = (node.args[0], sizes, dim)
     node.kwargs = kwargs
