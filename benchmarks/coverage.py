@@ -30,7 +30,7 @@ TIMM = [
     "resnet18", "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100", "regnety_004",
     "ghostnet_100", "repvgg_a0", "cspdarknet53", "densenet121", "mixer_b16_224", "poolformer_s12",
     "efficientformer_l1", "levit_128", "mobilevit_s", "vit_small_patch16_224", "deit_small_patch16_224",
-    "swin_tiny_patch4_window7_224",
+    "swin_tiny_patch4_window7_224", "eva02_tiny_patch14_224",
 ]
 SEG_DET = [
     "fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",

@@ -12,7 +12,8 @@ from tests.conftest import check_pruned
 
 TORCHVISION = ["shufflenet_v2_x0_5", "mobilenet_v3_small", "squeezenet1_1", "mnasnet0_5", "swin_t"]
 TIMM = ["convnext_atto", "ghostnet_050", "levit_128s", "mobilevit_xxs", "poolformer_s12", "mixer_s16_224",
-        "efficientformer_l1", "regnety_002", "repvgg_a0", "cspresnet50", "densenet121", "resnet18"]
+        "efficientformer_l1", "regnety_002", "repvgg_a0", "cspresnet50", "densenet121", "resnet18",
+        "eva02_tiny_patch14_224"]
 
 
 @pytest.mark.parametrize("name", TORCHVISION)

@@ -376,3 +376,35 @@ def test_sizes_on_unpruned_dims_stay_dynamic(output: str) -> None:
     assert small.c1.out_channels == 4
     x1, x2 = _fresh(2, 3, 9, 11), _fresh(2, 3, 9, 11)
     assert small(x1, x2).shape == model(x1, x2).shape == (2, 4, 9, 11)
+
+
+class ConvNorm(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = norm
+        self.b = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.GroupNorm(4, 16), lambda: nn.GroupNorm(1, 16),
+                                  lambda: nn.InstanceNorm2d(16, affine=True), lambda: nn.InstanceNorm2d(16)],
+                         ids=["GroupNorm4", "GroupNorm1", "InstanceNormAffine", "InstanceNorm"])
+def test_channel_norms_are_pruned_and_proven(norm: object) -> None:
+    torch.manual_seed(0)
+    model = ConvNorm(norm()).eval()  # type: ignore[operator]
+    with torch.no_grad():
+        for p in model.norm.parameters():
+            p.uniform_(0.5, 1.5)
+    r = fxprune.prune(model, 0.5, example_inputs=(torch.randn(2, 3, 8, 8),), verify=True)
+    assert r.oracle is not None and r.oracle.applicable and r.oracle.passed, r.oracle
+    assert r.model.a.out_channels == 8
+    pruned = r.model.get_submodule("norm")
+    if isinstance(pruned, nn.GroupNorm):
+        assert (pruned.num_groups, pruned.num_channels) == (model.norm.num_groups, 8)
+    else:
+        assert pruned.num_features == 8
+    x = _fresh(2, 3, 11, 9)
+    assert r.model(x).shape == model(x).shape

@@ -113,6 +113,8 @@ class RewritePass:
             if isinstance(mod, nn.modules.conv._ConvNd):
                 cd = len(self.shapes[x.name]) - len(mod.kernel_size) - 1
                 new_in = self.shapes[x.name][cd]
+            elif isinstance(mod, nn.modules.instancenorm._InstanceNorm) and len(self.shapes[x.name]) > 1:
+                new_in = self.shapes[x.name][1]
         if str(node.target) in changed or new_in is not None:
             mod = submodule(gm, str(node.target))
             fix_module(mod, new_in)

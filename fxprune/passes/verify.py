@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -79,32 +79,34 @@ class _MaskedInterpreter(fx.Interpreter):
         return out
 
     def _norm_over_kept(self, n: fx.Node) -> torch.Tensor | None:
-        """A LayerNorm/RMSNorm whose last (normalised) dim lost channels, over the kept channels only; else None."""
+        """A LayerNorm/RMSNorm/GroupNorm whose normalised channels lost some, over the kept ones only; else None."""
         spec = norm_spec(n, self._module_of)
-        if spec is None or not isinstance(n.args[0], fx.Node):
+        if spec is None or not isinstance(spec.x, fx.Node):
             return None
-        kind, x_node, shape, weight, bias, eps = spec
-        x = self.env[x_node]
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        x = self.env[spec.x]
+        if not isinstance(x, torch.Tensor) or x.dim() <= spec.dim:
             return None
-        last = x.dim() - 1
-        gone = [idx for dim, idx in self.zero.get(x_node.name, ()) if dim == last]
+        dim = spec.dim % x.dim()
+        gone = [idx for d, idx in self.zero.get(spec.x.name, ()) if d == dim]
         if not gone:
             return None
-        keep_mask = torch.ones(x.shape[last], dtype=torch.bool)
+        keep_mask = torch.ones(x.shape[dim], dtype=torch.bool)
         for idx in gone:
             keep_mask[idx] = False
         keep = torch.nonzero(keep_mask).flatten()
-        w, b = self._arg(weight), self._arg(bias)
-        w = w.index_select(-1, keep) if isinstance(w, torch.Tensor) else None
-        b = b.index_select(-1, keep) if isinstance(b, torch.Tensor) else None
-        kept_shape = (*tuple(shape)[:-1], len(keep))
-        xs = x.index_select(last, keep)
-        if kind == "layer_norm":
-            ys = F.layer_norm(xs, kept_shape, w, b, 1e-5 if eps is None else float(eps))
+        w, b = self._arg(spec.weight), self._arg(spec.bias)
+        w = w.index_select(0 if spec.kind == "group_norm" else -1, keep) if isinstance(w, torch.Tensor) else None
+        b = b.index_select(0 if spec.kind == "group_norm" else -1, keep) if isinstance(b, torch.Tensor) else None
+        xs = x.index_select(dim, keep)
+        if spec.kind == "group_norm":
+            ys = F.group_norm(xs, int(spec.shape), w, b, 1e-5 if spec.eps is None else float(spec.eps))
+        elif spec.kind == "layer_norm":
+            shape = (*tuple(spec.shape)[:-1], len(keep))
+            ys = F.layer_norm(xs, shape, w, b, 1e-5 if spec.eps is None else float(spec.eps))
         else:
-            ys = F.rms_norm(xs, kept_shape, w, None if eps is None else float(eps))
-        return torch.zeros_like(x).index_copy(last, keep, ys)
+            shape = (*tuple(spec.shape)[:-1], len(keep))
+            ys = F.rms_norm(xs, shape, w, None if spec.eps is None else float(spec.eps))
+        return torch.zeros_like(x).index_copy(dim, keep, ys)
 
     def _module_of(self, target: str) -> torch.nn.Module:
         return self.fetch_attr(target)
@@ -127,24 +129,39 @@ class _MaskedInterpreter(fx.Interpreter):
         return t
 
 
-def norm_spec(n: fx.Node, module_of: Any) -> tuple[str, fx.Node, Any, Any, Any, Any] | None:
-    """(kind, input, normalized_shape, weight, bias, eps) of a LayerNorm/RMSNorm node, else None.
+class NormSpec(NamedTuple):
+    """A normalisation over channels: its kind, input, normalised dim and arguments."""
 
-    ``kind`` is "layer_norm" or "rms_norm"; weight and bias are nodes, tensors or None.
-    """
-    if n.op == "call_module":
+    kind: str  # "layer_norm", "rms_norm" or "group_norm"
+    x: Any  # the input node
+    dim: int  # the channel dim the statistics span (-1, or 1 for GroupNorm)
+    shape: Any  # normalized_shape, or the group count for GroupNorm
+    weight: Any  # node, tensor or None
+    bias: Any
+    eps: Any
+
+
+def norm_spec(n: fx.Node, module_of: Any) -> NormSpec | None:
+    """The ``NormSpec`` of a LayerNorm/RMSNorm/GroupNorm node (module or function), else None."""
+    if n.op == "call_module" and n.args:
         m = module_of(str(n.target))
         for cls, kind in ((torch.nn.LayerNorm, "layer_norm"), (torch.nn.RMSNorm, "rms_norm")):
-            if isinstance(m, cls) and type(m).forward is cls.forward and n.args:
-                return kind, n.args[0], m.normalized_shape, m.weight, getattr(m, "bias", None), m.eps
+            if isinstance(m, cls) and type(m).forward is cls.forward:
+                return NormSpec(kind, n.args[0], -1, m.normalized_shape, m.weight, getattr(m, "bias", None), m.eps)
+        if isinstance(m, torch.nn.GroupNorm) and type(m).forward is torch.nn.GroupNorm.forward:
+            return NormSpec("group_norm", n.args[0], 1, m.num_groups, m.weight, m.bias, m.eps)
         return None
     if n.op != "call_function" or not n.args:
         return None
     if n.target in (F.layer_norm, torch.layer_norm):
-        return ("layer_norm", n.args[0], call_arg(n, 1, "normalized_shape"), call_arg(n, 2, "weight"),
-                call_arg(n, 3, "bias"), call_arg(n, 4, "eps", 1e-5))
+        return NormSpec("layer_norm", n.args[0], -1, call_arg(n, 1, "normalized_shape"), call_arg(n, 2, "weight"),
+                        call_arg(n, 3, "bias"), call_arg(n, 4, "eps", 1e-5))
     if n.target in (F.rms_norm, torch.rms_norm):
-        return "rms_norm", n.args[0], call_arg(n, 1, "normalized_shape"), call_arg(n, 2, "weight"), None, call_arg(n, 3, "eps")
+        return NormSpec("rms_norm", n.args[0], -1, call_arg(n, 1, "normalized_shape"), call_arg(n, 2, "weight"), None,
+                        call_arg(n, 3, "eps"))
+    if n.target in (F.group_norm, torch.group_norm):
+        return NormSpec("group_norm", n.args[0], 1, call_arg(n, 1, "num_groups"), call_arg(n, 2, "weight"),
+                        call_arg(n, 3, "bias"), call_arg(n, 4, "eps", 1e-5))
     return None
 
 

@@ -7,6 +7,7 @@ LayerNorm, many custom blocks) are traced through, so their parameters are ``get
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ def linear(node: fx.Node, ctx: RuleContext) -> None:
         pin_all(node, ctx, f"{node.name}: F.linear with unexpected arguments")
         return
     linear_couplings(ctx, x, y, w, b)
-    _produce_param(node.args[1], ctx, 0)
+    _produce_param(call_arg(node, 1, "weight"), ctx, 0)
 
 
 def addmm(node: fx.Node, ctx: RuleContext) -> None:
@@ -91,9 +92,20 @@ def batch_norm(node: fx.Node, ctx: RuleContext) -> None:
 
 
 def group_norm(node: fx.Node, ctx: RuleContext) -> None:
-    """F.group_norm: group statistics span channels, which stay."""
+    """F.group_norm(x, G, weight, bias): as nn.GroupNorm (same positions lost in every group)."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    groups = call_arg(node, 1, "num_groups")
+    params = [p for p in (ctx.tensor(call_arg(node, 2, "weight")), ctx.tensor(call_arg(node, 3, "bias"))) if p]
+    if x is None or not isinstance(groups, int) or not params or ctx.ndim(x) < 2:
+        pin_all(node, ctx, f"{node.name}: group_norm without affine parameters or a literal group count")
+        return
     unary(node, ctx)
-    pin_all(node, ctx, f"{node.name}: group_norm statistics span channel groups")
+    for p in params:
+        ctx.same(x, 1, p, 0)
+    c = ctx.shape_of(x)[1]
+    if groups > 1:
+        idx = np.arange(c)
+        ctx.mapped(params[0], 0, idx, params[0], 0, idx % (c // groups))
 
 
 def embedding(node: fx.Node, ctx: RuleContext) -> None:
@@ -110,7 +122,7 @@ def embedding(node: fx.Node, ctx: RuleContext) -> None:
     ctx.pin(w, f"{node.name}: vocabulary rows", [0])
     if call_arg(node, 3, "max_norm") is not None:  # the renorm's row norms span the embedding dim
         ctx.pin(w, f"{node.name}: embedding(max_norm=...) renormalises rows over the embedding dim", [1])
-    _produce_param(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), ctx, 1)
+    _produce_param(call_arg(node, 1, "weight"), ctx, 1)
 
 
 def padded_dims(pad: object, ndim: int) -> list[bool] | None:

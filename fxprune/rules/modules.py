@@ -139,12 +139,26 @@ def layer_norm(node: fx.Node, ctx: RuleContext) -> None:
 
 
 def group_norm(node: fx.Node, ctx: RuleContext) -> None:
-    """GroupNorm: channels are pinned (group statistics would change)."""
+    """GroupNorm(G, C): every group loses the same positions, so G stays and each group keeps C'/G contiguous
+    channels; statistics are then over each group's kept channels, as the oracle's reference computes them
+    (``verify.norm_spec``). GroupNorm(1, C) is a LayerNorm over (C, H, W)."""
     io = _io(node, ctx)
     if io is None:
         return
+    x, y = io
     unary(node, ctx)
-    pin_all(node, ctx, f"{node.name}: GroupNorm statistics span channel groups")
+    m = ctx.module()
+    assert isinstance(m, nn.GroupNorm)
+    params = [p for p in (ctx.param(m, "weight"), ctx.param(m, "bias")) if p is not None]
+    if not params:  # nothing would carry the new num_channels
+        pin_all(node, ctx, f"{node.name}: GroupNorm without affine parameters")
+        return
+    for p in params:
+        ctx.same(x, 1, p, 0)
+    per = m.num_channels // m.num_groups
+    if m.num_groups > 1:  # position j of every group is one channel class (a mapped self-edge)
+        c = np.arange(m.num_channels)
+        ctx.mapped(params[0], 0, c, params[0], 0, c % per)
 
 
 def embedding(node: fx.Node, ctx: RuleContext) -> None:
@@ -187,6 +201,7 @@ MODULE_RULES: dict[type, Callable[[fx.Node, RuleContext], None]] = {
     nn.BatchNorm3d: batch_norm,
     nn.LayerNorm: layer_norm,
     nn.GroupNorm: group_norm,
+    nn.modules.instancenorm._InstanceNorm: batch_norm,  # per-channel statistics, like BatchNorm
     nn.Embedding: embedding,
     nn.RMSNorm: layer_norm,
     nn.Flatten: reshape_like,
@@ -308,6 +323,10 @@ def fix_module(m: nn.Module, new_in: int | None) -> None:
         ref = m.running_mean if m.running_mean is not None else m.weight
         if ref is not None:
             m.num_features = ref.shape[0]
+        elif new_in is not None:  # InstanceNorm without affine or running statistics: the input's width
+            m.num_features = new_in
+    elif isinstance(m, nn.GroupNorm):
+        m.num_channels = m.weight.shape[0] if m.weight is not None else m.bias.shape[0]
     elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         ref = m.weight if m.weight is not None else getattr(m, "bias", None)
         if ref is not None:
