@@ -94,12 +94,26 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def _missing_formulas() -> dict[object, object]:
+    """Shape formulas for kernels ``FlopCounterMode`` does not know: scaled dot-product attention on the CPU
+    runs ``_scaled_dot_product_flash_attention_for_cpu``, which it would count as zero."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def sdpa(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: object,
+             out_shape: object = None, **kwargs: object) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if kernel is None else {kernel: sdpa}
+
+
 def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> int:
     """Count multiply-accumulates of one forward pass with ``torch.utils.flop_counter``.
 
     Counts what ``FlopCounterMode`` counts: convolutions, linear layers (``addmm``/``mm``), ``matmul``,
-    ``bmm``/``baddbmm`` and scaled-dot-product attention; element-wise ops, norms and bias additions
-    are not counted. MACs are ``flops // 2``.
+    ``bmm``/``baddbmm`` and scaled-dot-product attention (also the CPU kernel, whose formula
+    ``FlopCounterMode`` lacks); element-wise ops, norms and bias additions are not counted. MACs are
+    ``flops // 2``.
 
     Args:
         model: The module to measure. It is never run itself: a private deep copy runs in eval mode under
@@ -112,7 +126,7 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.
     import copy
 
     inputs = _as_tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_missing_formulas())
     private = copy.deepcopy(model)
     with eval_mode(private), torch.no_grad(), counter:
         private(*inputs)
