@@ -127,6 +127,10 @@ def _sci(value: Any) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
+def _threads(n: Any) -> str:
+    return f"{n} thread" if n == 1 else f"{n if n is not None else '?'} threads"
+
+
 def _ratio(a: Any, b: Any) -> str:
     return f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
 
@@ -141,12 +145,12 @@ def render_markdown(data: dict[str, Any], files: dict[str, str] | None = None) -
              "| | before | after | after/before |", "|---|---:|---:|---:|"]
     for key, label, unit in (("params", "parameters", ""), ("macs", "MACs", ""), ("onnx_bytes", "ONNX size (bytes)", ""),
                              ("latency_ms", f"CPU latency, median of {lat.get('runs', '?')} runs, "
-                              f"{lat.get('threads', '?')} threads (ms)", "")):
+                              f"{_threads(lat.get('threads'))} (ms)", "")):
         lines.append(f"| {label} | {_fmt(b.get(key), unit)} | {_fmt(a.get(key), unit)} | {_ratio(b.get(key), a.get(key))} |")
     if data["oracle"]:
         o = data["oracle"]
         verdict = "passed" if o["passed"] else ("not applicable: " + o["reason"] if not o["applicable"] else "FAILED")
-        lines += ["", f"Mask oracle (pruned model == masked original): {verdict}, max abs diff {o['max_abs_diff']:.2e}."]
+        lines += ["", f"Mask oracle (pruned model == masked original): {verdict}, max abs diff {_sci(o['max_abs_diff'])}."]
     if data["onnx"]:
         x = data["onnx"]
         lines += ["", "## ONNX", "", f"`{x['path']}`: opset {x['opset']}, {x['exporter']} exporter, "

@@ -58,7 +58,7 @@ def test_markdown_shows_table_groups_and_reasons(data: dict[str, Any]) -> None:
     md = render_markdown(data, {"chart": "r_channels.png"})
     assert f"| parameters | {data['before']['params']:,} | {data['after']['params']:,} |" in md
     assert "| ONNX size (bytes) | 1,000 | 400 | 0.40x |" in md
-    assert "CPU latency, median of 7 runs, 1 threads (ms) | 2.00 | 1.00 | 0.50x |" in md
+    assert "CPU latency, median of 7 runs, 1 thread (ms) | 2.00 | 1.00 | 0.50x |" in md
     assert "| 0 | 8 / 16 | `conv1.weight[0]` |" in md
     assert "### Groups left unpruned" in md and "| 6 | 10 | model output (at fc[1]) |" in md
     assert "[r_channels.png](r_channels.png)" in md and "Mask oracle" in md and "passed" in md
@@ -93,3 +93,27 @@ def test_write_report_failure_leaves_nothing(data: dict[str, Any], tmp_path: Pat
     with pytest.raises(RuntimeError, match="disk full"):
         write_report(tmp_path / "r.md", data)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_oracle_without_a_figure_renders(data: dict[str, Any]) -> None:
+    """An oracle reported "not applicable" has no max abs diff (None in JSON): the report still renders."""
+    odd = {**data, "oracle": {"applicable": False, "reason": "a rule marked it inexact", "max_abs_diff": None,
+                              "passed": False}}
+    md = render_markdown(odd)
+    assert "not applicable: a rule marked it inexact, max abs diff -." in md
+
+
+def test_a_failing_report_keeps_the_other_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from fxprune.cli import main
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("unsupported format string passed to NoneType.__format__")
+
+    monkeypatch.setattr(report_mod, "write_report", broken)
+    monkeypatch.chdir(tmp_path)
+    code = main(["compile", "models_zoo:mlp", "--ratio", "0.5", "--onnx", "m.onnx", "--report", "r.md",
+                 "--save-plan", "plan.json", "--runs", "0"])
+    err = capsys.readouterr().err
+    assert code == 0 and "report was not written" in err
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "plan.json").is_file()

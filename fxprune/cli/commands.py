@@ -197,7 +197,7 @@ def run_compile(args: argparse.Namespace) -> int:
                 bar.step("writing report")
                 if args.onnx:
                     before["onnx_bytes"] = _onnx_size(loaded.model, inputs, args)
-                options = {"ratio": result.plan.ratio, "target_macs": args.target_macs,
+                options = {"ratio": round(result.plan.ratio, 4), "target_macs": args.target_macs,
                            "target_params": args.target_params, "round_to": args.round_to,
                            "global_ranking": args.global_ranking or None, "importance": args.importance,
                            "quantize": args.quantize, "checkpoint": args.checkpoint, "seed": args.seed,
@@ -211,7 +211,11 @@ def run_compile(args: argparse.Namespace) -> int:
                     quantization=quant, latency={"runs": args.runs, "threads": threads, "device": "cpu"},
                     environment=_environment(threads),
                 )
-                write_report(stage.path(args.report), data)
+                try:  # a failing report never loses the pruned model, the ONNX or the plan
+                    write_report(stage.path(args.report), data)
+                except Exception as e:  # noqa: BLE001 - reported on one line, the other outputs are kept
+                    sys.stderr.write(f"fxprune compile: warning: the report was not written ({type(e).__name__}: "
+                                     f"{_first_line(e)}); the other outputs are\n")
             bar.step("saving")
             if args.save:
                 _save_model(pruned, stage.path(args.save))
