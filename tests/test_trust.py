@@ -408,3 +408,25 @@ def test_channel_norms_are_pruned_and_proven(norm: object) -> None:
         assert pruned.num_features == 8
     x = _fresh(2, 3, 11, 9)
     assert r.model(x).shape == model(x).shape
+
+
+def test_finetune_refuses_a_graph_that_cannot_train_like_the_model() -> None:
+    model = TrainBranches().eval()
+    x = torch.randn(4, 3, 8, 8)
+    small = fxprune.compile(model, 0.5, example_inputs=(x,))
+    batches = [(x, torch.randint(0, 4, (4,)))]
+    with pytest.raises(TrainModeError, match="output='module'"):
+        fxprune.finetune(small, batches, epochs=1, lr=0.01, progress=False)
+    mod = fxprune.compile(model, 0.5, example_inputs=(x,), output="module")
+
+    class Logits(nn.Module):  # finetune wants logits; the model returns (out, h) in train mode
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            out = self.inner(t)
+            return out[0] if isinstance(out, tuple) else out
+
+    history = fxprune.finetune(Logits(mod), batches, epochs=1, lr=0.01, progress=False)
+    assert len(history) == 1

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from fxprune.errors import TrainModeError
 from fxprune.metrics import eval_mode
 from fxprune.recovery.distill import check_kd_args, kd_loss
 
@@ -163,9 +164,17 @@ def finetune(
 
     Raises:
         ValueError: on bad arguments, batches that are not ``(inputs, targets)``, or non-tensor outputs.
+        TrainModeError: ``student`` is a pruned GraphModule whose model behaves differently in train mode
+            (functional dropout, auxiliary outputs); fine-tune the ``output="module"`` result instead.
     """
     _check_args(epochs, lr, schedule, ddp)
     check_kd_args(alpha, temperature)
+    why = getattr(student, "_fxprune_train_differs", "")
+    if why and epochs > 0:  # training it would silently train the eval-mode graph (no dropout, no aux outputs)
+        raise TrainModeError(
+            f"this pruned GraphModule cannot train like your model ({why}); prune with output='module' and "
+            "fine-tune that (your own classes keep their train-mode code)"
+        )
     device = torch.device(device) if device is not None else _device_of(student)
     student.to(device)
     distributed = _distributed()
