@@ -6,6 +6,7 @@
 from fxprune import recovery, sparsity
 from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
 from fxprune.errors import (
+    ArgumentError,
     ExportError,
     FxPruneError,
     InvariantError,
@@ -41,6 +42,7 @@ __all__ = [
     "recovery",
     "sparsity",
     "Analysis",
+    "ArgumentError",
     "ChannelGroup",
     "ExportError",
     "GroupTensors",

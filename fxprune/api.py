@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError, PlanMismatchError, TraceError
+from fxprune.errors import ArgumentError, FxPruneError, PlanMismatchError, TraceError
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_macs, count_params
 from fxprune.partial import PartReport, compile_parts
@@ -27,6 +27,7 @@ from fxprune.passes.verify import OracleReport
 from fxprune.passes.writeback import WriteBackError
 from fxprune.pipeline import analyse, as_inputs, finish, private_copy
 from fxprune.plan import ChannelGroup, PruningPlan
+from fxprune.validate import check_forward_runs, check_model, check_output_path, plan_argument
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class PruneResult:
 
 def _check_ratio(ratio: float, what: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"{what} must be a number with 0 <= {what} < 1 (the fraction of channels removed), got {ratio!r}")
+        raise ArgumentError(f"{what} must be a number with 0 <= {what} < 1 (the fraction of channels removed), got {ratio!r}")
     return float(ratio)
 
 
@@ -134,15 +135,17 @@ def _prune(
     partial: bool = True,
 ) -> PruneResult:
     arguments = dict(locals())  # every argument, for the retry below
+    check_output_path(onnx, "onnx")  # before any work
+    check_model(model)
     ratio = _check_ratio(ratio)
     for key, r in {**(ratios or {}), **{str(k): v for k, v in (group_ratios or {}).items()}}.items():
         _check_ratio(r, f"ratio for {key!r}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        raise ArgumentError(f"round_to must be a positive integer, got {round_to!r}")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be a positive integer, got {min_channels!r}")
+        raise ArgumentError(f"min_channels must be a positive integer, got {min_channels!r}")
     if output not in ("graph", "module"):
-        raise ValueError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), got {output!r}")
+        raise ArgumentError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), got {output!r}")
     criterion = resolve(importance)
     t0 = time.perf_counter()
     params_before = count_params(model)
@@ -245,6 +248,7 @@ def _prune_parts(
     if inputs is None:
         raise TraceError(f"{error} Piecewise pruning of its submodules needs example_inputs.") from error
     root = private_copy(model)
+    check_forward_runs(root, model, inputs)  # a forward that raises: ShapeError, naming it
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # a copy of the copy runs: nothing of the caller's
     parts = compile_parts(root, root, "", inputs, part_kwargs, ignore)
@@ -316,8 +320,7 @@ def apply(
     Raises:
         PlanMismatchError: the model differs from the planned one; names the first differing group.
     """
-    if isinstance(plan, str):
-        plan = PruningPlan.load(plan)
+    plan = plan_argument(plan)  # a PruningPlan, or loaded from a path (str or PathLike)
     a = analyse(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")

@@ -7,6 +7,10 @@ class FxPruneError(Exception):
     """Base class of every error fxprune raises on purpose."""
 
 
+class ArgumentError(FxPruneError, ValueError):
+    """A bad argument; the message names it and what to pass."""
+
+
 class TraceError(FxPruneError):
     """The model could not be captured as an FX graph, even with leaf fallback."""
 

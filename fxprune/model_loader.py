@@ -19,12 +19,14 @@ with :func:`load_checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,10 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
     sys.path.insert(0, str(path.resolve().parent))  # sibling imports of the user's file
     sys.modules[module_name] = module  # dataclasses and pickling look the module up here
     try:
-        spec.loader.exec_module(module)
+        with _as_script(file, f"importing {file}"):
+            spec.loader.exec_module(module)
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from e
     finally:
@@ -138,12 +143,43 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
         found = sorted(k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
         raise ModelLoadError(f"{file} has no class or function {name!r}; nn.Module classes there: {found or 'none'}")
     try:
-        model = factory()
+        with _as_script(file, f"{name}()"):
+            model = factory()
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"{name}() failed (it must be callable without arguments): {_first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{file}:{name}() returned a {type(model).__name__}, not an nn.Module")
     return LoadedModel(model, f"{file}:{name}", None)
+
+
+@contextlib.contextmanager
+def _as_script(file: str, what: str) -> Iterator[None]:
+    """Run user code with ``sys.argv == [file]``, its stderr held back, and ``sys.exit`` turned into an error.
+
+    A model file may parse the command line (argparse) or call ``sys.exit()`` at import time; neither may end
+    fxprune's own process, and argparse's usage text must not add lines to the one-line error. What the code
+    wrote to stderr is passed on when it returns normally.
+    """
+    argv, stderr = sys.argv, sys.stderr
+    held = io.StringIO()
+    sys.argv, sys.stderr = [file], held
+    ok = False
+    try:
+        yield
+        ok = True
+    except SystemExit as e:
+        said = next((ln.strip() for ln in reversed(held.getvalue().splitlines()) if ln.strip()), "")
+        detail = f" ({said[:200]})" if said else ""
+        raise ModelLoadError(
+            f"{what} called sys.exit({e.code!r}){detail}: a model file must not parse the command line or "
+            "exit when imported; put that code under if __name__ == '__main__':"
+        ) from e
+    finally:
+        sys.argv, sys.stderr = argv, stderr
+        if ok and held.getvalue():
+            stderr.write(held.getvalue())
 
 
 def _from_saved(file: str, trust_pickle: bool) -> LoadedModel:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError, InvariantError
+from fxprune.errors import ArgumentError, FxPruneError, InvariantError
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_params
 from fxprune.passes.base import generated
@@ -37,6 +37,7 @@ from fxprune.passes.train_mode import guard_train_mode, restore_flags, train_mod
 from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
 from fxprune.passes.writeback import write_back
 from fxprune.plan import ChannelGroup, PruningPlan
+from fxprune.validate import check_example_inputs, check_model, example_inputs_message
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,18 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    raise ValueError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    raise ArgumentError(example_inputs_message(example_inputs))
 
 
 def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
     names = {name for name, _ in model.named_modules()}
     for item in ignore:
         if not isinstance(item, (str, type)):
-            raise ValueError(f"ignore entries must be module names or types, got {item!r}")
+            raise ArgumentError(f"ignore entries must be module names or types, got {item!r}")
         if isinstance(item, str) and item not in names:
             close = sorted(n for n in names if n and (item in n or n in item))[:5]
             hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"ignore={item!r} names no submodule of the model{hint}")
+            raise ArgumentError(f"ignore={item!r} names no submodule of the model{hint}")
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -83,7 +84,7 @@ def private_copy(model: nn.Module) -> nn.Module:
     tensors (a forward may update buffers, and ``Embedding(max_norm=...)`` or ``.data.clamp_()`` even write
     parameters)."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from torch.nn.utils import prune as nn_prune
 
     meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -201,10 +202,12 @@ def _analyse(
     model: nn.Module, example_inputs: Any, ignore: list[str | type], leaves: Sequence[str],
     prune_heads: bool, specialize: bool,
 ) -> Analysed:
+    check_model(model)  # an eager nn.Module with real buffers
     _check_ignore(model, ignore)
     flags = {name: m.training for name, m in model.named_modules()}
     work = private_copy(model)  # everything below runs on the copy only
     given = as_inputs(example_inputs)
+    check_example_inputs(model, given)  # count and device, against forward's signature
     # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
     # (only for output="module", where the user's own forward is re-run and proven equal).
     gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fxprune.errors import PlanMismatchError
+from fxprune.errors import ArgumentError, PlanMismatchError
 
 PLAN_FORMAT = "fxprune-plan/1"
 
@@ -106,21 +106,61 @@ class PruningPlan:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> PruningPlan:
-        """Read a plan written by ``to_dict``; labels are filled in by ``fxprune.apply``."""
+        """Read a plan written by ``to_dict``; labels are filled in by ``fxprune.apply``.
+
+        Raises:
+            PlanMismatchError: ``data`` is not an fxprune plan, or a field is missing or of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise PlanMismatchError(f"not an fxprune plan: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != PLAN_FORMAT:
             raise PlanMismatchError(f"not an fxprune plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        try:
+            return PruningPlan._from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise PlanMismatchError(
+                f"malformed fxprune plan ({what}); write plans with PruningPlan.save and do not edit their "
+                "structure"
+            ) from e
+
+    @staticmethod
+    def _from_dict(data: dict[str, Any]) -> PruningPlan:
         groups, kept = [], []
+        if not isinstance(data["groups"], list):
+            raise TypeError(f"'groups' must be a list, got {type(data['groups']).__name__}")
         for g in data["groups"]:
             kept.append(tuple(int(k) for k in g["kept"]))
             groups.append(ChannelGroup(
                 id=int(g["id"]), size=int(g["size"]), producers=tuple(g["producers"]), members=tuple(g["members"]),
                 n_pinned=int(g["n_pinned"]), pin_reasons=tuple(g["pin_reasons"]),
             ))
-        return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (), data.get("fingerprint", ""),
-                           dict(data.get("versions", {})), bool(data.get("prune_heads", False)))
+        return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (),
+                           str(data.get("fingerprint", "")), dict(data.get("versions", {})),
+                           bool(data.get("prune_heads", False)))
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> PruningPlan:
-        """Read a plan saved with ``save``."""
-        with open(path) as f:
-            return PruningPlan.from_dict(json.load(f))
+        """Read a plan saved with ``save``.
+
+        Raises:
+            ArgumentError: there is no readable file at ``path``.
+            PlanMismatchError: the file is not JSON, or not an fxprune plan.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentError(f"a plan path must be a str or os.PathLike, got {type(path).__name__}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError as e:
+            raise ArgumentError(f"plan file not found: {os.fspath(path)}; pass the path written by "
+                                "plan.save(path)") from e
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, binary content
+            raise ArgumentError(f"cannot read plan file {os.fspath(path)} ({type(e).__name__}); pass the "
+                                "JSON file written by plan.save(path)") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanMismatchError(f"{os.fspath(path)} is not a JSON file ({e}); pass the file written by "
+                                    "plan.save(path)") from e
+        return PruningPlan.from_dict(data)

@@ -19,9 +19,11 @@ import torch
 import torch.fx as fx
 
 from fxprune.depgraph import space_label
+from fxprune.errors import ArgumentError, FxPruneError
 from fxprune.passes.base import module_tensors
 from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import ChannelGroup
+from fxprune.validate import check_scores
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ class Taylor:
         self.batches = list(batches)
         self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
         if not self.batches:
-            raise ValueError("Taylor importance needs at least one (inputs, target) batch")
+            raise ArgumentError("Taylor importance needs at least one (inputs, target) batch")
 
     def gradients(self, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
         """Accumulate gradients of the loss over the batches on the private copy (eval mode)."""
@@ -235,9 +237,10 @@ def resolve(importance: str | Criterion) -> Criterion:
     if callable(importance):
         return importance
     if importance == "taylor":
-        raise ValueError("taylor importance needs data: pass importance=fxprune.Taylor(batches, loss_fn)")
+        raise ArgumentError("taylor importance needs data: pass importance=fxprune.Taylor(batches, loss_fn)")
     if importance not in CRITERIA:
-        raise ValueError(f"unknown importance {importance!r}; choose one of {sorted(CRITERIA) + ['taylor']} or pass a callable")
+        raise ArgumentError(f"unknown importance {importance!r}; choose one of {sorted(CRITERIA) + ['taylor']} "
+                            "or pass a callable")
     return CRITERIA[importance]
 
 
@@ -256,8 +259,17 @@ def score_groups(
         if not gt.group.prunable:
             out.append(np.zeros(gt.size))
             continue
-        s = np.asarray(criterion(gt), dtype=np.float64)
-        if s.shape != (gt.size,):
-            raise ValueError(f"importance returned shape {s.shape} for group {gt.group.id} of {gt.size} channels")
-        out.append(s)
+        try:
+            raw = criterion(gt)
+        except FxPruneError:
+            raise
+        except Exception as e:
+            if any(criterion is c for c in CRITERIA.values()):
+                raise  # a built-in criterion failing is fxprune's bug, not a bad argument
+            name = getattr(criterion, "__name__", type(criterion).__name__)
+            first = gt.group.producers[0] if gt.group.producers else "-"
+            raise ArgumentError(f"importance {name} failed on group {gt.group.id} ({gt.size} channels, first "
+                                f"producer {first}): {type(e).__name__}: {e}; fix the criterion or use a "
+                                "built-in one") from e
+        out.append(check_scores(raw, gt.group.id, gt.size, criterion))  # finite, one per channel
     return out

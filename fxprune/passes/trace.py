@@ -174,6 +174,7 @@ class _FallbackTracer(fx.Tracer):
         """fx's leaves (``torch.nn`` modules), the requested ones, and known composites (``COMPOSITES``)."""
         return (
             module_qualified_name in self.extra_leaves
+            or isinstance(m, torch.jit.ScriptModule)  # a scripted submodule runs as it is (and is pinned)
             or super().is_leaf_module(m, module_qualified_name)
             or composite_rule(m) is not None
         )
