@@ -82,14 +82,14 @@ def emit_cl_norm(st: Any, xs: list[Shape]) -> Emitted:
     kind = st.attrs["kind"]
     if kind == "ln_module":
         init = [f"self.{st.name} = nn.LayerNorm({c})"]
-        expr = f"self.{st.name}({x}.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)"
+        expr = f"self.{st.name}({x}.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()"
     elif kind == "rms_module":
         init = [f"self.{st.name} = nn.RMSNorm({c})"]
-        expr = f"self.{st.name}({x}.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)"
+        expr = f"self.{st.name}({x}.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()"
     else:
         init = [f"self.{st.name}_g = nn.Parameter(torch.rand({c}) + 0.5)"]
         fn = "F.layer_norm" if kind == "ln_fn" else "F.rms_norm"
-        expr = f"{fn}({x}.permute(0, 2, 3, 1), ({c},), self.{st.name}_g).permute(0, 3, 1, 2)"
+        expr = f"{fn}({x}.permute(0, 2, 3, 1), ({c},), self.{st.name}_g).permute(0, 3, 1, 2).contiguous()"
     return {st.name: xs[0]}, init, [f"{st.name} = {expr}"]
 
 
