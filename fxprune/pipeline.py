@@ -103,7 +103,14 @@ def private_copy(model: nn.Module) -> nn.Module:
     try:
         return _copy_module(model, {}).eval()
     except Exception as e:
-        raise FxPruneError(f"cannot copy the model ({e}); fxprune never prunes the caller's model in place") from e
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        legacy = [n or type(model).__name__ for n, m in model.named_modules()
+                  if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())]
+        hint = (f"; {legacy[0]} uses the legacy torch.nn.utils.weight_norm, which cannot be deep-copied: use "
+                "torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm first") if legacy else ""
+        first = str(e).split(".")[0]
+        raise FxPruneError(f"cannot copy the model ({first}){hint}; fxprune never prunes the caller's model in place") from e
 
 
 _IMMUTABLE = (int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -421,3 +421,11 @@ def test_scripted_submodule_is_kept_whole() -> None:
     r = fxprune.prune(model, 0.5, example_inputs=(x,), verify=True)
     assert r.oracle is not None and r.oracle.passed
     torch.testing.assert_close(r.model(x), model(x))  # nothing around the scripted part could be cut
+
+
+def test_legacy_weight_norm_is_a_clear_error() -> None:
+    from torch.nn.utils import weight_norm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), weight_norm(torch.nn.Conv2d(8, 4, 1)))
+    with pytest.raises(fxprune.FxPruneError, match="parametrizations.weight_norm"):
+        fxprune.compile(model, 0.5, example_inputs=(torch.randn(1, 3, 8, 8),))
