@@ -2,8 +2,8 @@
 
 Each model runs in its own subprocess with a timeout, so a crash or a hang does not stop the run. A model
 is "ok" when compile succeeds, the parameter count drops, the output structure and shapes equal the
-original's, the mask oracle passes (or is not applicable: LayerNorm over a pruned dim), and the ONNX
-export matches onnxruntime. Rows go to a JSONL file; a Markdown summary is printed.
+original's, the mask oracle passes (LayerNorm, RMSNorm and GroupNorm over pruned channels included), and
+the ONNX export matches onnxruntime. Rows go to a JSONL file; a Markdown summary is printed.
 
     .venv/bin/python benchmarks/coverage.py --out docs/coverage.jsonl [--only torchvision] [--tp]
 
@@ -110,7 +110,10 @@ def child(spec: str, ratio: float) -> dict[str, Any]:
     row["total_s"] = time.perf_counter() - t0
     row["params_ratio"] = r.params_after / r.params_before
     row["macs_ratio"] = r.macs_after / max(1, r.macs_before)
-    row["oracle"] = "passed" if r.oracle and r.oracle.applicable else f"n/a: {r.oracle.reason if r.oracle else ''}"
+    if r.oracle is not None and r.oracle.applicable:
+        row["oracle"] = "passed" if r.oracle.passed else f"failed: {r.oracle.max_abs_diff:.3g}"
+    else:
+        row["oracle"] = f"n/a: {r.oracle.reason if r.oracle else ''}"
     row["noop"] = not r.modified or r.params_after >= r.params_before
     detection = kind == "tvdet"
     with tempfile.TemporaryDirectory() as d:
@@ -125,7 +128,7 @@ def child(spec: str, ratio: float) -> dict[str, Any]:
                 except Exception as e0:  # noqa: BLE001
                     if "differs from PyTorch" in str(e0):
                         row["onnx"] = "exported; onnxruntime differs from PyTorch as for the unpruned model"
-    row["ok"] = (not row["noop"]) and (row["onnx"] == "ok" or row["onnx"].startswith("exported;"))
+    row["ok"] = (not row["noop"]) and row["oracle"] == "passed" and (row["onnx"] == "ok" or row["onnx"].startswith("exported;"))
     return row
 
 
@@ -210,9 +213,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         fam[r["family"]].append(r)
     out = [f"{datetime.date.today()} | {platform.machine()} {os.cpu_count()} cores | torch {torch.__version__}\n",
-           "| family | total | ok | no-op | error | median params left | median MACs left | median compile s | ONNX ok "
-           "| TP ok | TP / fxprune compile time (median) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| family | total | ok | no-op | error | oracle passed | median params left | median MACs left "
+           "| median compile s | ONNX ok | TP ok | TP / fxprune compile time (median) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def med(rs: list[dict[str, Any]], key: str) -> str:
         vals = [r[key] for r in rs if key in r]
@@ -227,11 +230,17 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 
     for name, rs in [*sorted(fam.items()), ("**all**", rows)]:
         out.append(f"| {name} | {len(rs)} | {sum(r['ok'] for r in rs)} | {sum(bool(r.get('noop')) for r in rs)} | "
-                   f"{sum('error' in r for r in rs)} | {med(rs, 'params_ratio')} | {med(rs, 'macs_ratio')} | "
+                   f"{sum('error' in r for r in rs)} | {sum(r.get('oracle') == 'passed' for r in rs)} | "
+                   f"{med(rs, 'params_ratio')} | {med(rs, 'macs_ratio')} | "
                    f"{med(rs, 'compile_s')} | {sum(r.get('onnx') == 'ok' for r in rs)} | {tp(rs)} |")
     bad = [r for r in rows if not r["ok"]]
     if bad:
-        out += ["", "Not ok:", ""] + [f"- {r['model']}: {r.get('error') or ('no-op' if r.get('noop') else r.get('onnx'))}" for r in bad]
+        def why(r: dict[str, Any]) -> str:
+            if r.get("error") or r.get("noop"):
+                return r.get("error") or "no-op"
+            return r["oracle"] if r.get("oracle") != "passed" else str(r.get("onnx"))
+
+        out += ["", "Not ok:", ""] + [f"- {r['model']}: {why(r)}" for r in bad]
     tp_bad = [r for r in rows if "tp_ok" in r and not r["tp_ok"]]
     if tp_bad:
         out += ["", "Torch-Pruning not ok:", ""] + [f"- {r['model']}: {r.get('tp_error', '')}" for r in tp_bad]

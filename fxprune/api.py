@@ -6,7 +6,7 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,24 @@ class Analysis:
     opaque: dict[str, str]
     example_inputs: tuple[Any, ...]
     fingerprint: str
+    dependencies: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def graph(self) -> Any:
+        """The channel-dependency graph as a ``networkx.MultiGraph``, for drawing and inspection.
+
+        Nodes are channel spaces ``(value, dim)``: one dim of one tensor or parameter (``"param:conv.weight"``),
+        with ``size``, ``pinned`` (the reason, "" when free) and ``group`` (the id of the coupled group its
+        channels belong to, -1 when none). Each edge is one coupling a rule stated, with ``why`` (the node)
+        and ``a_index``/``b_index``: index ``a_index[k]`` of one end is channel ``b_index[k]`` of the other
+        (None: the identity). ``examples/draw_dependency_graph.py`` draws it.
+        """
+        g = self.dependencies.dep.graph
+        sol = self.dependencies.solution
+        for space in g.nodes:
+            ids = sol.groups_in(space) if space in sol.offsets else []
+            g.nodes[space]["group"] = ids[0] if ids else -1
+        return g
 
     def table(self) -> str:
         """A readable table: one line per group."""
@@ -362,4 +380,5 @@ def analyze(
         prune_heads: group attention channels by whole heads (as ``compile(..., prune_heads=True)``).
     """
     a = analyse(model, example_inputs, ignore, leaves, prune_heads=prune_heads)
-    return Analysis(groups=a.groups, opaque=a.opaque, example_inputs=a.inputs, fingerprint=a.fingerprint)
+    return Analysis(groups=a.groups, opaque=a.opaque, example_inputs=a.inputs, fingerprint=a.fingerprint,
+                    dependencies=a.deps)

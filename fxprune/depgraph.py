@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
-import networkx as nx
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -60,15 +60,18 @@ class DependencyGraph:
     inexact: dict[str, str] = field(default_factory=dict)
 
     @property
-    def graph(self) -> nx.MultiGraph:
-        """The space-level multigraph, built on demand: nodes are spaces (with their ``size``); every edge
+    def graph(self) -> Any:
+        """The space-level ``networkx.MultiGraph``, built on demand: nodes are spaces (with their ``size`` and
+        ``pinned`` reason, "" when free); every edge
         carries its endpoints ``a``/``b``, ``a_index``/``b_index`` (None = identity) and ``why``.
 
         The rules append to ``couplings`` (a list append: networkx edges made the dependency pass 1.6x
         slower on timm's efficientnet_b0); solving reads the list directly.
         """
+        import networkx as nx  # imported on demand: only the graph view needs it
+
         g = nx.MultiGraph()
-        g.add_nodes_from((space, {"size": size}) for space, size in self.sizes.items())
+        g.add_nodes_from((space, {"size": size, "pinned": self.pins.get(space, "")}) for space, size in self.sizes.items())
         g.add_edges_from((a, b, {"a": a, "b": b, "a_index": ai, "b_index": bi, "why": why})
                          for a, b, ai, bi, why in self.couplings)
         return g

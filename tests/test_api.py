@@ -352,3 +352,22 @@ def test_cuda_model_compiles_on_its_device() -> None:
     assert r.oracle is not None and r.oracle.passed
     assert all(p.device.type == "cuda" for p in r.model.parameters())
     assert r.model(*x).shape == model(*x).shape
+
+
+def test_analysis_graph_is_a_networkx_view_of_the_groups() -> None:
+    import networkx as nx
+
+    torch.manual_seed(0)
+    model, inputs = models_zoo.get("resnet_basic")
+    a = fxprune.analyze(model, inputs)
+    g = a.graph
+    assert isinstance(g, nx.MultiGraph) and g.number_of_nodes() > 10 and g.number_of_edges() > 10
+    prunable = {grp.id for grp in a.groups if grp.prunable}
+    for _space, data in g.nodes(data=True):
+        assert data["size"] > 0 and isinstance(data["pinned"], str)
+    assert prunable <= {d["group"] for _, d in g.nodes(data=True)}
+    assert any(d["a_index"] is None and d["why"] for _, _, d in g.edges(data=True))
+    # every producer space of a prunable group is a node of that group
+    for grp in a.groups:
+        if grp.prunable:
+            assert any(d["group"] == grp.id and str(s[0]).startswith("param:") for s, d in g.nodes(data=True))
