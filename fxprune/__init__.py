@@ -1,68 +1,110 @@
 """fxprune: structured pruning as a torch.fx compiler pass.
 
     small = fxprune.compile(model, ratio=0.5, example_inputs=(torch.randn(1, 3, 224, 224),), onnx="small.onnx")
+
+The public names are imported on first use (PEP 562), so ``import fxprune`` and ``fxprune --help`` do not
+pay for torch until something needs it.
 """
 
-from fxprune import recovery, sparsity
-from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
-from fxprune.errors import (
-    ArgumentError,
-    ExportError,
-    FxPruneError,
-    InvariantError,
-    ModelLoadError,
-    PlanMismatchError,
-    QuantizationError,
-    ShapeError,
-    TraceError,
-    TrainModeError,
-    UnsupportedOpError,
-)
-from fxprune.passes.importance import GroupTensors, MemberSlice, Taylor
-from fxprune.plan import ChannelGroup, PruningPlan
-from fxprune.recovery import (
-    EpochMetrics,
-    IterativeResult,
-    IterativeStep,
-    finetune,
-    iterative,
-    recalibrate_batchnorm,
-)
-from fxprune.sensitivity import SensitivityResult, sensitivity
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("Analysis", "PruneResult", "analyze", "apply", "compile", "prune"), "fxprune.api"),
+    **dict.fromkeys(("ArgumentError", "ExportError", "FxPruneError", "InvariantError", "ModelLoadError",
+                     "PlanMismatchError", "QuantizationError", "ShapeError", "TraceError", "TrainModeError",
+                     "UnsupportedOpError"), "fxprune.errors"),
+    **dict.fromkeys(("GroupTensors", "MemberSlice", "Taylor"), "fxprune.passes.importance"),
+    **dict.fromkeys(("ChannelGroup", "PruningPlan"), "fxprune.plan"),
+    **dict.fromkeys(("EpochMetrics", "IterativeResult", "IterativeStep", "finetune", "iterative",
+                     "recalibrate_batchnorm"), "fxprune.recovery"),
+    **dict.fromkeys(("SensitivityResult", "sensitivity"), "fxprune.sensitivity"),
+    "export_onnx": "fxprune.passes.export",
+}
+_SUBMODULES = ("recovery", "sparsity")
+
 __all__ = [
-    "EpochMetrics",
-    "IterativeResult",
-    "IterativeStep",
-    "finetune",
-    "iterative",
-    "recalibrate_batchnorm",
-    "recovery",
-    "sparsity",
     "Analysis",
     "ArgumentError",
     "ChannelGroup",
+    "EpochMetrics",
     "ExportError",
-    "GroupTensors",
-    "MemberSlice",
-    "Taylor",
     "FxPruneError",
+    "GroupTensors",
     "InvariantError",
+    "IterativeResult",
+    "IterativeStep",
+    "MemberSlice",
     "ModelLoadError",
     "PlanMismatchError",
-    "QuantizationError",
     "PruneResult",
     "PruningPlan",
+    "QuantizationError",
     "SensitivityResult",
     "ShapeError",
+    "Taylor",
     "TraceError",
     "TrainModeError",
     "UnsupportedOpError",
     "analyze",
     "apply",
     "compile",
+    "export_onnx",
+    "finetune",
+    "iterative",
     "prune",
+    "recalibrate_batchnorm",
+    "recovery",
     "sensitivity",
+    "sparsity",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"fxprune.{name}")
+    else:
+        raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # the names as static analysis sees them
+    from fxprune import recovery, sparsity
+    from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
+    from fxprune.errors import (
+        ArgumentError,
+        ExportError,
+        FxPruneError,
+        InvariantError,
+        ModelLoadError,
+        PlanMismatchError,
+        QuantizationError,
+        ShapeError,
+        TraceError,
+        TrainModeError,
+        UnsupportedOpError,
+    )
+    from fxprune.passes.export import export_onnx
+    from fxprune.passes.importance import GroupTensors, MemberSlice, Taylor
+    from fxprune.plan import ChannelGroup, PruningPlan
+    from fxprune.recovery import (
+        EpochMetrics,
+        IterativeResult,
+        IterativeStep,
+        finetune,
+        iterative,
+        recalibrate_batchnorm,
+    )
+    from fxprune.sensitivity import SensitivityResult, sensitivity

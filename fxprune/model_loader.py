@@ -90,7 +90,7 @@ def _from_zoo(name: str) -> LoadedModel:
 def _from_torchvision(name: str) -> LoadedModel:
     tv_models = _import("torchvision", "pip install torchvision").models
     if name not in tv_models.list_models():
-        close = [n for n in tv_models.list_models() if name.lower() in n][:5]
+        close = _closest(name, tv_models.list_models())
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
     kwargs: dict[str, Any] = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
@@ -100,7 +100,7 @@ def _from_torchvision(name: str) -> LoadedModel:
 def _from_timm(name: str) -> LoadedModel:
     timm = _import("timm", "pip install timm")
     if not timm.list_models(name):
-        close = timm.list_models(f"*{name}*")[:5]
+        close = _closest(name, timm.list_models(f"*{name}*") or timm.list_models())
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ModelLoadError(f"unknown timm model {name!r}{hint}")
     model = timm.create_model(name, pretrained=False)
@@ -273,6 +273,17 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", sorted(wrong))) if v]
         raise ModelLoadError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+
+
+def _closest(name: str, choices: list[str], n: int = 5) -> list[str]:
+    """Up to ``n`` names a user most likely meant: the name as a prefix first, then by similarity."""
+    import difflib
+
+    low = name.lower()
+    prefix = sorted((c for c in choices if c.startswith(low)), key=len)
+    similar = difflib.get_close_matches(low, choices, n=n, cutoff=0.5)
+    inside = [c for c in choices if low in c]
+    return list(dict.fromkeys([*prefix, *similar, *inside]))[:n]
 
 
 def _import(name: str, how: str) -> Any:

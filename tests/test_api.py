@@ -371,3 +371,15 @@ def test_analysis_graph_is_a_networkx_view_of_the_groups() -> None:
     for grp in a.groups:
         if grp.prunable:
             assert any(d["group"] == grp.id and str(s[0]).startswith("param:") for s, d in g.nodes(data=True))
+
+
+def test_public_names_resolve_lazily_and_help_is_fast() -> None:
+    import subprocess
+    import sys
+
+    assert set(fxprune.__all__) == {*fxprune._EXPORTS, *fxprune._SUBMODULES}
+    for name in fxprune.__all__:
+        assert getattr(fxprune, name) is not None
+    code = "import sys, fxprune.cli.parser; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # `fxprune --help` builds its parser without importing torch
