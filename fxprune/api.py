@@ -115,6 +115,13 @@ def _check_ratio(ratio: float, what: str = "ratio") -> float:
     return float(ratio)
 
 
+def _input_specs(inputs: tuple[Any, ...]) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """Shape and dtype of every tensor input (what a replay needs to rebuild the same graph)."""
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return ()
+    return tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs)
+
+
 def _versions() -> dict[str, str]:
     from fxprune import __version__
 
@@ -193,7 +200,8 @@ def _prune(
         plan = plan_for_budget(cost, a.groups, scores, policy, target_macs, target_params)
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
-    plan = replace(plan, fingerprint=a.fingerprint, versions=_versions(), prune_heads=prune_heads)
+    plan = replace(plan, fingerprint=a.fingerprint, versions=_versions(), prune_heads=prune_heads,
+                   inputs=_input_specs(a.inputs))
     try:
         done = finish(a, plan, cost, verify=verify, onnx=None if opaque_parts else onnx,
                       onnx_opset=onnx_opset, output=output)
@@ -333,12 +341,15 @@ def apply(
 ) -> fx.GraphModule:
     """Replay a saved plan on a fresh instance of the model it was made for.
 
-    The result has exactly the pruned shapes, so ``load_state_dict`` accepts the pruned weights.
+    The result has exactly the pruned shapes, so ``load_state_dict`` accepts the pruned weights. Without
+    ``example_inputs``, inputs of the shapes and dtypes recorded in the plan are used.
 
     Raises:
         PlanMismatchError: the model differs from the planned one; names the first differing group.
     """
     plan = plan_argument(plan)  # a PruningPlan, or loaded from a path (str or PathLike)
+    if example_inputs is None:
+        example_inputs = plan.example_inputs()  # the shapes and dtypes the plan was made with
     a = analyse(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
@@ -357,7 +368,8 @@ def apply(
         if any(k < 0 or k >= g.size for k in kept) or len(set(kept)) != len(kept) or not kept:
             raise PlanMismatchError(f"group {g.id}: kept positions {list(kept)[:8]} do not fit its {g.size} channels")
     replay = plan_from_kept(a.deps, a.groups, list(plan.kept), plan.ratio)
-    replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions, prune_heads=plan.prune_heads)
+    replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions, prune_heads=plan.prune_heads,
+                     inputs=plan.inputs)
     cost = CostModel(a.gm, a.deps, count_params(model))
     return finish(a, replay, cost, verify=verify, onnx=None, onnx_opset=18).model
 

@@ -65,6 +65,8 @@ class PruningPlan:
         fingerprint: hash of the traced graph the plan was computed on ("" when unknown).
         versions: library versions that produced the plan.
         prune_heads: the plan removes whole attention heads (replay analyses the model the same way).
+        inputs: shape and dtype of every example input the plan was computed with; ``fxprune.apply`` makes
+            inputs of these when it is given none (the fingerprint depends on the shapes).
     """
 
     ratio: float
@@ -74,6 +76,7 @@ class PruningPlan:
     fingerprint: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     prune_heads: bool = False
+    inputs: tuple[tuple[tuple[int, ...], str], ...] = ()
 
     @property
     def n_dropped(self) -> int:
@@ -94,6 +97,7 @@ class PruningPlan:
             "versions": dict(self.versions),
             "ratio": self.ratio,
             "prune_heads": self.prune_heads,
+            "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self.inputs],
             "groups": [
                 {**asdict(g), "kept": list(k)} for g, k in zip(self.groups, self.kept, strict=True)
             ],
@@ -137,7 +141,31 @@ class PruningPlan:
             ))
         return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (),
                            str(data.get("fingerprint", "")), dict(data.get("versions", {})),
-                           bool(data.get("prune_heads", False)))
+                           bool(data.get("prune_heads", False)),
+                           tuple((tuple(int(d) for d in i["shape"]), str(i["dtype"])) for i in data.get("inputs", [])))
+
+    def example_inputs(self) -> tuple[Any, ...] | None:
+        """Seeded inputs of the recorded shapes and dtypes (None when the plan recorded none).
+
+        Floating inputs are standard normal; integer inputs (token ids) are zeros; booleans are True.
+        """
+        if not self.inputs:
+            return None
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for shape, dtype in self.inputs:
+            dt = getattr(torch, dtype.removeprefix("torch."), None)
+            if not isinstance(dt, torch.dtype):
+                raise PlanMismatchError(f"the plan records an input of unknown dtype {dtype!r}")
+            if dt.is_floating_point:
+                out.append(torch.randn(shape, generator=gen).to(dt))
+            elif dt == torch.bool:
+                out.append(torch.ones(shape, dtype=dt))
+            else:
+                out.append(torch.zeros(shape, dtype=dt))
+        return tuple(out)
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> PruningPlan:

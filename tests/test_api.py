@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +384,17 @@ def test_public_names_resolve_lazily_and_help_is_fast() -> None:
     code = "import sys, fxprune.cli.parser; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `fxprune --help` builds its parser without importing torch
+
+
+def test_saved_plan_replays_without_example_inputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, inputs = models_zoo.get("resnet_basic")
+    r = fxprune.prune(model, 0.5, example_inputs=inputs)
+    r.plan.save(tmp_path / "plan.json")
+    loaded = fxprune.PruningPlan.load(tmp_path / "plan.json")
+    assert loaded.inputs == ((tuple(inputs[0].shape), "float32"),)
+    fresh, _ = models_zoo.get("resnet_basic")
+    replayed = fxprune.apply(fresh, tmp_path / "plan.json")  # no example inputs: the plan's shapes
+    replayed.load_state_dict(r.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(replayed(*inputs), r.model(*inputs))
