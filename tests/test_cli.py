@@ -248,21 +248,28 @@ def test_pickled_file_runs_no_code_without_trust_pickle(command: str, work: Path
     assert not marker.exists()  # nothing stored in the file was executed
 
 
-def test_budget_flags_are_passed_only_when_given(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_policy_flags_reach_prune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import fxprune
 
     seen: list[dict[str, object]] = []
     real = fxprune.prune
 
-    def old_prune(model, ratio=0.5, *, example_inputs=None, ignore=(), importance="l2", verify=False):  # noqa: ANN001
-        seen.append({"ratio": ratio})
-        return real(model, ratio, example_inputs=example_inputs, ignore=ignore, importance=importance, verify=verify)
+    def spy(model, ratio=0.5, **kwargs):  # noqa: ANN001, ANN003
+        seen.append({"ratio": ratio, **kwargs})
+        return real(model, ratio, **kwargs)
 
-    monkeypatch.setattr(fxprune, "prune", old_prune)
-    assert run(["bench", "models_zoo:mlp", "--runs", "1", "--ratio", "0.25"], capsys)[0] == 0
-    assert seen == [{"ratio": 0.25}]
-    code, _, err = run(["bench", "models_zoo:mlp", "--runs", "1", "--round-to", "8"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--round-to is not supported" in err
+    monkeypatch.setattr(fxprune, "prune", spy)
+    argv = ["bench", "models_zoo:resnet_basic", "--runs", "1", "--ratio", "0.25", "--min-channels", "2",
+            "--prune-heads", "--module-ratio", "layer1=0.1", "--leaf", "fc", "--importance", "taylor"]
+    assert run(argv, capsys)[0] == 0
+    kw = seen[-1]
+    assert kw["ratio"] == 0.25 and kw["min_channels"] == 2 and kw["prune_heads"] is True
+    assert kw["ratios"] == {"layer1": 0.1} and kw["leaves"] == ("fc",)
+    assert isinstance(kw["importance"], fxprune.Taylor)
+    code, _, err = run(["bench", "models_zoo:mlp", "--runs", "1", "--ratio", "0.3", "--target-macs", "0.5"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not both" in err
+    code, _, err = run(["bench", "models_zoo:mlp", "--runs", "1", "--module-ratio", "fc1"], capsys)
+    assert code == 2 and "MODULE=R" in err
 
 
 def test_console_entry_point_in_a_subprocess(tmp_path: Path) -> None:

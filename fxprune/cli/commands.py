@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import platform
 import sys
@@ -35,10 +34,6 @@ __all__ = ["run_analyze", "run_bench", "run_compile"]
 
 Inputs = tuple[torch.Tensor, ...]
 # prune() keyword -> CLI flag, passed only when the flag is given (older prune() may lack the keyword)
-_OPTIONAL = {"target_macs": "--target-macs", "target_params": "--target-params", "round_to": "--round-to",
-             "global_ranking": "--global-ranking"}
-
-
 class _Steps:
     """A tqdm bar on stderr naming the current step; shown only when stderr is a terminal."""
 
@@ -103,25 +98,52 @@ def _check_ratio(args: argparse.Namespace) -> None:
 
 
 def _prune(model: nn.Module, inputs: Inputs, args: argparse.Namespace, verify: bool) -> fxprune.PruneResult:
-    """Call ``fxprune.prune`` with the policy flags that were given."""
-    kwargs: dict[str, Any] = {"example_inputs": inputs, "ignore": args.ignore, "importance": args.importance,
-                              "verify": verify}
-    accepted = inspect.signature(fxprune.prune).parameters
-    for name, flag in _OPTIONAL.items():
-        value = getattr(args, name)
-        if value is None or value is False:
-            continue
-        if name not in accepted:
-            raise FxPruneError(f"{flag} is not supported by this fxprune version (prune() has no {name!r} argument)")
-        kwargs[name] = value
+    """Call ``fxprune.prune`` with the policy flags that were given (the same options as the Python API)."""
     targeted = args.target_macs is not None or args.target_params is not None
-    ratio = args.ratio if args.ratio is not None else (None if targeted else 0.5)
-    try:
-        return fxprune.prune(model, **kwargs) if ratio is None else fxprune.prune(model, ratio, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
-            raise FxPruneError(f"this fxprune version's prune() rejects an option: {_first_line(e)}") from e
-        raise
+    if targeted and args.ratio is not None:
+        raise FxPruneError("give --ratio or a --target-macs/--target-params budget, not both (a budget searches the "
+                           "ratio itself)")
+    kwargs: dict[str, Any] = {"example_inputs": inputs, "ignore": args.ignore, "verify": verify,
+                              "importance": _importance(args.importance, model, inputs, args.seed),
+                              "target_macs": args.target_macs, "target_params": args.target_params,
+                              "round_to": args.round_to, "global_ranking": args.global_ranking,
+                              "prune_heads": args.prune_heads, "min_channels": args.min_channels,
+                              "leaves": tuple(args.leaf), "ratios": _module_ratios(args.module_ratio) or None}
+    ratio = args.ratio if args.ratio is not None else 0.5
+    return fxprune.prune(model, ratio, **kwargs)
+
+
+def _module_ratios(items: list[str]) -> dict[str, float]:
+    """``--module-ratio layer4=0.7`` (repeatable) as ``{"layer4": 0.7}``."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise FxPruneError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}") from None
+        if not sep or not name.strip():
+            raise FxPruneError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}")
+    return out
+
+
+def _importance(name: str, model: nn.Module, inputs: Inputs, seed: int) -> Any:
+    """The criterion a ``--importance`` name stands for; ``taylor`` gets seeded batches shaped like the inputs
+    (first-order Taylor scores need gradients of a loss: the sum of squared outputs on those batches)."""
+    if name.lower() != "taylor":
+        return name
+    batches = [(random_inputs(tuple(tuple(x.shape) for x in inputs), seed + k), None) for k in range(4)]
+    return fxprune.Taylor(batches, loss_fn=_output_energy)
+
+
+def _output_energy(out: Any, _target: Any) -> torch.Tensor:
+    """A label-free loss for Taylor scores on the command line: the mean square of every float output."""
+    from fxprune.outputs import tensors_of
+
+    terms = [t.float().pow(2).mean() for t in tensors_of(out) if t.is_floating_point()]
+    if not terms:
+        raise FxPruneError("--importance taylor needs a model with floating-point outputs")
+    return torch.stack(terms).sum()
 
 
 def _costs(model: nn.Module, inputs: Inputs, args: argparse.Namespace) -> dict[str, Any]:

@@ -77,7 +77,16 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--global-ranking", action="store_true",
                    help="rank channels across groups instead of removing the same fraction from each")
     g.add_argument("--importance", default="l2", metavar="NAME",
-                   help="channel importance criterion: l2 (default), l1, random, ... (see fxprune.prune)")
+                   help="channel importance criterion: l2 (default), l1, random, bn_scale, lamp, or taylor "
+                        "(first-order Taylor on seeded batches shaped like the inputs)")
+    g.add_argument("--min-channels", type=_positive_int, default=1, metavar="N",
+                   help="keep at least N channels in every group (default 1)")
+    g.add_argument("--prune-heads", action="store_true",
+                   help="remove whole attention heads instead of thinning every head")
+    g.add_argument("--module-ratio", action="append", default=[], metavar="MODULE=R",
+                   help="a ratio for one submodule (and what is coupled to it), e.g. layer4=0.7 (repeatable)")
+    g.add_argument("--leaf", action="append", default=[], metavar="MODULE",
+                   help="keep this submodule opaque: traced as one call, its channels kept (repeatable)")
 
 
 def _add_timing_args(p: argparse.ArgumentParser, runs: int) -> None:
