@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch.fx as fx
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import ArgumentError, FxPruneError
 from fxprune.passes.dependency import DependencyResult, canonical_names
 from fxprune.passes.macs import estimate_macs
 from fxprune.passes.rewrite import kept_indices, new_shapes
 from fxprune.passes.select import Policy, select_channels
 from fxprune.plan import ChannelGroup, PruningPlan
+
+log = logging.getLogger(__name__)
+
+BUDGET_TOLERANCE = 0.02  # a plan more than 2 points of the original under its target is reported
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,10 @@ def plan_for_budget(
         FxPruneError: the budget cannot be met even at the largest ratio (too much is pinned).
     """
     if (target_macs is None) == (target_params is None):
-        raise ValueError("give exactly one of target_macs and target_params")
+        raise ArgumentError("give exactly one of target_macs and target_params")
     target = float(target_macs if target_macs is not None else target_params)  # type: ignore[arg-type]
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"budget targets are fractions of the original in (0, 1], got {target!r}")
+        raise ArgumentError(f"budget targets are fractions of the original in (0, 1], got {target!r}")
 
     def frac(r: float, overrides: dict[int, float] | None = None) -> tuple[float, PruningPlan]:
         per_group = {**(policy.group_ratios or {}), **(overrides or {})}
@@ -104,4 +109,12 @@ def plan_for_budget(
             if f <= target:
                 overrides[g.id] = lo
                 best = plan
+    c = cost_model.cost(best)
+    reached = c.macs if target_macs is not None else c.params
+    if target - reached > BUDGET_TOLERANCE:
+        what = "MACs" if target_macs is not None else "parameters"
+        steps = f"round_to={policy.round_to} moves kept counts in steps of {policy.round_to}" if policy.round_to \
+            else "channel groups are removed in whole steps"
+        log.warning("fxprune: the plan keeps %.1f%% of the original %s for a target of %.1f%%: the closest plan at "
+                    "or under the budget (%s; a larger plan exceeds it)", 100 * reached, what, 100 * target, steps)
     return replace(best, ratio=hi)
