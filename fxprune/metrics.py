@@ -19,7 +19,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyReport", "count_macs", "count_params", "eval_mode", "measure_latency"]
+__all__ = ["LatencyReport", "compare_latency", "count_macs", "count_params", "default_threads", "eval_mode",
+           "measure_latency"]
+
+NOISY_SPREAD = 0.25  # (p90 - p10) / median above this: the figures are reported as noisy
+
+
+def default_threads() -> int:
+    """A thread count that gives stable timings: half the cores, at most 4 (1 on a 2-core machine).
+
+    With every core busy, one background process (or the other model's allocator) stalls a whole
+    forward; timings on a shared small machine then vary by 10x or more.
+    """
+    import os
+
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,7 @@ class LatencyReport:
     Attributes:
         median_ms: Median latency over the timed runs, in milliseconds.
         p90_ms: 90th percentile latency (linear interpolation), in milliseconds.
+        p10_ms: 10th percentile latency, in milliseconds.
         runs: Number of timed runs (warm-up runs excluded).
         threads: ``torch.get_num_threads()`` while the runs were timed.
     """
@@ -37,6 +52,12 @@ class LatencyReport:
     p90_ms: float
     runs: int
     threads: int
+    p10_ms: float = 0.0
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: how noisy the runs were (above ``NOISY_SPREAD``, don't trust small ratios)."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
 
 @contextlib.contextmanager
@@ -196,11 +217,63 @@ def measure_latency(
     finally:
         if threads is not None:
             torch.set_num_threads(previous_threads)
-    report = LatencyReport(
-        median_ms=float(np.median(times_ms)),
-        p90_ms=float(np.percentile(times_ms, 90)),
-        runs=runs,
-        threads=used_threads,
-    )
+    report = _report(times_ms, used_threads)
     logger.debug("measure_latency: %s", report)
     return report
+
+
+def _report(times_ms: list[float], threads: int) -> LatencyReport:
+    return LatencyReport(median_ms=float(np.median(times_ms)), p90_ms=float(np.percentile(times_ms, 90)),
+                         runs=len(times_ms), threads=threads, p10_ms=float(np.percentile(times_ms, 10)))
+
+
+def compare_latency(
+    models: Sequence[nn.Module],
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> list[LatencyReport]:
+    """Time several models on the same inputs, interleaved: run ``k`` times each model once, in an order
+    that alternates, so a slow spell of the machine falls on every model alike (a before/after ratio is
+    then trustworthy where separate measurements were not: 0.91x for two identical models).
+
+    Args:
+        models: the models to compare (each runs in eval mode under ``torch.no_grad``; flags restored).
+        example_inputs: positional inputs of one forward call, the same for every model.
+        runs: timed runs per model (at least 1).
+        warmup: untimed runs per model first.
+        threads: ``torch.set_num_threads`` for the measurement (default ``default_threads()``); restored.
+
+    Returns:
+        One ``LatencyReport`` per model, in order. A spread above ``NOISY_SPREAD`` is logged as a warning.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs} and {warmup}")
+    inputs = _as_tuple(example_inputs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        used = torch.get_num_threads()
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for m in models:
+                stack.enter_context(eval_mode(m))
+            for _ in range(warmup):
+                for m in models:
+                    m(*inputs)
+            for k in range(runs):
+                order = range(len(models)) if k % 2 == 0 else reversed(range(len(models)))
+                for i in order:
+                    start = time.perf_counter()
+                    models[i](*inputs)
+                    times[i].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    reports = [_report(t, used) for t in times]
+    noisy = [r for r in reports if r.spread > NOISY_SPREAD]
+    if noisy:
+        logger.warning("latency figures are noisy (p10-p90 spread up to %.0f%% of the median): the machine is busy; "
+                       "close other programs, use more runs or fewer threads", 100 * max(r.spread for r in noisy))
+    return reports

@@ -193,7 +193,7 @@ def test_analyze_prints_groups(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_prints_latencies(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["bench", "models_zoo:resnet_basic", "--runs", "3", "--warmup", "1", "--threads", "1"], capsys)
     assert code == 0
-    assert "1 threads, median of 3 runs" in out
+    assert "1 thread, median of 3 runs" in out and "interleaved" in out
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("original", "pruned"))}
     assert float(rows["original"][-1]) > 0 and float(rows["pruned"][-1]) > 0
     assert int(rows["pruned"][1].replace(",", "")) < int(rows["original"][1].replace(",", ""))

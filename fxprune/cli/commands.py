@@ -20,7 +20,7 @@ from tqdm import tqdm
 import fxprune
 from fxprune.cli.staging import OutputStage
 from fxprune.errors import FxPruneError, ShapeError
-from fxprune.metrics import count_macs, count_params, measure_latency
+from fxprune.metrics import NOISY_SPREAD, compare_latency, count_macs, count_params, default_threads
 from fxprune.model_loader import (
     DEFAULT_INPUT_SHAPE,
     LoadedModel,
@@ -146,11 +146,16 @@ def _output_energy(out: Any, _target: Any) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def _costs(model: nn.Module, inputs: Inputs, args: argparse.Namespace) -> dict[str, Any]:
-    latency = None
+def _costs(original: nn.Module, pruned: nn.Module, inputs: Inputs,
+           args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parameters, MACs and latency of both models; the latencies are measured interleaved."""
+    lat: list[Any] = [None, None]
     if args.runs:
-        latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup, threads=args.threads).median_ms
-    return {"params": count_params(model), "macs": count_macs(model, inputs), "latency_ms": latency}
+        lat = compare_latency([original, pruned], inputs, runs=args.runs, warmup=args.warmup,
+                              threads=args.threads or default_threads())
+    return tuple({"params": count_params(m), "macs": count_macs(m, inputs),  # type: ignore[return-value]
+                  "latency_ms": r.median_ms if r else None, "latency_p10_ms": r.p10_ms if r else None,
+                  "latency_p90_ms": r.p90_ms if r else None} for m, r in zip((original, pruned), lat, strict=True))
 
 
 def _onnx_size(model: nn.Module, inputs: Inputs, args: argparse.Namespace) -> int | None:
@@ -186,7 +191,7 @@ def run_compile(args: argparse.Namespace) -> int:
     qpath = args.quantized_onnx
     if args.quantize and not qpath:
         qpath = str(Path(args.onnx).with_suffix("")) + ".int8.onnx"
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads or default_threads()
     with OutputStage() as stage:
         for flag, target in (("--onnx", args.onnx), ("--quantized-onnx", qpath), ("--report", args.report),
                              ("--save", args.save), ("--save-plan", args.save_plan)):
@@ -200,7 +205,7 @@ def run_compile(args: argparse.Namespace) -> int:
             result = _prune(loaded.model, inputs, args, verify=not args.no_verify)
             pruned = result.model.eval()
             bar.step("measuring")
-            before, after = _costs(loaded.model, inputs, args), _costs(pruned, inputs, args)
+            before, after = _costs(loaded.model, pruned, inputs, args)
             export = quant = None
             if args.onnx:
                 bar.step("exporting ONNX")
@@ -270,6 +275,9 @@ def _print_compile(spec: str, inputs: Inputs, result: fxprune.PruneResult, befor
           f"{pruned} of {len(groups)} channel groups pruned in {result.seconds:.2f}s")
     _print_table([("params", before["params"], after["params"], "d"), ("MACs", before["macs"], after["macs"], "d"),
                   (f"latency ms ({args.runs} runs, {threads} thr)", before["latency_ms"], after["latency_ms"], ".2f")])
+    if before.get("latency_p10_ms") is not None:
+        print(f"latency p10-p90 ms: {before['latency_p10_ms']:.2f}-{before['latency_p90_ms']:.2f} -> "
+              f"{after['latency_p10_ms']:.2f}-{after['latency_p90_ms']:.2f} (the two models timed interleaved)")
     if result.oracle is not None:
         o = result.oracle
         verdict = "passed" if o.passed else ("not applicable: " + o.reason if not o.applicable else "FAILED")
@@ -312,30 +320,39 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thread_text(n: int) -> str:
+    return "1 thread" if n == 1 else f"{n} threads"
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``fxprune bench``: median CPU latency of the original and the pruned model (and optionally onnxruntime)."""
     _check_ratio(args)
     if args.runs < 1:
         raise FxPruneError("bench needs --runs >= 1")
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads or default_threads()
     with _progress(3 + args.onnxruntime) as bar:
         bar.step("loading model")
         loaded, inputs = _load(args)
         bar.step("pruning")
         result = _prune(loaded.model, inputs, args, verify=False)
         bar.step("timing")
-        lat = [measure_latency(m, inputs, runs=args.runs, warmup=args.warmup, threads=threads)
-               for m in (loaded.model, result.model)]
+        lat = compare_latency([loaded.model, result.model], inputs, runs=args.runs, warmup=args.warmup,
+                              threads=threads)
         ort = _ort_bench(loaded.model, result.model, inputs, args, threads) if args.onnxruntime else None
         bar.done()
     print(f"fxprune bench {loaded.spec}: input {_shape_text(x.shape for x in inputs)}, ratio {result.plan.ratio:.3g}, "
-          f"torch {torch.__version__}, CPU, {lat[0].threads} threads, median of {args.runs} runs "
-          f"after {args.warmup} warm-up")
-    print(f"{'':12s}{'params':>14s}{'MACs':>16s}{'torch ms':>12s}" + (f"{'onnxruntime ms':>16s}" if ort else ""))
+          f"torch {torch.__version__}, CPU, {_thread_text(lat[0].threads)}, median of {args.runs} runs "
+          f"after {args.warmup} warm-up, the two models interleaved")
+    print(f"{'':12s}{'params':>14s}{'MACs':>16s}{'torch ms':>12s}{'p10-p90 ms':>18s}"
+          + (f"{'onnxruntime ms':>16s}" if ort else ""))
     for i, (name, model) in enumerate((("original", loaded.model), ("pruned", result.model))):
         extra = f"{ort[i]:>16.3f}" if ort else ""
-        print(f"{name:12s}{count_params(model):>14,d}{count_macs(model, inputs):>16,d}{lat[i].median_ms:>12.3f}{extra}")
+        band = f"{lat[i].p10_ms:.3f}-{lat[i].p90_ms:.3f}"
+        print(f"{name:12s}{count_params(model):>14,d}{count_macs(model, inputs):>16,d}{lat[i].median_ms:>12.3f}"
+              f"{band:>18s}{extra}")
     speed = f"speedup: torch {lat[0].median_ms / lat[1].median_ms:.2f}x"
+    if max(r.spread for r in lat) > NOISY_SPREAD:
+        speed += " (noisy: the p10-p90 band is wide; the machine is busy)"
     print(speed + (f", onnxruntime {ort[0] / ort[1]:.2f}x" if ort else ""))
     return 0
 

@@ -94,7 +94,8 @@ def _add_timing_args(p: argparse.ArgumentParser, runs: int) -> None:
     g.add_argument("--runs", type=_non_negative_int, default=runs,
                    help=f"timed runs; the median is reported (default {runs}; 0 skips timing in compile)")
     g.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed warm-up runs (default 3)")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads for timing (default: torch's current setting)")
+    g.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for timing (default: half the cores, at most 4: stable figures)")
 
 
 def build_parser() -> argparse.ArgumentParser:
