@@ -110,3 +110,29 @@ def test_measure_latency_rejects_bad_arguments() -> None:
     for kwargs in ({"runs": 0}, {"warmup": -1}, {"threads": 0}):
         with pytest.raises(ValueError):
             measure_latency(model, (torch.randn(1, 2),), **kwargs)
+
+
+def test_compare_latency_interleaves_and_restores_state() -> None:
+    from fxprune.metrics import compare_latency, default_threads
+
+    calls: list[str] = []
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.tag = tag
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(self.tag)
+            return self.lin(x)
+
+    a, b = Tagged("a").train(), Tagged("b")
+    b.lin.eval()
+    threads = torch.get_num_threads()
+    reports = compare_latency([a, b], torch.randn(2, 4), runs=4, warmup=1, threads=1)
+    assert [r.runs for r in reports] == [4, 4] and all(r.threads == 1 for r in reports)
+    assert all(r.p10_ms <= r.median_ms <= r.p90_ms for r in reports)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating rounds
+    assert torch.get_num_threads() == threads and a.training and b.training and not b.lin.training
+    assert 1 <= default_threads() <= 4
