@@ -328,3 +328,15 @@ def test_docs_quickstart_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert _run_doc("quickstart.md", tmp_path, monkeypatch, capsys) >= 5
     assert (tmp_path / "tiny.onnx").exists() and (tmp_path / "small_py.int8.onnx").exists()
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxprune.cli import commands
+
+    monkeypatch.setattr(commands._Steps, "QUIET_S", 0.0)  # a long run: every step is reported
+    code, out, err = run(["bench", "models_zoo:mlp", "--runs", "2", "--ratio", "0.25"], capsys)
+    assert code == 0
+    steps = [ln for ln in err.splitlines() if ln.startswith("fxprune: [")]
+    assert [ln.split("] ")[1].split(" (")[0] for ln in steps] == ["loading model", "pruning", "timing"]
+    assert "fxprune: done in" in err

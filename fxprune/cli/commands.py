@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,25 +34,39 @@ from fxprune.model_loader import (
 __all__ = ["run_analyze", "run_bench", "run_compile"]
 
 Inputs = tuple[torch.Tensor, ...]
-# prune() keyword -> CLI flag, passed only when the flag is given (older prune() may lack the keyword)
 class _Steps:
-    """A tqdm bar on stderr naming the current step; shown only when stderr is a terminal."""
+    """Progress on stderr: a tqdm bar naming the current step on a terminal; elsewhere (a log, CI) one line
+    per step once the run has taken ``QUIET_S`` seconds, so a long run is never silent and a quick failure
+    still prints its one error line only."""
+
+    QUIET_S = 3.0
 
     def __init__(self, total: int) -> None:
-        self.bar = tqdm(total=total, file=sys.stderr, disable=None, leave=False,
+        self.total, self.n = total, 0
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, file=sys.stderr, disable=not self.tty, leave=False,
                         bar_format="{desc:<28}{bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
         self.started = False
+        self.t0 = time.perf_counter()
 
     def step(self, name: str) -> None:
         """Finish the previous step and start ``name``."""
         if self.started:
             self.bar.update()
         self.started = True
+        self.n += 1
         self.bar.set_description_str(name)
+        elapsed = time.perf_counter() - self.t0
+        if not self.tty and elapsed >= self.QUIET_S:
+            sys.stderr.write(f"fxprune: [{self.n}/{self.total}] {name} (at {elapsed:.1f}s)\n")
+            sys.stderr.flush()
 
     def done(self) -> None:
         """Finish the last step."""
         self.bar.update()
+        elapsed = time.perf_counter() - self.t0
+        if not self.tty and elapsed >= self.QUIET_S:
+            sys.stderr.write(f"fxprune: done in {elapsed:.1f}s\n")
 
 
 @contextmanager

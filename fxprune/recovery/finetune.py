@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -244,11 +245,12 @@ def finetune(
             )
             history.append(record)
             if rank0:
-                log.info(
-                    "finetune epoch %d/%d: loss %.4f, kd %s, ce %.4f, metric %s (%.1fs)", epoch, epochs, record.loss,
-                    "-" if record.kd_loss is None else f"{record.kd_loss:.4f}", record.ce_loss,
-                    "-" if metric is None else f"{metric:.4f}", record.seconds,
-                )
+                line = (f"finetune epoch {epoch}/{epochs}: loss {record.loss:.4f}, kd "
+                        f"{'-' if record.kd_loss is None else f'{record.kd_loss:.4f}'}, ce {record.ce_loss:.4f}, "
+                        f"metric {'-' if metric is None else f'{metric:.4f}'} ({record.seconds:.1f}s)")
+                log.info(line)
+                if progress:  # the bar goes away with its epoch; its result stays on screen (or in the log)
+                    tqdm.write(line, file=sys.stderr)
     finally:
         for module, flag in flags:
             module.training = flag
