@@ -34,6 +34,7 @@ from fxprune.rules.attributes import out_width
 
 log = logging.getLogger(__name__)
 
+_MISSING = object()  # a config field the config did not have before
 _MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
 _MLP_UP = ("intermediate.dense", "mlp.c_fc", "mlp.up_proj", "mlp.fc1", "mlp.dense_h_to_4h")
 
@@ -76,7 +77,9 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
                 if name in fields and fields[name] != value:
                     changes[name] = value  # type: ignore[assignment]
             if "head_dim" not in fields and hd != (new_hidden or 0) // heads:  # type: ignore[operator]
-                why.append(f"head dim {hd} is not hidden_size / heads and the config has no head_dim field")
+                # Qwen2 and others read ``getattr(config, "head_dim", hidden // heads)``: write the field; the
+                # proofs below refuse it if the model does not read it.
+                changes["head_dim"] = hd  # type: ignore[assignment]
     elif derived:
         heads = _one([m.num_attention_heads for m in derived])
         size = _one([m.attention_head_size for m in derived])
@@ -141,7 +144,7 @@ def sync_config(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
             setattr(new, k, v)
         problem = _same_structure(model, new)
         if not problem:
-            old = {k: getattr(cfg, k) for k in changes}
+            old = {k: getattr(cfg, k, _MISSING) for k in changes}
             with torch.no_grad():
                 before = tensors_of(model(*example_inputs))
                 for k, v in changes.items():
@@ -153,7 +156,10 @@ def sync_config(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
                     same = False
             if not same:
                 for k, v in old.items():
-                    setattr(cfg, k, v)
+                    if v is _MISSING:
+                        delattr(cfg, k)
+                    else:
+                        setattr(cfg, k, v)
                 problem = "the model's forward reads the config and changes with it"
         if problem:
             why.append(f"config changes {changes} not written: {problem}")

@@ -96,6 +96,8 @@ def _hf_models():
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
         ViTConfig,
         ViTForImageClassification,
     )
@@ -109,6 +111,9 @@ def _hf_models():
         "llama": (lambda: LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                       num_key_value_heads=2, intermediate_size=128,
                                                       vocab_size=100)), ids),
+        "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=128,
+                                                      vocab_size=100)), ids),  # no head_dim field
         "vit": (lambda: ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                            intermediate_size=128, image_size=32, patch_size=8)),
                 (torch.randn(1, 3, 32, 32),)),
@@ -223,7 +228,8 @@ def test_hugging_face_pruned_models_export_to_onnx(name: str, tmp_path) -> None:
     assert report.max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize(("name", "prune_heads"), [("llama", False), ("llama", True), ("vit", True)])
+@pytest.mark.parametrize(("name", "prune_heads"), [("llama", False), ("llama", True), ("vit", True),
+                                                   ("qwen2", True)])
 def test_hugging_face_config_follows_the_pruned_widths(name: str, prune_heads: bool, tmp_path) -> None:
     """output="module": the config describes the pruned model, so save_pretrained/from_pretrained round-trips."""
     from fxprune.outputs import tensors_of
