@@ -295,7 +295,7 @@ def propose_trust_op(d: _Draft) -> list[Step]:
     x = d.pick(4)
     if x is None:
         return []
-    op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm"])
+    op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split"])
     attrs: dict[str, object] = {}
     if op == "dropout":
         attrs = {"p": r.choice([0.1, 0.5])}

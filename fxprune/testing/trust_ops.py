@@ -5,7 +5,9 @@
 - ``hooked``: a 1x1 conv whose forward hook reverses its channels (the conv rule no longer describes it);
 - ``fconv``: ``F.conv2d`` with the module's own weight and bias parameters;
 - ``tied``: two 1x1 convs sharing one weight (a tie that must stay a tie);
-- ``cl_norm``: LayerNorm or RMSNorm over the channels (channels-last), pruned and proven exactly.
+- ``cl_norm``: LayerNorm or RMSNorm over the channels (channels-last), pruned and proven exactly;
+- ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
+  in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
 Each emitter has the signature of ``netspec.EMITTERS``' entries: ``(step, input shapes) -> Emitted``.
 """
@@ -93,5 +95,14 @@ def emit_cl_norm(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: xs[0]}, init, [f"{st.name} = {expr}"]
 
 
+def emit_spatial_split(st: Any, xs: list[Shape]) -> Emitted:
+    """Swap the two halves of the height dim, with split sizes computed from the tensor's own shape."""
+    _need(len(xs[0]) == 4 and xs[0][2] >= 2, "spatial split needs NCHW with height >= 2")
+    x = st.ins[0]
+    lines = [f"{st.name}_a, {st.name}_b = torch.split({x}, [{x}.shape[2] // 2, {x}.shape[2] - {x}.shape[2] // 2], "
+             "dim=2)", f"{st.name} = torch.cat([{st.name}_b, {st.name}_a], dim=2)"]
+    return {st.name: xs[0]}, [], lines
+
+
 TRUST_EMITTERS = {"inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
-                  "tied": emit_tied, "cl_norm": emit_cl_norm}
+                  "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split}
