@@ -163,7 +163,9 @@ def render_markdown(data: dict[str, Any], files: dict[str, str] | None = None) -
         q = data["quantization"]
         lines += ["", "## int8 quantisation", "",
                   f"`{q['path']}`: {q['mode']} ({q['quant_format']}, per-channel {q['per_channel']}), "
-                  f"{q['n_samples']} calibration inputs (seed {q['seed']}); onnxruntime, {q['threads']} threads, "
+                  f"{q['n_samples']} " + (f"RANDOM calibration inputs (seed {q['seed']}; pass --data for real ones)"
+                                          if q['seed'] is not None else "calibration inputs you gave (--data)")
+                  + f"; onnxruntime, {q['threads']} threads, "
                   f"median of {q['runs']} runs.", "",
                   "| | fp32 pruned | int8 | int8/fp32 |", "|---|---:|---:|---:|",
                   f"| bytes | {q['bytes_fp32']:,} | {q['bytes_int8']:,} | {q['size_ratio']:.2f}x |",

@@ -340,3 +340,15 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixt
     steps = [ln for ln in err.splitlines() if ln.startswith("fxprune: [")]
     assert [ln.split("] ")[1].split(" (")[0] for ln in steps] == ["loading model", "pruning", "timing"]
     assert "fxprune: done in" in err
+
+
+def test_data_feeds_taylor_and_int8_calibration(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    torch.save(torch.randn(16, 3, 32, 32), work / "real.pt")
+    code, out, err = run(["compile", "models_zoo:resnet_basic", "--ratio", "0.5", "--importance", "taylor",
+                          "--data", "real.pt", "--onnx", "m.onnx", "--quantize", "int8", "--runs", "0"], capsys)
+    assert code == 0, err
+    assert "calibration batches from --data" in out and "RANDOM" not in out
+    code, out, err = run(["compile", "models_zoo:resnet_basic", "--ratio", "0.5", "--onnx", "r.onnx",
+                          "--quantize", "int8", "--runs", "0"], capsys)
+    assert code == 0 and "RANDOM calibration inputs" in out  # said plainly when no data was given

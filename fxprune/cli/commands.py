@@ -119,7 +119,7 @@ def _prune(model: nn.Module, inputs: Inputs, args: argparse.Namespace, verify: b
         raise FxPruneError("give --ratio or a --target-macs/--target-params budget, not both (a budget searches the "
                            "ratio itself)")
     kwargs: dict[str, Any] = {"example_inputs": inputs, "ignore": args.ignore, "verify": verify,
-                              "importance": _importance(args.importance, model, inputs, args.seed),
+                              "importance": _importance(args, inputs),
                               "target_macs": args.target_macs, "target_params": args.target_params,
                               "round_to": args.round_to, "global_ranking": args.global_ranking,
                               "prune_heads": args.prune_heads, "min_channels": args.min_channels,
@@ -142,13 +142,35 @@ def _module_ratios(items: list[str]) -> dict[str, float]:
     return out
 
 
-def _importance(name: str, model: nn.Module, inputs: Inputs, seed: int) -> Any:
-    """The criterion a ``--importance`` name stands for; ``taylor`` gets seeded batches shaped like the inputs
-    (first-order Taylor scores need gradients of a loss: the sum of squared outputs on those batches)."""
-    if name.lower() != "taylor":
-        return name
-    batches = [(random_inputs(tuple(tuple(x.shape) for x in inputs), seed + k), None) for k in range(4)]
-    return fxprune.Taylor(batches, loss_fn=_output_energy)
+def _importance(args: argparse.Namespace, inputs: Inputs) -> Any:
+    """The criterion ``--importance`` names; ``taylor`` scores on ``--data`` batches, else on four seeded
+    batches shaped like the inputs (first-order Taylor needs gradients of a loss: the mean square of the
+    outputs, which needs no labels)."""
+    if args.importance.lower() != "taylor":
+        return args.importance
+    batches = _data(args, inputs)[:8] or [random_inputs(tuple(tuple(x.shape) for x in inputs), args.seed + k)
+                                          for k in range(4)]
+    return fxprune.Taylor([(b, None) for b in batches], loss_fn=_output_energy)
+
+
+def _data(args: argparse.Namespace, inputs: Inputs) -> list[Inputs]:
+    """The ``--data`` batches shaped like ``inputs`` (empty without ``--data``)."""
+    if not getattr(args, "data", None):
+        return []
+    from fxprune.data import load_batches
+
+    return load_batches(args.data, tuple(tuple(x.shape) for x in inputs), dtype=inputs[0].dtype)
+
+
+def _feeds(onnx_path: Path, args: argparse.Namespace, inputs: Inputs) -> list[dict[str, Any]] | None:
+    """int8 calibration feeds from ``--data`` (None: seeded random inputs, and the report says so)."""
+    batches = _data(args, inputs)
+    if not batches:
+        return None
+    import onnxruntime as ort
+
+    name = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    return [{name: b[0].numpy()} for b in batches[: args.calibration_samples]]
 
 
 def _output_energy(out: Any, _target: Any) -> torch.Tensor:
@@ -231,6 +253,7 @@ def run_compile(args: argparse.Namespace) -> int:
             if args.quantize:
                 bar.step(f"quantising ({args.quantize})")
                 quant = quantize_onnx(stage.path(args.onnx), stage.path(qpath), mode=args.quantize,
+                                      feeds=_feeds(stage.path(args.onnx), args, inputs),
                                       n_samples=args.calibration_samples, seed=args.seed,
                                       quant_format=args.quant_format, per_channel=False if args.no_per_channel else None,
                                       runs=max(args.runs, 1), threads=threads)
@@ -303,7 +326,9 @@ def _print_compile(spec: str, inputs: Inputs, result: fxprune.PruneResult, befor
               f"(simplify), onnxruntime max abs diff {export.max_abs_diff:.1e}")
     if quant is not None:
         print(f"{quant.mode} {quant.path}: {quant.bytes_int8:,} bytes ({quant.size_ratio:.2f}x fp32), top-1 agreement "
-              f"{quant.top1_agreement:.1%} on {quant.n_samples} calibration inputs ({quant.distinct_top1_fp32} distinct "
+              f"{quant.top1_agreement:.1%} on {quant.n_samples} "
+              f"{'calibration batches from --data' if args.data else 'RANDOM calibration inputs (pass --data for real ones)'}"
+              f" ({quant.distinct_top1_fp32} distinct "
               f"fp32 classes, SQNR {quant.sqnr_db:.1f} dB), onnxruntime latency {quant.latency_fp32_ms:.2f} -> "
               f"{quant.latency_int8_ms:.2f} ms ({quant.threads} threads)")
     if written:

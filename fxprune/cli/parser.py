@@ -85,6 +85,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="remove whole attention heads instead of thinning every head")
     g.add_argument("--module-ratio", action="append", default=[], metavar="MODULE=R",
                    help="a ratio for one submodule (and what is coupled to it), e.g. layer4=0.7 (repeatable)")
+    g.add_argument("--data", metavar="PATH",
+                   help="real inputs for --importance taylor and int8 calibration: a folder of images, a .npy/.pt "
+                        "tensor file, or a text file (bytes as token ids); default: seeded random inputs")
     g.add_argument("--leaf", action="append", default=[], metavar="MODULE",
                    help="keep this submodule opaque: traced as one call, its channels kept (repeatable)")
 
