@@ -115,7 +115,9 @@ def _from_ultralytics(name: str) -> LoadedModel:
         raise ModelLoadError(
             f"ultralytics:{name}: give a model config such as yolov8n.yaml (a .pt file would download weights)"
         )
-    return LoadedModel(ultralytics.YOLO(name).model, f"ultralytics:{name}", (DEFAULT_INPUT_SHAPE,))
+    model = ultralytics.YOLO(name).model
+    size = int(getattr(model, "args", {}).get("imgsz", 640)) if isinstance(getattr(model, "args", None), dict) else 640
+    return LoadedModel(model, f"ultralytics:{name}", ((1, 3, size, size),))  # YOLO's own input size
 
 
 def _from_python_file(file: str, name: str) -> LoadedModel:

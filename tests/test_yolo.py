@@ -84,3 +84,25 @@ def test_prune_yolo_example_exports_matching_onnx(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DetectionModel 1" in proc.stdout
+
+
+def test_cli_yolo_loop_is_deployable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """From the command line: YOLO's own input size, a checkpoint YOLO(path) loads, one ONNX output."""
+    import onnx
+    from ultralytics import YOLO
+
+    from fxprune.cli import main
+    from fxprune.model_loader import load_model
+
+    assert load_model("ultralytics:yolov8n.yaml").input_shapes == ((1, 3, 640, 640),)
+    monkeypatch.chdir(tmp_path)
+    code = main(["compile", "ultralytics:yolov8n.yaml", "--input-shape", "1,3,256,256", "--ratio", "0.5",
+                 "--onnx", "y.onnx", "--save", "y.pt", "--runs", "0", "--no-verify"])
+    assert code == 0, capsys.readouterr().err
+    assert len(onnx.load(str(tmp_path / "y.onnx")).graph.output) == 1  # as `yolo export` gives
+    yolo = YOLO(str(tmp_path / "y.pt"))
+    assert type(yolo.model).__name__ == "DetectionModel"
+    with torch.no_grad():
+        out = yolo.model.eval()(torch.randn(1, 3, 256, 256))
+    assert out[0].shape[1] == 84  # 4 box coordinates + 80 classes

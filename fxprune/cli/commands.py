@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -124,8 +125,27 @@ def _prune(model: nn.Module, inputs: Inputs, args: argparse.Namespace, verify: b
                               "round_to": args.round_to, "global_ranking": args.global_ranking,
                               "prune_heads": args.prune_heads, "min_channels": args.min_channels,
                               "leaves": tuple(args.leaf), "ratios": _module_ratios(args.module_ratio) or None}
+    if _is_ultralytics(args):  # Ultralytics' own DetectionModel, which YOLO(path) and `yolo train` load
+        kwargs["output"] = "module"
     ratio = args.ratio if args.ratio is not None else 0.5
     return fxprune.prune(model, ratio, **kwargs)
+
+
+def _is_ultralytics(args: argparse.Namespace) -> bool:
+    return str(args.model).startswith("ultralytics:")
+
+
+@contextmanager
+def _deploy_heads(model: nn.Module) -> Iterator[None]:
+    """Ultralytics' export switch while exporting: its Detect head returns one tensor, as `yolo export` gives."""
+    switched = [m for m in model.modules() if isinstance(getattr(m, "export", None), bool)]
+    for m in switched:
+        m.export = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.export = False
 
 
 def _module_ratios(items: list[str]) -> dict[str, float]:
@@ -246,8 +266,10 @@ def run_compile(args: argparse.Namespace) -> int:
             export = quant = None
             if args.onnx:
                 bar.step("exporting ONNX")
-                export = export_onnx(pruned, inputs, stage.path(args.onnx), opset=args.opset,
-                                     simplify=False if args.no_simplify else args.simplifier, dynamic_batch=not args.static_batch)
+                with _deploy_heads(pruned) if _is_ultralytics(args) else contextlib.nullcontext():
+                    export = export_onnx(pruned, inputs, stage.path(args.onnx), opset=args.opset,
+                                         simplify=False if args.no_simplify else args.simplifier,
+                                         dynamic_batch=not args.static_batch)
                 after["onnx_bytes"] = export.bytes_after_simplify
                 export = dataclasses.replace(export, path=args.onnx)
             if args.quantize:
@@ -283,7 +305,7 @@ def run_compile(args: argparse.Namespace) -> int:
                                      f"{_first_line(e)}); the other outputs are\n")
             bar.step("saving")
             if args.save:
-                _save_model(pruned, stage.path(args.save))
+                _save_model(pruned, stage.path(args.save), ultralytics=_is_ultralytics(args))
             if args.save_plan:
                 result.plan.save(stage.path(args.save_plan))
             written = stage.commit()
@@ -292,13 +314,17 @@ def run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_model(model: nn.Module, path: Path) -> None:
-    """``torch.save`` the pruned GraphModule so that ``torch.load`` can rebuild it.
+def _save_model(model: nn.Module, path: Path, *, ultralytics: bool = False) -> None:
+    """``torch.save`` the pruned model so that ``torch.load`` can rebuild it; an Ultralytics model as an
+    Ultralytics checkpoint (``{"model": DetectionModel}``), which ``YOLO(path)`` loads.
 
     On load torch re-traces the saved code with the recorded tracer class, called without arguments;
     fxprune's tracer takes arguments, so the plain ``torch.fx.Tracer`` is recorded instead (every
     submodule is a leaf during that re-trace, so the result is the same).
     """
+    if ultralytics:
+        torch.save({"model": model, "train_args": dict(getattr(model, "args", {}) or {})}, path)
+        return
     if getattr(model, "_tracer_cls", None) is not None:
         model._tracer_cls = None  # type: ignore[assignment]
     torch.save(model, path)
