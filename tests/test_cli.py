@@ -195,7 +195,10 @@ def test_bench_prints_latencies(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "1 thread, median of 3 runs" in out and "interleaved" in out
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("original", "pruned"))}
-    assert float(rows["original"][-1]) > 0 and float(rows["pruned"][-1]) > 0
+    for name in ("original", "pruned"):  # median, then the p10-p90 band around it
+        median = float(rows[name][3])
+        p10, p90 = (float(v) for v in rows[name][4].split("-"))
+        assert 0 < p10 <= median <= p90
     assert int(rows["pruned"][1].replace(",", "")) < int(rows["original"][1].replace(",", ""))
     assert "speedup: torch" in out
 
