@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ChannelGroup", "PruningPlan"), "fxprune.plan"),
     **dict.fromkeys(("EpochMetrics", "IterativeResult", "IterativeStep", "finetune", "iterative",
                      "recalibrate_batchnorm"), "fxprune.recovery"),
-    **dict.fromkeys(("SensitivityResult", "sensitivity"), "fxprune.sensitivity"),
+    **dict.fromkeys(("SensitivityResult", "sensitivity"), "fxprune.sensitivity_analysis"),
     "export_onnx": "fxprune.passes.export",
 }
 _SUBMODULES = ("recovery", "sparsity")
@@ -107,4 +107,4 @@ if TYPE_CHECKING:  # the names as static analysis sees them
         iterative,
         recalibrate_batchnorm,
     )
-    from fxprune.sensitivity import SensitivityResult, sensitivity
+    from fxprune.sensitivity_analysis import SensitivityResult, sensitivity

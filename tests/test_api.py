@@ -398,3 +398,13 @@ def test_saved_plan_replays_without_example_inputs(tmp_path: Path) -> None:
     replayed.load_state_dict(r.model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(replayed(*inputs), r.model(*inputs))
+
+
+def test_public_functions_are_not_shadowed_by_their_modules() -> None:
+    """Importing a submodule binds its name in the package: no public function may share a module's name."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(fxprune.__path__):
+        importlib.import_module(f"fxprune.{info.name}")
+    assert callable(fxprune.sensitivity) and callable(fxprune.compile) and callable(fxprune.prune)
