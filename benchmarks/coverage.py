@@ -110,8 +110,13 @@ def child(spec: str, ratio: float) -> dict[str, Any]:
     row["total_s"] = time.perf_counter() - t0
     row["params_ratio"] = r.params_after / r.params_before
     row["macs_ratio"] = r.macs_after / max(1, r.macs_before)
+    changed_parts = [p for p in r.parts if p.params_after < p.params_before]
     if r.oracle is not None and r.oracle.applicable:
         row["oracle"] = "passed" if r.oracle.passed else f"failed: {r.oracle.max_abs_diff:.3g}"
+    elif r.oracle is None and changed_parts:  # pruned part by part: every pruned part has its own proof
+        bad = [p for p in changed_parts if p.oracle != "passed"]
+        row["oracle"] = "passed" if not bad else f"part {bad[0].name}: {bad[0].oracle}"
+        row["parts_proven"] = len(changed_parts) - len(bad)
     else:
         row["oracle"] = f"n/a: {r.oracle.reason if r.oracle else ''}"
     row["noop"] = not r.modified or r.params_after >= r.params_before
