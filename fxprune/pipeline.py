@@ -45,7 +45,7 @@ from fxprune.passes.writeback import WriteBackError
 from fxprune.plan import PruningPlan
 from fxprune.results import PruneResult
 from fxprune.stages import Analysed, analyse, as_inputs, finish
-from fxprune.validate import check_forward_runs, check_model
+from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ MAX_KEPT_WHOLE = 64  # modules a write-back may ask to keep whole before fxprune
 def run(model: nn.Module, options: Options) -> PruneResult:
     """Prune ``model`` by ``options`` (``fxprune.prune`` documents them). The caller's model is never run,
     written or modified; the result owns every tensor."""
-    check_model(model)  # 0. an eager nn.Module with real tensors, and every option, before any work
-    options = options.checked()
+    options = options.checked()  # 0. every option, the output path included, before any work (the model is
+    # checked first thing in ``stages.analyse``, which every entry point goes through)
     t0 = time.perf_counter()
     with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
         result = _compile_keeping_culprits(model, options)  # 1. the requested policy
