@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
+
+def first_line(e: BaseException, *, innermost: bool = False, typed: bool = False) -> str:
+    """The first non-empty line of an error's message (at most 300 characters), for one-line reports.
+
+    Args:
+        e: the error.
+        innermost: follow ``__cause__`` to the error that started it (exporters wrap the real one).
+        typed: prefix ``Type: ``.
+    """
+    while innermost and e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # colour codes some libraries put in messages
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")[:300]
+    if typed:
+        return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line or type(e).__name__
+
 
 class FxPruneError(Exception):
     """Base class of every error fxprune raises on purpose."""

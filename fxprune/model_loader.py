@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxprune.errors import ModelLoadError
+from fxprune.errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {first_line(e)}") from e
     finally:
         sys.path.remove(str(path.resolve().parent))
     factory: Callable[[], Any] | None = getattr(module, name, None)
@@ -150,7 +150,7 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"{name}() failed (it must be callable without arguments): {_first_line(e)}") from e
+        raise ModelLoadError(f"{name}() failed (it must be callable without arguments): {first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{file}:{name}() returned a {type(model).__name__}, not an nn.Module")
     return LoadedModel(model, f"{file}:{name}", None)
@@ -198,7 +198,7 @@ def _from_saved(file: str, trust_pickle: bool) -> LoadedModel:
             obj = torch.load(file, map_location="cpu", weights_only=False)  # the caller trusts this file
         except Exception as e2:
             raise ModelLoadError(
-                f"cannot load {file} with torch.load: {type(e2).__name__}: {_first_line(e2)} "
+                f"cannot load {file} with torch.load: {type(e2).__name__}: {first_line(e2)} "
                 "(a torch.save(model) file needs the model's class to be importable)"
             ) from e2
     if isinstance(obj, dict):
@@ -294,6 +294,3 @@ def _import(name: str, how: str) -> Any:
     except ImportError as e:
         raise ModelLoadError(f"{name} is not installed; {how}") from e
 
-
-def _first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ import torch.nn as nn
 from fxprune.errors import FxPruneError, TraceError
 
 log = logging.getLogger(__name__)
+
+CompilePart = Callable[[nn.Module, tuple[Any, ...], list[Any]], Any]  # (part, inputs, ignore) -> PruneResult
 
 
 @dataclass
@@ -125,18 +127,18 @@ def compile_parts(
     scope: nn.Module,
     scope_name: str,
     inputs: tuple[Any, ...],
-    prune_kwargs: dict[str, Any],
+    compile_fn: CompilePart,
     ignore: list[str | type] | None = None,
     only: str | None = None,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
-    Returns one report per part tried. Parts called more than once, with no tensor input, or named in
-    ``ignore`` (full module names, or types) are left alone. With ``only``, just that child of ``scope``
-    (tried whole first, then its children).
+    Each part is pruned by ``compile_fn(part, its_inputs, its_ignore)``, which returns the part's
+    ``PruneResult`` with ``output="module"`` (the pipeline passes its own per-part compile). Returns one report
+    per part tried. Parts called more than once, with no tensor input, or named in ``ignore`` (full module
+    names, or types) are left alone. With ``only``, just that child of ``scope`` (tried whole first, then its
+    children).
     """
-    from fxprune.api import prune
-
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
 
@@ -166,8 +168,7 @@ def compile_parts(
                 reports.append(PartReport(full, skipped="no tensor inputs"))
                 continue
             try:
-                result = prune(bound, example_inputs=tensors, output="module", partial=True, ignore=inside,
-                               **prune_kwargs)
+                result = compile_fn(bound, tensors, inside)
             except TraceError:
                 visit(child, name)  # not traceable as a whole: try its children
                 continue

@@ -1,289 +1,222 @@
-"""The pipeline stages shared by ``prune``, ``apply``, ``analyze`` and ``sensitivity``, in order.
+"""``run``: the whole of ``fxprune.prune``, one non-recursive function read top to bottom.
 
-    analyse:  private copy -> trace -> shapes -> dependency graph -> groups
-    finish:   rewrite -> shape invariant -> parameter accounting -> oracle (optional) -> ONNX (optional)
+    run(model, options)
+      0. check the model and every option (output paths included) before any work
+      1. compile once at the requested policy (``_compile``), retrying with the modules a write-back
+         refuses kept whole (``_compile_keeping_culprits``)
+           a. analyse: private copy, trace, eager check, train-mode check, channel dependencies
+              (``stages.analyse``); a root that cannot be traced goes to the piecewise strategy (1e)
+           b. importance of every channel, per group
+           c. which channels stay: by ratio, or searched to a MAC/parameter budget on the graph
+           d. rewrite and prove (``stages.finish``): shapes, parameter count, oracle, write-back, ONNX
+           e. parts: the insides of opaque modules, or every part of an untraceable root, pruned one by one
+              with ``compile_parts`` and this module's per-part compile (``_part_compiler``)
+      2. a budget over a model with parts cannot be searched inside each part (0.3 of 0.3 compounds): the
+         compile of step 1 declines, and one uniform ratio is bisected over the whole model instead
+         (``_search_uniform_ratio``), each probe a step-1 compile
+
+Every strategy is a named function below, called from ``run`` or ``_compile`` only; none calls ``run``.
+Piecewise pruning compiles each part with the function ``compile_parts`` is given.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import gc
 import logging
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import ArgumentError, FxPruneError, InvariantError
+from fxprune.copying import private_copy
+from fxprune.errors import FxPruneError, TraceError
 from fxprune.hf_config import sync_config
-from fxprune.metrics import count_params
-from fxprune.passes.base import generated
-from fxprune.passes.budget import CostModel
-from fxprune.passes.dependency import DependencyResult, build_dependencies
-from fxprune.passes.eager_check import check_graph_matches_eager, restore_state
-from fxprune.passes.fingerprint import graph_fingerprint
-from fxprune.passes.lower import lower_multihead_attention
-from fxprune.passes.lower_windows import lower_window_attention
-from fxprune.passes.rewrite import RewritePass
-from fxprune.passes.select import describe_groups
-from fxprune.passes.shapes import shapes_for
-from fxprune.passes.trace import trace
-from fxprune.passes.train_mode import guard_train_mode, restore_flags, train_mode_difference
-from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
-from fxprune.passes.writeback import write_back
-from fxprune.plan import ChannelGroup, PruningPlan
-from fxprune.validate import check_example_inputs, check_model, example_inputs_message
+from fxprune.metrics import count_macs, count_params
+from fxprune.options import Options
+from fxprune.partial import CompilePart, PartReport, compile_parts
+from fxprune.passes.budget import CostModel, plan_for_budget
+from fxprune.passes.eager_check import restore_state
+from fxprune.passes.importance import resolve, score_groups
+from fxprune.passes.select import Policy, select_channels
+from fxprune.passes.ties import retie
+from fxprune.passes.train_mode import restore_flags
+from fxprune.passes.writeback import WriteBackError
+from fxprune.plan import PruningPlan
+from fxprune.results import PruneResult
+from fxprune.stages import Analysed, analyse, as_inputs, finish
+from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Analysed:
-    """A private, traced copy of a model with its dependency analysis (internal)."""
-
-    gm: fx.GraphModule
-    deps: DependencyResult
-    groups: tuple[ChannelGroup, ...]
-    opaque: dict[str, str]
-    inputs: tuple[Any, ...]
-    fingerprint: str
-    work: nn.Module
-    flags: dict[str, bool]  # every module's own training flag in the caller's model, by qualified name
-    train_differs: str = ""  # why the model's train-mode graph differs from the eval graph ("" when it does not)
+MAX_KEPT_WHOLE = 64  # modules a write-back may ask to keep whole before fxprune gives up
 
 
-def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
-    """Normalise example inputs to a tuple (None stays None)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise ArgumentError(example_inputs_message(example_inputs))
+def run(model: nn.Module, options: Options) -> PruneResult:
+    """Prune ``model`` by ``options`` (``fxprune.prune`` documents them). The caller's model is never run,
+    written or modified; the result owns every tensor."""
+    options = options.checked()  # 0. every option, the output path included, before any work (the model is
+    # checked first thing in ``stages.analyse``, which every entry point goes through)
+    t0 = time.perf_counter()
+    with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
+        result = _compile_keeping_culprits(model, options)  # 1. the requested policy
+        if result is None:  # 2. a budget over parts: one uniform ratio, searched over the whole model
+            result = _search_uniform_ratio(model, options)
+    result = replace(result, seconds=time.perf_counter() - t0)
+    log.info("fxprune: %d -> %d parameters in %.2fs", result.params_before, result.params_after, result.seconds)
+    return result
 
 
-def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
-    names = {name for name, _ in model.named_modules()}
-    for item in ignore:
-        if not isinstance(item, (str, type)):
-            raise ArgumentError(f"ignore entries must be module names or types, got {item!r}")
-        if isinstance(item, str) and item not in names:
-            close = sorted(n for n in names if n and (item in n or n in item))[:5]
-            hint = f"; did you mean {close}?" if close else ""
-            raise ArgumentError(f"ignore={item!r} names no submodule of the model{hint}")
+def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult | None:
+    """Step 1, retried while a write-back names modules whose own forward takes a size fxprune cannot
+    rewrite (an attribute, another tensor): those are kept whole, so ``output="module"`` still gives the
+    user's classes."""
+    for _ in range(MAX_KEPT_WHOLE + 1):
+        try:
+            return _compile(model, options)
+        except WriteBackError as e:
+            new = tuple(c for c in e.culprits if c and c not in options.ignore)
+            if not new or len(options.ignore) >= MAX_KEPT_WHOLE:
+                raise
+            log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
+            options = replace(options, ignore=(*options.ignore, *new))
+    raise FxPruneError(f"more than {MAX_KEPT_WHOLE} modules would have to stay whole for the write-back")
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode, parameters and buffers included: fxprune never runs or writes the caller's
-    tensors (a forward may update buffers, and ``Embedding(max_norm=...)`` or ``.data.clamp_()`` even write
-    parameters)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from torch.nn.utils import prune as nn_prune
-
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
-        raise FxPruneError(
-            f"parameter {meta[0]} is on the meta device: fxprune needs real weights to score channels; "
-            "load or initialise the weights first (to replay a saved plan on a fresh model, use fxprune.apply)"
-        )
-
-    for name, mod in model.named_modules():
-        if any(isinstance(h, nn_prune.BasePruningMethod) for h in mod._forward_pre_hooks.values()):
-            raise FxPruneError(
-                f"module {name or type(model).__name__} carries torch.nn.utils.prune masks; structured pruning "
-                "needs real weights: call fxprune.sparsity.make_permanent(model) first"
-            )
-    try:
-        return _copy_module(model, {}).eval()
-    except Exception as e:
-        from torch.nn.utils.weight_norm import WeightNorm
-
-        legacy = [n or type(model).__name__ for n, m in model.named_modules()
-                  if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())]
-        hint = (f"; {legacy[0]} uses the legacy torch.nn.utils.weight_norm, which cannot be deep-copied: use "
-                "torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm first") if legacy else ""
-        first = str(e).split(".")[0]
-        raise FxPruneError(f"cannot copy the model ({first}){hint}; fxprune never prunes the caller's model in place") from e
-
-
-_IMMUTABLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
-# The hook and state tables every nn.Module creates for itself in __init__.
-_HOOK_TABLES = frozenset(k for k in nn.Module().__dict__ if k not in ("_parameters", "_buffers", "_modules", "training"))
-
-
-def _plain(mod: nn.Module) -> bool:
-    cls = type(mod)
-    return (
-        getattr(cls, "__deepcopy__", None) is None
-        and cls.__reduce_ex__ is object.__reduce_ex__
-        and cls.__reduce__ is object.__reduce__
-        and cls.__getstate__ is nn.Module.__getstate__
-        and (cls.__setstate__ is nn.Module.__setstate__ or _fills_defaults(cls.__setstate__))
-    )
+def _compile(model: nn.Module, options: Options) -> PruneResult | None:
+    """Step 1: one compile at ``options``' policy; None when a budget must be searched over parts (step 2)."""
+    try:  # a. analyse (must precede everything: the graph, its groups and the inputs come from it)
+        a = analyse(model, options.example_inputs, options.ignore, options.leaves, prune_heads=options.prune_heads,
+                    specialize=options.output == "module")
+    except TraceError as e:
+        if not options.partial:
+            raise
+        return None if options.budget else _compile_root_parts(model, options, e)  # e. piecewise, the root
+    # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
+    opaque = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
+    opaque = opaque if options.partial and not options.leaves else []
+    if opaque and options.budget:
+        return None  # the graph's search would see each opaque part as fixed
+    params_before = count_params(model)
+    scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance))  # b. importance
+    cost = CostModel(a.gm, a.deps, params_before)
+    plan = _select(a, options, scores, cost)  # c. which channels stay
+    # d. rewrite and prove; the ONNX waits for the parts when there are some
+    done = finish(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
+                  onnx_opset=options.onnx_opset, output=options.output)
+    parts: list[PartReport] = []
+    for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
+        parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
+        parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs,
+                               _part_compiler(options), list(options.ignore), only=child)
+    if not parts:
+        return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
+                           done.macs_after, done.oracle, 0.0)
+    _settle_parts(done.model, model)
+    restore_flags(done.model, {n: m.training for n, m in model.named_modules()})
+    changed = any(p.params_after < p.params_before for p in parts)
+    # The graph's cost model sees an opaque part as one call: count both sides the same way when parts changed.
+    params_after = count_params(done.model) if changed else done.params_after
+    macs_before = count_macs(model, a.inputs) if changed else cost.macs_before
+    macs_after = count_macs(done.model, a.inputs) if changed else done.macs_after
+    if opaque and options.onnx is not None:
+        _export(done.model, a.inputs, options.onnx, options.onnx_opset)
+    return PruneResult(done.model, plan, done.modified or changed, params_before, params_after, macs_before,
+                       macs_after, done.oracle, 0.0, tuple(parts))
 
 
-def _fills_defaults(setstate: Any) -> bool:
-    """torch.nn's own ``__setstate__`` overrides (conv, softmax, ...) only fill attributes that modules pickled
-    by old torch versions lack; a live module has them all, so copying its ``__dict__`` is equivalent."""
-    return getattr(setstate, "__module__", "").startswith("torch.nn.modules.")
+def _select(a: Analysed, options: Options, scores: list[Any], cost: CostModel) -> PruningPlan:
+    """Step 1c: the kept channels, by ratio or searched to the budget, stamped with what a replay needs."""
+    policy = Policy(options.ratio, options.ratios, options.group_ratios, options.global_ranking,
+                    round_to=options.round_to, min_channels=options.min_channels)
+    if options.budget:
+        plan = plan_for_budget(cost, a.groups, scores, policy, options.target_macs, options.target_params)
+    else:
+        plan = select_channels(a.deps, a.groups, scores, policy)
+    return replace(plan, fingerprint=a.fingerprint, versions=versions(), prune_heads=options.prune_heads,
+                   inputs=input_specs(a.inputs))
 
 
-def _copy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(mod, memo)``, with a fast path for plain modules (about 5x faster on a ResNet-50).
-
-    A module whose class customises copying or pickling goes through ``copy.deepcopy``; in a plain module,
-    empty hook dictionaries are recreated, immutable attributes kept, and everything else deep-copied with
-    the shared memo, so references between modules and to (possibly shared) parameters stay consistent.
-    """
-    if id(mod) in memo:
-        return memo[id(mod)]
-    if not _plain(mod):
-        return copy.deepcopy(mod, memo)
-    new = object.__new__(type(mod))
-    memo[id(mod)] = new
-    state: dict[str, Any] = {}
-    for key, value in mod.__dict__.items():
-        if key == "_modules":
-            state[key] = {k: None if m is None else _copy_module(m, memo) for k, m in value.items()}
-        elif isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value)):
-            state[key] = value
-        elif key in ("_parameters", "_buffers") and type(value) is dict:
-            state[key] = {k: _copy_tensor(t, memo) for k, t in value.items()}
-        elif key in _HOOK_TABLES and type(value) in (dict, OrderedDict, set) and not value:
-            state[key] = type(value)()  # nn.Module's own per-instance tables: never shared
+def _search_uniform_ratio(model: nn.Module, options: Options) -> PruneResult:
+    """Step 2: bisect one uniform ratio until the whole model (parts included) is at or below the budget."""
+    target = options.target_macs if options.target_macs is not None else options.target_params
+    by_ratio = replace(options, target_macs=None, target_params=None)
+    probe = replace(by_ratio, verify=False, onnx=None)
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(8):  # the ratio to within 0.004: the fraction to within about 1%
+        mid = (lo + hi) / 2
+        r = _compile_keeping_culprits(model, replace(probe, ratio=mid))
+        assert r is not None  # a compile without a budget never declines
+        frac = r.macs_after / r.macs_before if options.target_macs is not None else r.params_after / r.params_before
+        if frac <= target:  # type: ignore[operator]
+            best, hi = mid, mid
         else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__dict__.update(state)
-    return new
+            lo = mid
+    if best is None:
+        raise FxPruneError(f"the budget {target} cannot be met even at ratio 0.95 (too much is pinned)")
+    log.info("fxprune: ratio %.3f meets the budget over the whole model, parts included", best)
+    result = _compile_keeping_culprits(model, replace(by_ratio, ratio=best))
+    assert result is not None
+    return result
 
 
-def _copy_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor | None:
-    """``copy.deepcopy(t, memo)`` for a module's own parameter or buffer, without the generic machinery."""
-    if t is None:
-        return None
-    if id(t) in memo:
-        return memo[id(t)]
-    if type(t) is torch.Tensor and t.is_leaf and not t.requires_grad and not t.__dict__:
-        new = t.clone(memory_format=torch.preserve_format)
-        memo[id(t)] = new
-        return new
-    return copy.deepcopy(t, memo)
+def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -> PruneResult:
+    """Step 1e for a root that cannot be traced: prune its largest traceable submodules one by one."""
+    inputs = as_inputs(options.example_inputs)
+    if inputs is None:
+        raise TraceError(f"{error} Piecewise pruning of its submodules needs example_inputs.") from error
+    root = private_copy(model)
+    check_forward_runs(root, model, inputs)  # a forward that raises: ShapeError, naming it
+    params_before = count_params(model)
+    macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
+    parts = compile_parts(root, root, "", inputs, _part_compiler(options), list(options.ignore))
+    _settle_parts(root, model)
+    sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
+    if not any(p.params_after < p.params_before for p in parts):
+        why = "; ".join(f"{p.name}: {p.skipped}" for p in parts if p.skipped)[:400]
+        raise TraceError(f"{error} No traceable submodule could be pruned either ({why or 'none found'}).") from error
+    restore_flags(root, {n: m.training for n, m in model.named_modules()})  # after the eval-mode runs above
+    if options.onnx is not None:
+        _export(root, inputs, options.onnx, options.onnx_opset)
+    empty = PruningPlan(options.ratio, (), (), (), versions=versions())
+    return PruneResult(root, empty, True, params_before, count_params(root), macs_before, count_macs(root, inputs),
+                       None, 0.0, tuple(parts))
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a compile pass allocates its graphs (restored on exit).
+def _part_compiler(options: Options) -> CompilePart:
+    """How ``compile_parts`` prunes one part: this pipeline's step 1 on the part, as the user's own classes."""
+    part = options.part_options()
 
-    A pass creates tens of thousands of small, mostly acyclic objects; they trip the collector, and a
-    full collection scans every object the process holds (torch and timm imports: 0.2-0.3 s, as much as a
-    whole small-model compile). Reference counting still frees the acyclic garbage at once; the cycles
-    (fx nodes and graphs) are collected at the first collection after the pass.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+    def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any]) -> PruneResult:
+        return run(module, replace(part, example_inputs=inputs, ignore=tuple(ignore)))
+
+    return compile_part
 
 
-def analyse(
-    model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
-    prune_heads: bool = False, specialize: bool = False,
-) -> Analysed:
-    """Trace a private copy, check the graph against eager PyTorch and solve its channel dependencies."""
-    with gc_paused():
-        return _analyse(model, example_inputs, list(ignore), leaves, prune_heads, specialize)
+def _settle_parts(result: nn.Module, original: nn.Module) -> None:
+    """Each part was copied privately: ties into it and state (a recording run may update buffers) come
+    from the caller's model again. (Training flags are restored by the caller, after its last eval run.)"""
+    retie(result, original)
+    restore_state(result, original)
 
 
-def _analyse(
-    model: nn.Module, example_inputs: Any, ignore: list[str | type], leaves: Sequence[str],
-    prune_heads: bool, specialize: bool,
-) -> Analysed:
-    check_model(model)  # an eager nn.Module with real buffers
-    _check_ignore(model, ignore)
-    flags = {name: m.training for name, m in model.named_modules()}
-    work = private_copy(model)  # everything below runs on the copy only
-    given = as_inputs(example_inputs)
-    check_example_inputs(model, given)  # count and device, against forward's signature
-    # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
-    # (only for output="module", where the user's own forward is re-run and proven equal).
-    gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
-    lower_multihead_attention(gm, set(opaque))  # its ops, not the module: heads become prunable
-    lower_window_attention(gm)  # torchvision Swin's attention function, likewise
-    try:
-        shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
-        # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
-        # (needs the inputs of step 2; restores every tensor of the copy that a run changed)
-        check_graph_matches_eager(gm, work, model, inputs)
-    finally:
-        restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
-    train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
-    deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 4. channel rules -> coupled classes
-    groups = describe_groups(deps)
-    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs)
+def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int) -> None:
+    from fxprune.passes.export import export_onnx
+
+    flags = {n: m.training for n, m in model.named_modules()}
+    export_onnx(model, inputs, path, opset=opset)
+    restore_flags(model, flags)
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The verified output of ``finish``."""
-
-    model: nn.Module
-    modified: bool
-    params_after: int
-    macs_after: int
-    oracle: OracleReport | None
+def input_specs(inputs: tuple[Any, ...]) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """Shape and dtype of every tensor input (what a replay needs to rebuild the same graph)."""
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return ()
+    return tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs)
 
 
-def finish(
-    a: Analysed,
-    plan: PruningPlan,
-    cost: CostModel,
-    *,
-    verify: bool,
-    onnx: str | None,
-    onnx_opset: int,
-    output: str = "graph",
-) -> Finished:
-    """Rewrite the private copy by ``plan`` and prove the result.
+def versions() -> dict[str, str]:
+    """The library versions a plan records."""
+    from fxprune import __version__
 
-    Raises:
-        InvariantError: a value's shape, the parameter count or the oracle disagrees with the plan.
-    """
-    reference = copy.deepcopy(a.gm) if verify else None
-    rewrite = RewritePass(a.deps, plan)
-    macs_after, predicted = cost.absolute(plan, rewrite.shapes)
-    with gc_paused():
-        result = rewrite(a.gm)  # slice parameters, fix module attributes, rewrite literal sizes
-        pruned = result.model
-        check_shapes(pruned, a.inputs, rewrite.shapes)  # invariant: every value has its planned shape
-        pruned = generated(pruned)  # its Python code, generated once, now that the graph is final
-    params_after = count_params(pruned)
-    if params_after != predicted:
-        raise InvariantError(f"pruned model has {params_after} parameters, the plan predicted {predicted}")
-    oracle = None
-    if reference is not None:
-        oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
-        if oracle.applicable and not oracle.passed:
-            raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
-    model: nn.Module = pruned
-    if output == "module":
-        model = write_back(a.work, pruned, a.inputs, a.deps.prune_heads)  # the user's classes, proven equal to the graph
-        sync_config(model, a.inputs)  # a Hugging Face config follows the pruned widths where it can
-    if onnx is not None:
-        from fxprune.passes.export import export_onnx
-
-        export_onnx(model, a.inputs, onnx, opset=onnx_opset)
-    restore_flags(model, a.flags)  # each module's own training flag, as in the caller's model
-    if output == "graph" and a.train_differs:
-        guard_train_mode(model, a.train_differs)
-    return Finished(model, result.modified, params_after, macs_after, oracle)
+    return {"fxprune": __version__, "torch": torch.__version__}

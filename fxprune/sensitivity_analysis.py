@@ -24,8 +24,8 @@ from fxprune.passes.budget import CostModel
 from fxprune.passes.importance import Criterion, resolve, score_groups
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import Policy, select_channels
-from fxprune.pipeline import analyse
 from fxprune.plan import ChannelGroup
+from fxprune.stages import analyse
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-import fxprune.api
+import fxprune.pipeline
 from fxprune import ArgumentError, FxPruneError, ModelLoadError, PlanMismatchError, ShapeError
 from fxprune.cli import main
 from fxprune.model_loader import load_model
@@ -181,7 +181,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("analysis ran before the output path was checked")
 
-    monkeypatch.setattr(fxprune.api, "analyse", refuse)
+    monkeypatch.setattr(fxprune.pipeline, "analyse", refuse)
 
 
 @pytest.mark.usefixtures("no_work")

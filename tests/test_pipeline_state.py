@@ -15,7 +15,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.errors import FxPruneError
 from fxprune.passes.base import deferred_graph_module, generated
-from fxprune.pipeline import gc_paused
+from fxprune.stages import gc_paused
 
 
 class Net(nn.Module):

@@ -59,14 +59,13 @@ def _set_ort_severity(severity: int) -> int | None:
 
 def _one_line(e: BaseException) -> str:
     """The first line of an error, prefixed with its type unless it is one fxprune raises on purpose."""
-    from fxprune.errors import FxPruneError
+    from fxprune.errors import FxPruneError, first_line
 
-    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    if isinstance(e, (FxPruneError, ValueError)) and text:
-        return text
+    if isinstance(e, (FxPruneError, ValueError)) and str(e).strip():
+        return first_line(e)
     if isinstance(e, FileNotFoundError) and e.filename:
         return f"file not found: {e.filename}"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return first_line(e, typed=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import fxprune
 from fxprune.cli.staging import OutputStage
-from fxprune.errors import FxPruneError, ShapeError
+from fxprune.errors import FxPruneError, ShapeError, first_line
 from fxprune.metrics import NOISY_SPREAD, compare_latency, count_macs, count_params, default_threads
 from fxprune.model_loader import (
     DEFAULT_INPUT_SHAPE,
@@ -83,9 +83,6 @@ def _shape_text(shapes: Any) -> str:
     return ", ".join("x".join(str(d) for d in s) for s in shapes)
 
 
-def _first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
-
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     """Build the model, load the checkpoint, make seeded inputs and check the model runs on them."""
@@ -102,7 +99,7 @@ def _load(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
             loaded.model(*inputs)
     except Exception as e:
         raise ShapeError(
-            f"{loaded.spec} does not run on input shape {_shape_text(shapes)} ({type(e).__name__}: {_first_line(e)}); "
+            f"{loaded.spec} does not run on input shape {_shape_text(shapes)} ({type(e).__name__}: {first_line(e)}); "
             "set --input-shape"
         ) from e
     return loaded, inputs
@@ -224,7 +221,7 @@ def _onnx_size(model: nn.Module, inputs: Inputs, args: argparse.Namespace) -> in
             rep = export_onnx(model, inputs, Path(tmp) / "original.onnx", opset=args.opset,
                               simplify=False if args.no_simplify else args.simplifier, dynamic_batch=not args.static_batch, check=False)
         except FxPruneError as e:
-            print(f"fxprune: note: the original model did not export to ONNX ({_first_line(e)})", file=sys.stderr)
+            print(f"fxprune: note: the original model did not export to ONNX ({first_line(e)})", file=sys.stderr)
             return None
         return rep.bytes_after_simplify
 
@@ -302,7 +299,7 @@ def run_compile(args: argparse.Namespace) -> int:
                     write_report(stage.path(args.report), data)
                 except Exception as e:  # noqa: BLE001 - reported on one line, the other outputs are kept
                     sys.stderr.write(f"fxprune compile: warning: the report was not written ({type(e).__name__}: "
-                                     f"{_first_line(e)}); the other outputs are\n")
+                                     f"{first_line(e)}); the other outputs are\n")
             bar.step("saving")
             if args.save:
                 _save_model(pruned, stage.path(args.save), ultralytics=_is_ultralytics(args))

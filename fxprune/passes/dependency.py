@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
+from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, space_label
 from fxprune.passes.base import module_tensors, submodule
 from fxprune.rules import lookup
 from fxprune.rules.common import pin_all, values_of
@@ -242,8 +242,3 @@ def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup], heads: froz
                 log.debug("fxprune: %s couples %s", rg.node, space_label(rg.factors[k]) if k is not None else "nothing")
             waiting = [rg for rg in waiting if carrying and rg not in carrying]
         pending = waiting
-
-
-def param_shapes(result: DependencyResult) -> dict[str, Shape]:
-    """Shapes of every parameter value referenced by a rule, keyed by canonical name."""
-    return {name: result.value_shapes[param_value(name)] for name in result.params.values()}

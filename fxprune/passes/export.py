@@ -18,7 +18,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -32,7 +31,7 @@ import onnx
 import torch
 from torch import nn
 
-from fxprune.errors import ExportError
+from fxprune.errors import ExportError, first_line
 from fxprune.metrics import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -271,22 +270,15 @@ def _run_exporters(
         except Exception as e:
             failures.append((name, e))
             more = "; trying the next exporter" if name != order[-1] else ""
-            logger.warning("%s ONNX exporter failed: %s%s", name, _first_line(e), more)
+            logger.warning("%s ONNX exporter failed: %s%s", name, first_line(e, innermost=True, typed=True), more)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-    summary = "; ".join(f"{n}: {_first_line(e)}" for n, e in failures)
+    summary = "; ".join(f"{n}: {first_line(e, innermost=True, typed=True)}" for n, e in failures)
     raise ExportError(
         f"ONNX export failed ({summary}). Check that the model runs on example_inputs and uses only ops "
         f"opset {opset} supports; try opset >= 18 or another exporter ({', '.join(EXPORTERS)})"
     ) from failures[-1][1]
 
-
-def _first_line(e: BaseException) -> str:
-    """``Type: first line`` of the innermost cause of ``e`` (the dynamo exporter wraps the real error)."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    return f"{type(e).__name__}: " + next((ln for ln in text.splitlines() if ln.strip()), "")[:300]
 
 
 def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
@@ -299,7 +291,7 @@ def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
         except ImportError as e:
             raise ExportError("simplify='onnxslim' needs the onnxslim package: pip install onnxslim") from e
         except Exception as e:
-            raise ExportError(f"onnxslim failed: {_first_line(e)}; pass simplify='onnxsim' or False") from e
+            raise ExportError(f"onnxslim failed: {first_line(e, innermost=True, typed=True)}; pass simplify='onnxsim' or False") from e
     if tool != "onnxsim":
         raise ExportError(f"unknown simplifier {tool!r}: use 'onnxsim', 'onnxslim' or False")
     try:
@@ -310,7 +302,7 @@ def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
             kwargs["certify"] = False
         simplified, ok = onnxsim.simplify(proto, **kwargs)
     except Exception as e:
-        raise ExportError(f"onnxsim failed: {_first_line(e)}; pass simplify=False") from e
+        raise ExportError(f"onnxsim failed: {first_line(e, innermost=True, typed=True)}; pass simplify=False") from e
     if not ok:
         raise ExportError("onnxsim could not validate the simplified model; pass simplify=False")
     return simplified
@@ -399,7 +391,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(os.fspath(staged))
         except Exception as e:
-            raise ExportError(f"onnx.checker failed: {_first_line(e)}; try simplify=False") from e
+            raise ExportError(f"onnx.checker failed: {first_line(e, innermost=True, typed=True)}; try simplify=False") from e
         max_diff, n_checked = math.nan, 0
         if check:
             inputs_list = make_check_inputs(args, n_check_inputs, dynamic_batch=dynamic_batch, seed=seed)

@@ -1,0 +1,76 @@
+"""The options of ``fxprune.prune``, in one frozen record that is checked once, before any work."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fxprune.errors import ArgumentError
+from fxprune.passes.importance import resolve
+from fxprune.validate import check_output_path
+
+
+def check_ratio(ratio: Any, what: str = "ratio") -> float:
+    """``ratio`` as a float in [0, 1), or ``ArgumentError`` naming ``what``."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ArgumentError(f"{what} must be a number with 0 <= {what} < 1 (the fraction of channels removed), "
+                            f"got {ratio!r}")
+    return float(ratio)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of ``fxprune.prune`` (see its docstring for what each one does)."""
+
+    ratio: float = 0.5
+    example_inputs: Any = None
+    ignore: tuple[str | type, ...] = ()
+    importance: Any = "l2"
+    global_ranking: bool = False
+    target_macs: float | None = None
+    target_params: float | None = None
+    ratios: Mapping[str, float] | None = None
+    group_ratios: Mapping[int, float] | None = None
+    round_to: int | None = None
+    min_channels: int = 1
+    prune_heads: bool = False
+    leaves: tuple[str, ...] = ()
+    verify: bool = False
+    onnx: str | None = None
+    onnx_opset: int = 18
+    output: str = "graph"
+    partial: bool = True
+
+    @property
+    def budget(self) -> bool:
+        """Whether the ratio is searched to a MAC or parameter budget."""
+        return self.target_macs is not None or self.target_params is not None
+
+    def checked(self) -> Options:
+        """The options with every value checked and normalised (tuples, floats).
+
+        Raises:
+            ArgumentError: naming the first bad option and what to pass instead.
+        """
+        check_output_path(self.onnx, "onnx")  # an unwritable output is found before the work, not after
+        for key, r in {**(self.ratios or {}), **{str(k): v for k, v in (self.group_ratios or {}).items()}}.items():
+            check_ratio(r, f"ratio for {key!r}")
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            raise ArgumentError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise ArgumentError(f"min_channels must be a positive integer, got {self.min_channels!r}")
+        if self.output not in ("graph", "module"):
+            raise ArgumentError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), "
+                                f"got {self.output!r}")
+        resolve(self.importance)  # an unknown criterion name fails here
+        if isinstance(self.ignore, (str, type)) or isinstance(self.leaves, str):
+            raise ArgumentError("ignore and leaves take a list of module names (or types), not a single one")
+        return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves))
+
+    def part_options(self) -> Options:
+        """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven
+        as the user's own classes."""
+        return replace(self, example_inputs=None, ignore=(), leaves=(), onnx=None, output="module", partial=True,
+                       ratios=None, group_ratios=None)  # those name the root's modules and groups

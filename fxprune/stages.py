@@ -1,0 +1,192 @@
+"""The two stages every entry point runs (``pipeline.run``, ``apply``, ``analyze``, ``sensitivity``).
+
+    analyse:  private copy -> trace -> shapes -> eager check -> train-mode check -> dependency graph -> groups
+    finish:   rewrite -> shape invariant -> parameter accounting -> oracle (optional) -> write-back (optional)
+              -> ONNX (optional) -> training flags
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.copying import private_copy
+from fxprune.errors import ArgumentError, InvariantError
+from fxprune.hf_config import sync_config
+from fxprune.metrics import count_params
+from fxprune.passes.base import generated
+from fxprune.passes.budget import CostModel
+from fxprune.passes.dependency import DependencyResult, build_dependencies
+from fxprune.passes.eager_check import check_graph_matches_eager, restore_state
+from fxprune.passes.fingerprint import graph_fingerprint
+from fxprune.passes.lower import lower_multihead_attention
+from fxprune.passes.lower_windows import lower_window_attention
+from fxprune.passes.rewrite import RewritePass
+from fxprune.passes.select import describe_groups
+from fxprune.passes.shapes import shapes_for
+from fxprune.passes.trace import trace
+from fxprune.passes.train_mode import guard_train_mode, restore_flags, train_mode_difference
+from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
+from fxprune.passes.writeback import write_back
+from fxprune.plan import ChannelGroup, PruningPlan
+from fxprune.validate import check_example_inputs, check_model, example_inputs_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """A private, traced copy of a model with its dependency analysis (internal)."""
+
+    gm: fx.GraphModule
+    deps: DependencyResult
+    groups: tuple[ChannelGroup, ...]
+    opaque: dict[str, str]
+    inputs: tuple[Any, ...]
+    fingerprint: str
+    work: nn.Module
+    flags: dict[str, bool]  # every module's own training flag in the caller's model, by qualified name
+    train_differs: str = ""  # why the model's train-mode graph differs from the eval graph ("" when it does not)
+
+
+def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    """Normalise example inputs to a tuple (None stays None)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ArgumentError(example_inputs_message(example_inputs))
+
+
+def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
+    names = {name for name, _ in model.named_modules()}
+    for item in ignore:
+        if not isinstance(item, (str, type)):
+            raise ArgumentError(f"ignore entries must be module names or types, got {item!r}")
+        if isinstance(item, str) and item not in names:
+            close = sorted(n for n in names if n and (item in n or n in item))[:5]
+            hint = f"; did you mean {close}?" if close else ""
+            raise ArgumentError(f"ignore={item!r} names no submodule of the model{hint}")
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a compile pass allocates its graphs (restored on exit).
+
+    A pass creates tens of thousands of small, mostly acyclic objects; they trip the collector, and a
+    full collection scans every object the process holds (torch and timm imports: 0.2-0.3 s, as much as a
+    whole small-model compile). Reference counting still frees the acyclic garbage at once; the cycles
+    (fx nodes and graphs) are collected at the first collection after the pass.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def analyse(
+    model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
+    prune_heads: bool = False, specialize: bool = False,
+) -> Analysed:
+    """Trace a private copy, check the graph against eager PyTorch and solve its channel dependencies."""
+    with gc_paused():
+        return _analyse(model, example_inputs, list(ignore), leaves, prune_heads, specialize)
+
+
+def _analyse(
+    model: nn.Module, example_inputs: Any, ignore: list[str | type], leaves: Sequence[str],
+    prune_heads: bool, specialize: bool,
+) -> Analysed:
+    check_model(model)  # an eager nn.Module with real buffers
+    _check_ignore(model, ignore)
+    flags = {name: m.training for name, m in model.named_modules()}
+    work = private_copy(model)  # everything below runs on the copy only
+    given = as_inputs(example_inputs)
+    check_example_inputs(model, given)  # count and device, against forward's signature
+    # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
+    # (only for output="module", where the user's own forward is re-run and proven equal).
+    gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
+    lower_multihead_attention(gm, set(opaque))  # its ops, not the module: heads become prunable
+    lower_window_attention(gm)  # torchvision Swin's attention function, likewise
+    try:
+        shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
+        # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
+        # (needs the inputs of step 2; restores every tensor of the copy that a run changed)
+        check_graph_matches_eager(gm, work, model, inputs)
+    finally:
+        restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
+    train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
+    deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 4. channel rules -> coupled classes
+    groups = describe_groups(deps)
+    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The verified output of ``finish``."""
+
+    model: nn.Module
+    modified: bool
+    params_after: int
+    macs_after: int
+    oracle: OracleReport | None
+
+
+def finish(
+    a: Analysed,
+    plan: PruningPlan,
+    cost: CostModel,
+    *,
+    verify: bool,
+    onnx: str | None,
+    onnx_opset: int,
+    output: str = "graph",
+) -> Finished:
+    """Rewrite the private copy by ``plan`` and prove the result.
+
+    Raises:
+        InvariantError: a value's shape, the parameter count or the oracle disagrees with the plan.
+    """
+    reference = copy.deepcopy(a.gm) if verify else None
+    rewrite = RewritePass(a.deps, plan)
+    macs_after, predicted = cost.absolute(plan, rewrite.shapes)
+    with gc_paused():
+        result = rewrite(a.gm)  # slice parameters, fix module attributes, rewrite literal sizes
+        pruned = result.model
+        check_shapes(pruned, a.inputs, rewrite.shapes)  # invariant: every value has its planned shape
+        pruned = generated(pruned)  # its Python code, generated once, now that the graph is final
+    params_after = count_params(pruned)
+    if params_after != predicted:
+        raise InvariantError(f"pruned model has {params_after} parameters, the plan predicted {predicted}")
+    oracle = None
+    if reference is not None:
+        oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
+        if oracle.applicable and not oracle.passed:
+            raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
+    model: nn.Module = pruned
+    if output == "module":
+        model = write_back(a.work, pruned, a.inputs, a.deps.prune_heads)  # the user's classes, proven equal to the graph
+        sync_config(model, a.inputs)  # a Hugging Face config follows the pruned widths where it can
+    if onnx is not None:
+        from fxprune.passes.export import export_onnx
+
+        export_onnx(model, a.inputs, onnx, opset=onnx_opset)
+    restore_flags(model, a.flags)  # each module's own training flag, as in the caller's model
+    if output == "graph" and a.train_differs:
+        guard_train_mode(model, a.train_differs)
+    return Finished(model, result.modified, params_after, macs_after, oracle)
