@@ -1,4 +1,4 @@
-"""Known third-party composites (``rules.modules.COMPOSITES``) are traced as one leaf with an exact rule.
+"""Known third-party composites (registry entries with ``qualifies``, ``rules/builtin.py``) are traced as one leaf with an exact rule.
 
 timm's BatchNormAct2d is the one entry: its forward is ``F.batch_norm`` over dim 1, then ``drop``, then
 ``act``. It is kept whole only when both parts are parameter-free elementwise modules of exact known
@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from fxprune.passes.export import export_onnx
 from fxprune.passes.trace import trace
-from fxprune.rules.modules import composite_rule
+from fxprune.rules.registry import composite
 from tests.conftest import check_pruned
 
 timm_norm_act = pytest.importorskip("timm.layers.norm_act")
@@ -96,7 +96,7 @@ class _Subclass(BatchNormAct2d):
 def test_other_parts_are_traced_through(make: object) -> None:
     torch.manual_seed(0)
     model = NormActNet(make()).eval()  # type: ignore[operator]
-    assert composite_rule(model.n3) is None and composite_rule(model.n1) is not None
+    assert composite(model.n3) is None and composite(model.n1) is not None
     assert "n3" not in _leaves(model)
     check_pruned(model, (torch.randn(2, 3, 8, 8),), 0.5)
 
@@ -107,6 +107,6 @@ def test_a_subclass_is_not_the_composite() -> None:
     sub = _Subclass(8)
     sub.load_state_dict(model.n3.state_dict())
     model.n3 = sub
-    assert composite_rule(sub) is None and "n3" not in _leaves(model)
+    assert composite(sub) is None and "n3" not in _leaves(model)
     r = check_pruned(model, (torch.randn(2, 3, 8, 8),), 0.5)
     assert r.model.get_submodule("c3").out_channels == 8  # flip over channels pins them

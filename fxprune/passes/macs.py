@@ -4,24 +4,26 @@ Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts, with torch's ow
 (``conv_flop_count``, ``mm_flop``, ``bmm_flop``, ``sdpa_flop_count``): convolutions (modules and
 ``F.conv*``), linear layers (``nn.Linear``, ``F.linear``, ``addmm`` as in Hugging Face's Conv1D), ``mm``,
 ``bmm``, ``baddbmm``, ``matmul``, two-operand ``einsum`` and scaled dot-product attention. MACs are half of
-torch's flops. A budget search probes many plans with it cheaply; ``tests/test_macs.py`` checks parity with
-``FlopCounterMode`` on real models.
+torch's flops. Each formula below is the ``macs`` field of its ops' registry entries (``rules/builtin.py``).
+A budget search probes many plans with it cheaply; ``tests/test_macs.py`` checks parity with
+``FlopCounterMode`` on real models and on functional graphs.
 """
 
 from __future__ import annotations
 
 import math
-import operator
+from typing import TYPE_CHECKING
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import bmm_flop, conv_flop_count, mm_flop, sdpa_flop_count
 
 from fxprune.depgraph import param_value
 from fxprune.passes.base import submodule
-from fxprune.passes.dependency import DependencyResult
+from fxprune.rules.registry import MacFn, MacQuery, call_spec, module_spec
+
+if TYPE_CHECKING:
+    from fxprune.passes.dependency import DependencyResult
 
 Shape = tuple[int, ...]
 
@@ -39,27 +41,23 @@ def estimate_macs(gm: fx.GraphModule, deps: DependencyResult, shapes: dict[str, 
         shapes: value name -> shape; parameters as ``param:<name>``.
         canonical: ``id(tensor)`` -> canonical parameter name (``passes.dependency.canonical_names``).
     """
+
+    def param_shape(mod: nn.Module, name: str) -> Shape | None:
+        p = getattr(mod, name, None)
+        if p is None:
+            return None
+        return shapes.get(param_value(canonical.get(id(p), ""))) or tuple(p.shape)
+
     total = 0
     for node in gm.graph.nodes:
         out = shapes.get(node.name)
         if out is None:
             continue
-        if node.op == "call_module":
-            mod = submodule(gm, str(node.target))
-            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-                w = shapes.get(param_value(canonical.get(id(mod.weight), ""))) or tuple(mod.weight.shape)
-                x = _shape_of(node.args[0] if node.args else None, shapes)
-                if isinstance(mod, nn.Linear):
-                    total += _numel(out) * w[1]
-                elif x is not None:
-                    total += _conv(x, w, out, mod.transposed)
-        elif node.op in ("call_function", "call_method"):
-            total += _function_macs(node, shapes, out)
+        mod = submodule(gm, str(node.target)) if node.op == "call_module" else None
+        fn: MacFn | None = module_spec(mod).macs if mod is not None else call_spec(node).macs
+        if fn is not None:
+            total += fn(MacQuery(node, out, shapes, mod, param_shape))
     return int(total)
-
-
-def _shape_of(arg: object, shapes: dict[str, Shape]) -> Shape | None:
-    return shapes.get(arg.name) if isinstance(arg, fx.Node) else None
 
 
 def _conv(x: Shape, w: Shape, out: Shape, transposed: bool) -> int:
@@ -68,47 +66,67 @@ def _conv(x: Shape, w: Shape, out: Shape, transposed: bool) -> int:
     return conv_flop_count(list(x), list(w), list(out), transposed=transposed) // 2
 
 
-_CONVS = {F.conv1d: False, F.conv2d: False, F.conv3d: False, torch.conv1d: False, torch.conv2d: False,
-          torch.conv3d: False, F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True}
-_MATMULS = (torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "bmm", "mm", "__matmul__")
+def conv_module(q: MacQuery) -> int:
+    """``nn.Conv*d`` and ``nn.ConvTranspose*d``."""
+    x, w = q.arg(0), q.param_shape(q.module, "weight")  # type: ignore[misc, arg-type]
+    return _conv(x, w, q.out, q.module.transposed) if x and w else 0  # type: ignore[union-attr]
 
 
-def _function_macs(node: fx.Node, shapes: dict[str, Shape], out: Shape) -> int:
-    def shape(i: int, name: str = "") -> Shape | None:
-        a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
-        return _shape_of(a, shapes)
-
-    target = node.target
-    if target in _MATMULS:
-        a = shape(0)
-        return _numel(out) * a[-1] if a else 0
-    if target is F.linear:
-        w = shape(1, "weight")
-        return _numel(out) * w[-1] if w else 0
-    if target in (torch.addmm, "addmm"):  # bias + a @ b (Hugging Face Conv1D)
-        a, b = shape(1), shape(2)
-        return mm_flop(a, b) // 2 if a and b else 0
-    if target in (torch.baddbmm, "baddbmm"):
-        a, b = shape(1), shape(2)
-        return bmm_flop(a, b) // 2 if a and b else 0
-    if target in _CONVS:
-        x, w = shape(0, "input"), shape(1, "weight")
-        return _conv(x, w, out, _CONVS[target]) if x and w else 0  # type: ignore[index]
-    if target is torch.einsum:
-        return _einsum(node, shapes)
-    if target is F.scaled_dot_product_attention:
-        q, k, v = shape(0, "query"), shape(1, "key"), shape(2, "value")
-        if q and k and v and len(q) == len(k) == len(v) >= 2:
-            lead = (1,) * (4 - len(q))
-            q4, k4, v4 = ((_numel(s[:-3]) if len(s) > 3 else 1, *(lead + s)[-3:]) for s in (q, k, v))
-            if q4[1] != k4[1] and node.kwargs.get("enable_gqa") is not True:
-                return 0
-            return sdpa_flop_count(q4, k4, v4) // 2
-    return 0
+def linear_module(q: MacQuery) -> int:
+    """``nn.Linear``: every output element is one dot product over the input width."""
+    w = q.param_shape(q.module, "weight")  # type: ignore[misc, arg-type]
+    return _numel(q.out) * w[1] if w else 0
 
 
-def _einsum(node: fx.Node, shapes: dict[str, Shape]) -> int:
+def conv_fn(transposed: bool) -> MacFn:
+    """``F.conv*d`` / ``F.conv_transpose*d`` with the input and weight as traced values."""
+
+    def fn(q: MacQuery) -> int:
+        x, w = q.arg(0, "input"), q.arg(1, "weight")
+        return _conv(x, w, q.out, transposed) if x and w else 0
+
+    return fn
+
+
+def matmul(q: MacQuery) -> int:
+    """``matmul``, ``mm``, ``bmm`` and ``@``: the output size times the contracted width."""
+    a = q.arg(0)
+    return _numel(q.out) * a[-1] if a else 0
+
+
+def linear_fn(q: MacQuery) -> int:
+    """``F.linear(x, weight)``."""
+    w = q.arg(1, "weight")
+    return _numel(q.out) * w[-1] if w else 0
+
+
+def addmm(q: MacQuery) -> int:
+    """``addmm(bias, a, b)`` = bias + a @ b (Hugging Face Conv1D)."""
+    a, b = q.arg(1), q.arg(2)
+    return mm_flop(a, b) // 2 if a and b else 0
+
+
+def baddbmm(q: MacQuery) -> int:
+    """``baddbmm(bias, a, b)``: a batched ``addmm``."""
+    a, b = q.arg(1), q.arg(2)
+    return bmm_flop(a, b) // 2 if a and b else 0
+
+
+def sdpa(q: MacQuery) -> int:
+    """``F.scaled_dot_product_attention`` (grouped-query attention only with ``enable_gqa=True``, as torch)."""
+    qs, ks, vs = q.arg(0, "query"), q.arg(1, "key"), q.arg(2, "value")
+    if not (qs and ks and vs and len(qs) == len(ks) == len(vs) >= 2):
+        return 0
+    lead = (1,) * (4 - len(qs))
+    q4, k4, v4 = ((_numel(s[:-3]) if len(s) > 3 else 1, *(lead + s)[-3:]) for s in (qs, ks, vs))
+    if q4[1] != k4[1] and q.node.kwargs.get("enable_gqa") is not True:
+        return 0
+    return sdpa_flop_count(q4, k4, v4) // 2
+
+
+def einsum(q: MacQuery) -> int:
     """Two-operand ``einsum``: the product of every index's size (what its ``bmm`` decomposition costs)."""
+    node = q.node
     eq = node.args[0] if node.args else None
     ops = node.args[1:]
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
@@ -118,7 +136,7 @@ def _einsum(node: fx.Node, shapes: dict[str, Shape]) -> int:
     lhs = eq.replace(" ", "").split("->")[0].split(",")
     sizes: dict[str, int] = {}
     for term, op in zip(lhs, ops, strict=False):
-        s = _shape_of(op, shapes)
+        s = q.shapes.get(op.name) if isinstance(op, fx.Node) else None
         if s is None:
             return 0
         if "..." in term:  # the ellipsis covers the dims the letters do not name, counted from the right

@@ -16,8 +16,7 @@ from fxprune.passes.dependency import DependencyResult
 from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.common import node_values
-from fxprune.rules.literals import rewriter_for
-from fxprune.rules.modules import fix_module
+from fxprune.rules.registry import call_spec, fix_attributes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class RewritePass:
             if node.op == "call_module":
                 self._fix_module(gm, node, changed)
             else:
-                rewrite = rewriter_for(node)
+                rewrite = call_spec(node).literals
                 if rewrite is not None:
                     old = [self.deps.value_shapes[v] for v in node_values(node, self.deps.value_shapes)]
                     new = [self.shapes[v] for v in node_values(node, self.deps.value_shapes)]
@@ -117,7 +116,7 @@ class RewritePass:
                 new_in = self.shapes[x.name][1]
         if str(node.target) in changed or new_in is not None:
             mod = submodule(gm, str(node.target))
-            fix_module(mod, new_in)
+            fix_attributes(mod, new_in)
             _check_divisible(node, mod)
 
 

@@ -10,13 +10,13 @@ reject. None means: run the kernel.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from fxprune.rules.registry import function_spec, method_spec, module_spec
 
 Shape = tuple[int, ...]
 ShapeFn = Callable[[tuple[Any, ...], dict[str, Any]], "torch.Tensor | None"]
@@ -70,7 +70,7 @@ def _reduce_shape(x: torch.Tensor, dim: Any, keepdim: bool) -> Shape | None:
     return tuple(1 if i in dims else s for i, s in enumerate(x.shape) if keepdim or i not in dims)
 
 
-def _reduction(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def reduction(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """``mean``/``sum`` of a floating tensor over ``dim`` (the dtype is kept; integer sums promote)."""
     if not args or len(args) > 3 or not _dense(args[0]) or set(kwargs) - {"dim", "keepdim"}:
         return None
@@ -90,7 +90,7 @@ _RESAMPLE_RANK = {"nearest": (3, 4, 5), "nearest-exact": (3, 4, 5), "linear": (3
                   "bicubic": (4,), "trilinear": (5,)}
 
 
-def _interpolate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def interpolate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """``F.interpolate`` to an explicit ``size`` (a 5 ms Python decomposition on meta for bilinear): the output
     is ``(N, C, *size)``. Declined: a scale factor (its rounding), ``area`` (adaptive pooling), antialiasing,
     ``align_corners`` where the mode rejects it, dtypes other than float32/float64, and layouts the kernel
@@ -117,20 +117,11 @@ def _interpolate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     return torch.empty((*x.shape[:2], *sizes), dtype=x.dtype, device="meta")
 
 
-_OP_ADD, _OP_DIV = _binary(False, tensor_first=False), _binary(True, tensor_first=False)
-_ADD, _DIV = _binary(False, tensor_first=True), _binary(True, tensor_first=True)
-
-FUNCTIONS: dict[Any, ShapeFn] = {
-    operator.add: _OP_ADD, operator.sub: _OP_ADD, operator.mul: _OP_ADD, operator.truediv: _OP_DIV,
-    torch.add: _ADD, torch.sub: _ADD, torch.mul: _ADD, torch.div: _DIV, torch.true_divide: _DIV,
-    torch.mean: _reduction, torch.sum: _reduction, F.interpolate: _interpolate,
-}
-METHODS: dict[str, ShapeFn] = {
-    "add": _ADD, "sub": _ADD, "mul": _ADD, "div": _DIV, "true_divide": _DIV, "mean": _reduction, "sum": _reduction,
-}
+OP_ARITH, OP_DIV = _binary(False, tensor_first=False), _binary(True, tensor_first=False)  # operator.add, ...
+ARITH, DIV = _binary(False, tensor_first=True), _binary(True, tensor_first=True)  # torch.add, Tensor.add, ...
 
 
-def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """From the weight's shape, not the ``in_features`` attribute: after a rewrite the two must agree, and
     the kernel is what checks it."""
     w, b = mod.weight, mod.bias
@@ -141,7 +132,7 @@ def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
 
 
-def _adaptive_pool(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def adaptive_pool(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     n = 1 if isinstance(mod, nn.AdaptiveAvgPool1d) else 2 if isinstance(mod, nn.AdaptiveAvgPool2d) else 3
     size = mod.output_size
     size = (size,) * n if isinstance(size, int) else tuple(size)
@@ -151,7 +142,7 @@ def _adaptive_pool(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return torch.empty((*x.shape[:-n], *out), dtype=x.dtype, device="meta")
 
 
-def _conv(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def conv(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``nn.Conv{1,2,3}d`` with zero padding: the output size formula, from the weight's shape.
 
     Only where the kernel's output layout is certainly contiguous: a contiguous input that is not also
@@ -185,13 +176,6 @@ def _conv(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return torch.empty((*x.shape[: -n - 1], w.shape[0], *spatial), dtype=x.dtype, device="meta")
 
 
-MODULES: dict[type, Callable[[Any, torch.Tensor], torch.Tensor | None]] = {
-    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
-    nn.Linear: _linear, nn.AdaptiveAvgPool1d: _adaptive_pool, nn.AdaptiveAvgPool2d: _adaptive_pool,
-    nn.AdaptiveAvgPool3d: _adaptive_pool,
-}
-
-
 def fast_meta(op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any = None) -> torch.Tensor | None:
     """The meta result of one node computed by a shape function, or None (run the kernel).
 
@@ -204,16 +188,13 @@ def fast_meta(op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     """
     fn: ShapeFn | None = None
     if op == "call_function":
-        try:
-            fn = FUNCTIONS.get(target)
-        except TypeError:  # an unhashable callable object
-            return None
+        fn = function_spec(target).shape
     elif op == "call_method":
-        fn = METHODS.get(target)
+        fn = method_spec(target).shape
     if fn is not None:
         return fn(args, kwargs)
     if op == "call_module":
-        module_fn = MODULES.get(type(mod))
+        module_fn = module_spec(mod).shape
         if module_fn is None or kwargs or len(args) != 1 or not _dense(args[0]):
             return None
         return module_fn(mod, args[0])

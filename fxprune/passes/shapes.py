@@ -6,8 +6,8 @@ run on the example inputs: an op without a meta kernel, a value-dependent branch
 forward creates on the CPU, or inputs whose dtypes disagree with a layer's parameters (meta kernels do not
 check dtypes; the real run then gives the error the user would see). Graphs that call a module of the user's
 own (an opaque leaf) always run for real: its forward may cache tensors (anchors, masks) on the module, and a
-cached meta tensor would poison every later run. Known composites (``rules.modules.COMPOSITES``, such as
-timm's BatchNormAct2d) are not the user's own: their forwards were read and cache nothing.
+cached meta tensor would poison every later run. Registered leaves (known composites such as timm's BatchNormAct2d, or module types given a rule
+with ``rules.register``) are not opaque: their forwards were read and must cache nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from fxprune.errors import ShapeError
 from fxprune.passes.base import submodule
 from fxprune.passes.shape_fns import fast_meta
-from fxprune.rules.modules import SHAPE_KEEPING_MODULES, composite_rule
+from fxprune.rules.modules import SHAPE_KEEPING_MODULES
+from fxprune.rules.registry import is_leaf
 
 Shape = tuple[int, ...]
 
@@ -139,7 +140,7 @@ def _meta_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[st
         return None
     for n in gm.graph.nodes:
         mod = submodule(gm, str(n.target)) if n.op == "call_module" else None
-        if mod is not None and not type(mod).__module__.startswith("torch.nn.") and composite_rule(mod) is None:
+        if mod is not None and not type(mod).__module__.startswith("torch.nn.") and not is_leaf(mod):
             return None  # a forward of the user's own: it may cache what it computes
     runner = _OnMeta(gm)
     try:

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from fxprune.errors import TraceError
 from fxprune.passes.base import deferred_graph_module
 from fxprune.passes.example_values import ExampleEvaluator, example_value, forget
-from fxprune.rules.modules import composite_rule
+from fxprune.rules import registry
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,12 @@ class _FallbackTracer(fx.Tracer):
         return self._names[1], self._names[2]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        """fx's leaves (``torch.nn`` modules), the requested ones, and known composites (``COMPOSITES``)."""
+        """fx's leaves (``torch.nn`` modules), the requested ones, and registered ones (``registry.is_leaf``)."""
         return (
             module_qualified_name in self.extra_leaves
             or isinstance(m, torch.jit.ScriptModule)  # a scripted submodule runs as it is (and is pinned)
             or super().is_leaf_module(m, module_qualified_name)
-            or composite_rule(m) is not None
+            or registry.is_leaf(m)
         )
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -371,6 +371,7 @@ def trace(
     Raises:
         TraceError: the root module's own forward cannot be traced.
     """
+    registry._load_builtins()  # before fx patches the globals of wrapped functions
     opaque: dict[str, str] = {name: "kept opaque by request" for name in leaves}
     original_cls = type(model)
     fixed = _fixed_arity(model, n_inputs)

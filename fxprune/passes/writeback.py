@@ -16,7 +16,7 @@ import torch.nn as nn
 from fxprune.errors import InvariantError
 from fxprune.outputs import tensors_of
 from fxprune.rules.attributes import fix_attention_attributes
-from fxprune.rules.modules import fix_module
+from fxprune.rules.registry import fix_attributes
 
 
 class WriteBackError(InvariantError):
@@ -80,7 +80,7 @@ def write_back(
                     store[attr] = new  # type: ignore[assignment]
                     changed = True
         if changed and id(mod) not in gm_modules:
-            fix_module(mod, None)
+            fix_attributes(mod, None)
     fix_attention_attributes(work, prune_heads)
     training = work.training
     work.eval()

@@ -1,8 +1,8 @@
-"""The op-rule table: one entry per module type, function or method name.
+"""Channel rules: the rule of each ``call_*`` node, from the op registry (``rules/registry.py``).
 
-An op with no entry pins every dim it touches and records why; fxprune never guesses "elementwise".
-To add a rule for a custom op, register a function ``rule(node, ctx)`` with ``register_module_rule``,
-``register_function_rule`` or ``register_method_rule`` (see docs/adding-rules.md).
+An op with no rule pins every dim it touches and records why; fxprune never guesses "elementwise".
+To add an op, register its entry with ``register(op, rule=..., literals=..., ...)`` (docs/adding-rules.md);
+``register_module_rule``, ``register_function_rule`` and ``register_method_rule`` register a rule alone.
 """
 
 from __future__ import annotations
@@ -14,24 +14,18 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxprune.passes.base import submodule
-from fxprune.rules import attention, functional, windows
 from fxprune.rules.common import pin_all
 from fxprune.rules.context import RuleContext
-from fxprune.rules.modules import MODULE_RULES, composite_rule
-from fxprune.rules.tensor_ops import FUNCTION_RULES, METHOD_RULES
+from fxprune.rules.registry import OpSpec, function_spec, method_spec, module_spec, register
 
 Rule = Callable[[fx.Node, RuleContext], None]
 
-FUNCTION_RULES.update(attention.FUNCTIONS)
-FUNCTION_RULES.update(functional.FUNCTIONS)
-FUNCTION_RULES.update(windows.FUNCTIONS)  # type: ignore[arg-type]
-METHOD_RULES.update(attention.METHODS)
-MODULE_RULES.update(attention.MODULES)
-
 __all__ = [
+    "OpSpec",
     "RuleContext",
     "Rule",
     "lookup",
+    "register",
     "register_function_rule",
     "register_method_rule",
     "register_module_rule",
@@ -39,18 +33,18 @@ __all__ = [
 
 
 def register_module_rule(module_type: type[nn.Module], rule: Rule) -> None:
-    """Register (or replace) the rule for a module type and its subclasses without a rule of their own."""
-    MODULE_RULES[module_type] = rule
+    """Register (or replace) the rule for a module type and its subclasses that keep its ``forward``."""
+    register(module_type, rule=rule)
 
 
 def register_function_rule(fn: object, rule: Rule) -> None:
     """Register (or replace) the rule for a function called in ``call_function`` nodes."""
-    FUNCTION_RULES[fn] = rule
+    register(fn, rule=rule)  # type: ignore[arg-type]
 
 
 def register_method_rule(name: str, rule: Rule) -> None:
     """Register (or replace) the rule for a tensor method called in ``call_method`` nodes."""
-    METHOD_RULES[name] = rule
+    register(name, rule=rule)
 
 
 def _unknown(reason: str) -> Rule:
@@ -78,22 +72,18 @@ def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule:
         hooks = _hooks(mod)
         if hooks:  # a hook may change the module's output any way it likes: its rule no longer describes it
             return _unknown(f"module {node.target} has {hooks}: what it computes is not the module's rule")
-        rule = composite_rule(mod)
+        rule = module_spec(mod).rule  # a subclass that overrides forward inherits no rule
         if rule is not None:
             return rule
-        for t in type(mod).__mro__:
-            # A subclass that overrides forward computes something else: it gets no inherited rule.
-            if t in MODULE_RULES and type(mod).forward is t.forward:
-                return MODULE_RULES[t]
         return _unknown(f"opaque module {type(mod).__name__} ({node.target}): no channel rule")
     if node.op == "call_function":
-        rule = FUNCTION_RULES.get(node.target)
+        rule = function_spec(node.target).rule
         if rule is not None:
             return rule
         name = getattr(node.target, "__name__", str(node.target))
         return _unknown(f"function {name} ({node.name}): no channel rule")
     if node.op == "call_method":
-        rule = METHOD_RULES.get(str(node.target))
+        rule = method_spec(str(node.target)).rule
         if rule is not None:
             return rule
         return _unknown(f"method .{node.target}() ({node.name}): no channel rule")

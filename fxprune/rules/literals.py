@@ -1,6 +1,6 @@
 """Rewrite literal sizes in the graph (view/reshape/expand shapes, split sizes) after channels were removed.
 
-Each entry takes the node, its old output shape(s) and its new output shape(s), and edits ``node.args``
+Each rewriter is the ``literals`` field of a registry entry (``rules/builtin.py``). It takes the node, its old output shape(s) and its new output shape(s), and edits ``node.args``
 in place. Sizes that come from other nodes (``x.size(0)``) are computed at run time and left alone; the
 shape check after rewriting proves they came out right.
 """
@@ -71,6 +71,9 @@ def split_sizes(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
         node.target = "split"
     else:
         node.target = torch.split
+        # A wrapped function of the user's (``fx.wrap``) is now torch.split: generated code must not
+        # re-wrap it under torch's name, which would break every later trace in the process.
+        node.meta.pop("is_wrapped", None)
 
 
 def fixed_attention_scale(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
@@ -95,31 +98,3 @@ def normalized_shape(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
         node.args = (node.args[0], fixed, *node.args[2:])
     else:
         node.kwargs = {**node.kwargs, "normalized_shape": fixed}
-
-
-FUNCTION_REWRITERS: dict[object, Rewriter] = {
-    torch.nn.functional.layer_norm: normalized_shape,
-    torch.layer_norm: normalized_shape,
-    torch.nn.functional.rms_norm: normalized_shape,
-    torch.rms_norm: normalized_shape,
-    torch.nn.functional.scaled_dot_product_attention: fixed_attention_scale,
-    torch.reshape: shape_args,
-    torch.split: split_sizes,
-    torch.chunk: split_sizes,
-}
-METHOD_REWRITERS: dict[str, Rewriter] = {
-    "view": shape_args,
-    "reshape": shape_args,
-    "expand": shape_args,
-    "split": split_sizes,
-    "chunk": split_sizes,
-}
-
-
-def rewriter_for(node: fx.Node) -> Rewriter | None:
-    """Return the literal rewriter of a node, if its op carries sizes in its arguments."""
-    if node.op == "call_function":
-        return FUNCTION_REWRITERS.get(node.target)
-    if node.op == "call_method":
-        return METHOD_REWRITERS.get(str(node.target))
-    return None

@@ -1,4 +1,4 @@
-"""Channel rules for ``call_module`` nodes, one entry per module type, and their attribute fix-ups."""
+"""Channel rules for ``call_module`` nodes (registered with the rest of an op's entry in ``rules/builtin.py``)."""
 
 from __future__ import annotations
 
@@ -243,9 +243,8 @@ SHAPE_KEEPING_MODULES = frozenset({
     nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d, nn.AlphaDropout,
 })
-for _t in (*SHAPE_KEEPING_MODULES, nn.PReLU):
+for _t in SHAPE_KEEPING_MODULES:
     MODULE_RULES[_t] = unary
-# PReLU with one slope per channel is not elementwise-uniform; give it its own rule.
 
 
 def prelu(node: fx.Node, ctx: RuleContext) -> None:
@@ -257,7 +256,7 @@ def prelu(node: fx.Node, ctx: RuleContext) -> None:
         ctx.same(x, 1, p, 0)
 
 
-MODULE_RULES[nn.PReLU] = prelu
+MODULE_RULES[nn.PReLU] = prelu  # one slope per channel: not elementwise-uniform
 
 
 def _shuffle_module(node: fx.Node, ctx: RuleContext) -> None:
@@ -274,66 +273,14 @@ MODULE_RULES[nn.PixelUnshuffle] = _shuffle_module
 # ---- third-party composites kept whole ---------------------------------------------------------------
 # A library module whose forward we have read, traced as one leaf when every part of it is channelwise: fewer
 # nodes to trace, check and generate (timm's BatchNormAct2d traces to eleven nodes: a rank check, four tensor
-# reads, batch_norm, drop, act). Keyed by (module, qualified name) so that the library is never imported.
+# reads, batch_norm, drop, act). Registered by dotted class path (``rules/builtin.py``), so that the library
+# is never imported.
 # Only the exact class qualifies (a subclass may compute something else), and only when its parts are
 # parameter-free elementwise modules of exact known types; otherwise it is traced through as before. The
 # forward was read in timm 1.0.x; ``verify=True`` (the mask oracle) re-checks any result.
 
 
-def _timm_norm_act(m: nn.Module) -> bool:
+def timm_norm_act(m: nn.Module) -> bool:
     """timm ``BatchNormAct2d``: ``F.batch_norm`` over dim 1, then ``self.drop``, then ``self.act``."""
     parts = m.__dict__.get("_modules", {})
     return set(parts) == {"drop", "act"} and all(type(p) in SHAPE_KEEPING_MODULES for p in parts.values())
-
-
-COMPOSITES: dict[tuple[str, str], tuple[Callable[[nn.Module], bool], Callable[[fx.Node, RuleContext], None]]] = {
-    ("timm.layers.norm_act", "BatchNormAct2d"): (_timm_norm_act, batch_norm),
-}
-
-
-def composite_rule(m: nn.Module) -> Callable[[fx.Node, RuleContext], None] | None:
-    """The rule of a known composite module (``COMPOSITES``) whose parts qualify, else None."""
-    cls = type(m)
-    entry = COMPOSITES.get((cls.__module__, cls.__qualname__))
-    return entry[1] if entry is not None and entry[0](m) else None
-
-
-# ---- attribute fix-ups after parameters were sliced ------------------------------------------------
-
-def fix_conv(m: nn.Module, new_in: int) -> None:
-    """Recompute a conv's channel attributes from its sliced weight and its new input width."""
-    assert isinstance(m, nn.modules.conv._ConvNd)
-    was_depthwise = m.groups == m.in_channels and m.groups > 1
-    if m.transposed:
-        m.out_channels = m.weight.shape[1] * m.groups
-    else:
-        m.out_channels = m.weight.shape[0]
-        if was_depthwise:
-            m.groups = new_in
-    m.in_channels = new_in
-
-
-def fix_module(m: nn.Module, new_in: int | None) -> None:
-    """Update the size attributes of a module whose parameters were sliced."""
-    if isinstance(m, nn.modules.conv._ConvNd) and new_in is not None:
-        fix_conv(m, new_in)
-    elif isinstance(m, nn.Linear):
-        m.out_features, m.in_features = m.weight.shape
-    elif isinstance(m, nn.modules.batchnorm._NormBase):
-        ref = m.running_mean if m.running_mean is not None else m.weight
-        if ref is not None:
-            m.num_features = ref.shape[0]
-        elif new_in is not None:  # InstanceNorm without affine or running statistics: the input's width
-            m.num_features = new_in
-    elif isinstance(m, nn.GroupNorm):
-        m.num_channels = m.weight.shape[0] if m.weight is not None else m.bias.shape[0]
-    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-        ref = m.weight if m.weight is not None else getattr(m, "bias", None)
-        if ref is not None:
-            m.normalized_shape = tuple(ref.shape)
-    elif isinstance(m, nn.Embedding):
-        m.embedding_dim = m.weight.shape[1]
-    elif isinstance(m, nn.PReLU):
-        m.num_parameters = m.weight.shape[0]
-    elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # Hugging Face's transposed linear
-        m.nf = m.weight.shape[1]
