@@ -1,7 +1,8 @@
 """A plain PyTorch fine-tuning loop with optional knowledge distillation, for recovering pruned models.
 
 The loop trains the student in place (that is its job); every other object it touches - the teacher, the
-loader - is left as it was found. It runs on CPU or CUDA, and under ``torchrun`` with ``ddp=True``.
+loader - is left as it was found. It runs on CPU or CUDA, and under ``torchrun`` with ``ddp=True`` or on a
+student sharded with FSDP.
 """
 
 from __future__ import annotations
@@ -105,16 +106,49 @@ def _check_args(epochs: int, lr: float, schedule: str, ddp: bool) -> None:
         )
 
 
-def _wrap_ddp(student: nn.Module, device: torch.device, train_loader: Iterable[Any]) -> nn.Module:
+def _already_parallel(student: nn.Module) -> bool:
+    """Whether ``student`` averages gradients across ranks by itself.
+
+    True for a ``DistributedDataParallel`` and for a model sharded with FSDP anywhere in its tree
+    (``fully_shard``, FSDP2, or ``FullyShardedDataParallel``); such a student is trained as it is.
+    """
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
+
+    kinds = (DistributedDataParallel, FullyShardedDataParallel, FSDPModule)
+    return any(isinstance(m, kinds) for m in student.modules())
+
+
+def _check_sampler(train_loader: Iterable[Any]) -> None:
     from torch.utils.data.distributed import DistributedSampler
 
     if not isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-        log.warning("finetune(ddp=True): the loader has no DistributedSampler, so every rank sees the whole data set")
+        log.warning("finetune: the loader has no DistributedSampler, so every rank sees the whole data set")
+
+
+def _wrap_ddp(student: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DistributedDataParallel(student, device_ids=[index])
     return DistributedDataParallel(student)
+
+
+def _broadcast_buffers(student: nn.Module) -> None:
+    """Copy rank 0's buffers to every rank.
+
+    DDP broadcasts buffers before each forward, but every rank's last forward then updates its own copy
+    (BatchNorm running statistics) from its own batch; FSDP never syncs buffers. Without this the ranks
+    would end an epoch with different models.
+    """
+    with torch.no_grad():
+        for buf in student.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    return asked.type == actual.type and (asked.index is None or asked.index == actual.index)
 
 
 def finetune(
@@ -153,10 +187,16 @@ def finetune(
         eval_fn: called as ``eval_fn(student)`` after each epoch, with the student in eval mode under
             ``torch.no_grad``; its float result is recorded as ``metric``.
         optimizer: an optimizer over the student's parameters, used instead of the default.
-        device: where to train; the student is moved there. Default: the student's current device.
-        progress: show a tqdm bar per epoch (on rank 0 only under torch.distributed).
+        device: where to train; the student is moved there. Default: the student's current device. A
+            student already wrapped in DDP or sharded with FSDP stays where its wrapper put it.
+        progress: show a tqdm bar per epoch and print each epoch's result line to stderr, on rank 0 only
+            under torch.distributed (the INFO log record is also emitted on rank 0 only).
         ddp: wrap the student in ``DistributedDataParallel``; needs an initialised process group (torchrun).
-            Losses are then averaged over all ranks. Without it every rank trains independently.
+            Losses are then averaged over all ranks, and rank 0's buffers (BatchNorm statistics) are
+            broadcast after every epoch so that all ranks hold the same model. Without it every rank trains
+            independently. A student that is already a ``DistributedDataParallel`` or sharded with FSDP
+            (``fully_shard`` or ``FullyShardedDataParallel``) is trained as it is, with the same averaging
+            and broadcast, whatever ``ddp`` says.
         schedule: "cosine" (decay to zero over the run, per batch) or "constant" learning rate; it also
             drives a given ``optimizer``.
 
@@ -164,7 +204,8 @@ def finetune(
         One ``EpochMetrics`` per epoch, also logged at INFO level.
 
     Raises:
-        ValueError: on bad arguments, batches that are not ``(inputs, targets)``, or non-tensor outputs.
+        ValueError: on bad arguments, batches that are not ``(inputs, targets)``, non-tensor outputs, or a
+            ``device`` other than where a wrapped (DDP/FSDP) student lives.
         TrainModeError: ``student`` is a pruned GraphModule whose model behaves differently in train mode
             (functional dropout, auxiliary outputs); fine-tune the ``output="module"`` result instead.
     """
@@ -176,19 +217,31 @@ def finetune(
             f"this pruned GraphModule cannot train like your model ({why}); prune with output='module' and "
             "fine-tune that (your own classes keep their train-mode code)"
         )
-    device = torch.device(device) if device is not None else _device_of(student)
-    student.to(device)
     distributed = _distributed()
     rank0 = not distributed or dist.get_rank() == 0
-    if distributed and not ddp:
+    wrapped = distributed and _already_parallel(student)  # DDP or FSDP already averages the gradients
+    parallel = ddp or wrapped
+    if wrapped:  # FSDP/DDP placed the parameters; moving them here would fight the wrapper
+        if device is not None and not _same_device(torch.device(device), _device_of(student)):
+            raise ValueError(
+                f"device={device!r}, but the wrapped (DDP/FSDP) student is on {_device_of(student)}; "
+                "place it when you wrap it and leave device=None"
+            )
+        device = _device_of(student)
+    else:
+        device = torch.device(device) if device is not None else _device_of(student)
+        student.to(device)
+    if distributed and not parallel and rank0:
         log.warning("finetune: torch.distributed is initialised but ddp=False; each rank trains its own copy")
+    if parallel and rank0:
+        _check_sampler(train_loader)
     opt = optimizer if optimizer is not None else torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9)
     try:
         steps_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
         steps_per_epoch = None
     sched, per_step = _scheduler(opt, schedule, epochs, steps_per_epoch)
-    model = _wrap_ddp(student, device, train_loader) if ddp else student
+    model = _wrap_ddp(student, device) if ddp and not wrapped else student
     teacher_device = _device_of(teacher) if teacher is not None else None
     flags = [(m, m.training) for m in student.modules()]
     history: list[EpochMetrics] = []
@@ -226,8 +279,9 @@ def finetune(
                     bar.set_postfix(loss=f"{float(sums[0] / sums[3]):.4f}")
             if sched is not None and not per_step:
                 sched.step()
-            if ddp:
+            if parallel:
                 dist.all_reduce(sums)
+                _broadcast_buffers(student)  # every rank evaluates, and ends with, rank 0's model
             count = float(sums[3])
             if count == 0:
                 raise ValueError("train_loader produced no batches")
