@@ -21,9 +21,9 @@ import torch.nn as nn
 
 from fxprune.copying import private_copy
 from fxprune.errors import ArgumentError, InvariantError
+from fxprune.fast import generated
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_params
-from fxprune.passes.base import generated
 from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
 from fxprune.passes.eager_check import check_graph_matches_eager, restore_state

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import FxPruneError
-from fxprune.passes.base import deferred_graph_module, generated
+from fxprune.fast import deferred_graph_module, generated
 from fxprune.stages import gc_paused
 
 

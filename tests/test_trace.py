@@ -166,10 +166,10 @@ class TorchFunctions(nn.Module):
 
 
 def test_torch_functions_are_recorded_as_fx_records_them() -> None:
-    from fxprune.passes.trace import _tensor_attributes
+    from fxprune.fast import tensor_attributes
 
     # The shortcut answers "no tensor method" only for functions outside every Tensor entry of torch's table.
-    assert set(torch.overrides.get_overridable_functions()[torch.Tensor]) <= _tensor_attributes()
+    assert set(torch.overrides.get_overridable_functions()[torch.Tensor]) <= tensor_attributes()
     model = TorchFunctions().eval()
     ours, _ = trace(model)
     ref = torch.fx.symbolic_trace(model)

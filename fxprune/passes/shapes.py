@@ -21,9 +21,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune import fast
 from fxprune.errors import ShapeError
 from fxprune.passes.base import submodule
-from fxprune.passes.shape_fns import fast_meta
 from fxprune.rules.modules import SHAPE_KEEPING_MODULES
 from fxprune.rules.registry import is_leaf
 
@@ -73,10 +73,10 @@ class _ShapeRecorder(fx.Interpreter):
         whose kernels are shortcut; a failure is reported through ``failed_at`` instead)."""
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         self._guard(n, args, kwargs)
-        out = self._same_shape(n, args, kwargs)
+        out = self._same_shape(n, args, kwargs) if fast.ENABLED else None
         if out is None:
             mod = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
-            out = fast_meta(n.op, n.target, args, kwargs, mod)
+            out = fast.meta_shape(n.op, n.target, args, kwargs, mod)
         if out is None:
             out = getattr(self, n.op)(n.target, args, kwargs)
         return out

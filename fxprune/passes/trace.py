@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import operator
@@ -15,33 +14,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from fxprune import fast
 from fxprune.errors import TraceError
-from fxprune.passes.base import deferred_graph_module
 from fxprune.passes.example_values import ExampleEvaluator, example_value, forget
 from fxprune.rules import registry
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _tensor_attributes() -> frozenset[Any]:
-    """Every attribute of ``torch.Tensor``, and the ``__get__`` of each non-callable one.
-
-    ``torch.overrides.is_tensor_method_or_property`` answers from torch's table of every overridable function
-    of every namespace, built on its first call (9-12 ms here, a tenth of a small model's compile). The Tensor
-    entries of that table are taken from exactly these attributes, so a function outside this set is no
-    tensor method (``tests/test_trace.py`` checks the inclusion).
-    """
-    found: set[Any] = set()
-    for name in dir(torch.Tensor):
-        value = getattr(torch.Tensor, name, None)
-        try:
-            found.add(value)
-            if not callable(value) and hasattr(value, "__get__"):
-                found.add(value.__get__)
-        except TypeError:  # an unhashable class attribute: no function
-            continue
-    return frozenset(found)
 
 
 class _SizedProxy(fx.Proxy):
@@ -52,20 +30,10 @@ class _SizedProxy(fx.Proxy):
         cls, orig_method: Any, types: tuple[type, ...], args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
     ) -> fx.Proxy:
-        """fx's, with a torch function that is no tensor method (``torch.flatten``, ``F.relu``) recorded as a
-        ``call_function`` without asking torch's table of overridable functions (see ``_tensor_attributes``)."""
-        name = getattr(orig_method, "__name__", None)
-        if (
-            isinstance(name, str) and name != "__get__" and inspect.isroutine(orig_method)
-            and not isinstance(orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator))
-            and orig_method not in _tensor_attributes()
-        ):
-            tracers = {a.tracer for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)}
-            if len(tracers) == 1:
-                tracer = tracers.pop()
-                return tracer.create_proxy(
-                    "call_function", orig_method, args or (), kwargs or {}, name=tracer.graph._target_to_str(name)
-                )
+        """fx's, or the ``fast.record_torch_function`` shortcut."""
+        proxy = fast.record_torch_function(orig_method, args, kwargs)
+        if proxy is not None:
+            return proxy
         return super().__torch_function__(orig_method, types, args, kwargs)
 
     def __len__(self) -> int:
@@ -94,7 +62,7 @@ class _FallbackTracer(fx.Tracer):
         self.stack: list[str] = []
         self.values = values  # values of traced nodes (``example_values.py``), when the inputs are known
         self.specialize = specialize  # may a branch on shapes follow the example inputs?
-        self._names: tuple[nn.Module, _Names, _Names] | None = None  # see _tensor_names
+        self._names: fast.TensorNames | None = None  # see _tensor_names
         self.function_calls: list[str] = []  # FunctionCall modules added to the root while tracing
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> fx.Node:
@@ -127,15 +95,16 @@ class _FallbackTracer(fx.Tracer):
         return super().to_bool(obj)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        """fx's ``Tracer.getattr`` with the tensor's name looked up in a table, not found by scanning every
-        parameter and buffer of the root on every attribute read (quadratic in timm models whose forwards
-        read ``self.weight`` themselves: 0.1 s of repvgg_a0's 0.3 s compile)."""
+        """fx's ``Tracer.getattr``, with the tensor's name from ``fast.TensorNames`` (not by scanning every
+        parameter and buffer of the root on every read) when the shortcuts are on."""
+        if not fast.ENABLED:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
         if not isinstance(attr_val, torch.Tensor):
             return attr_val
-        params, buffers = self._tensor_names()
-        name = _name_of(params, attr_val) if isinstance(attr_val, nn.Parameter) else None
+        names = self._tensor_names()
+        name = names.name_of(attr_val, buffers=False) if isinstance(attr_val, nn.Parameter) else None
         if name is None and self.proxy_buffer_attributes:
-            name = _name_of(buffers, attr_val)
+            name = names.name_of(attr_val)
         if name is None:
             return attr_val
         if name not in parameter_proxy_cache:
@@ -147,28 +116,18 @@ class _FallbackTracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
     def create_arg(self, a: Any) -> Any:
-        """fx's ``create_arg`` with a module's own parameters and buffers named from the table: fx scans every
-        buffer of the root for each tensor argument (quadratic in timm's BatchNormAct2d, whose forward passes
-        its running statistics to ``F.batch_norm``: 0.1 s of efficientnet_b0's compile)."""
-        if isinstance(a, torch.Tensor):
-            params, buffers = self._tensor_names()
-            name = _name_of(params if isinstance(a, nn.Parameter) else buffers, a)
+        """fx's ``create_arg``, with a module's own parameters and buffers named from ``fast.TensorNames``
+        (fx scans every buffer of the root for each tensor argument) when the shortcuts are on."""
+        if fast.ENABLED and isinstance(a, torch.Tensor):
+            name = self._tensor_names().name_of(a)
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 
-    def _tensor_names(self) -> tuple[_Names, _Names]:
-        """First name of every parameter and of every buffer of the root being traced, by id (with the tensor,
-        so a hit is checked by identity: an id freed and reused during tracing never matches)."""
-        if self._names is None or self._names[0] is not self.root:
-            params: _Names = {}
-            for n, p in self.root.named_parameters():
-                params.setdefault(id(p), (n, p))
-            buffers: _Names = {}
-            for n, b in self.root.named_buffers():
-                buffers.setdefault(id(b), (n, b))
-            self._names = (self.root, params, buffers)
-        return self._names[1], self._names[2]
+    def _tensor_names(self) -> fast.TensorNames:
+        if self._names is None or self._names.root is not self.root:
+            self._names = fast.TensorNames(self.root)
+        return self._names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """fx's leaves (``torch.nn`` modules), the requested ones, and registered ones (``registry.is_leaf``)."""
@@ -200,7 +159,6 @@ class _FallbackTracer(fx.Tracer):
         return out
 
 
-_Names = dict[int, tuple[str, torch.Tensor]]
 
 # Augmented assignment on a Proxy: fx defines no ``__iadd__``, so Python falls back to ``a = a + b`` and the
 # graph loses the write into ``a``'s tensor that every other name for it (``skip = a``) sees in eager PyTorch.
@@ -263,12 +221,6 @@ def _functions_as_calls(tracer: _FallbackTracer) -> Iterator[None]:
         yield
     finally:
         torch.autograd.Function.apply = _APPLY  # type: ignore[method-assign]
-
-
-def _name_of(table: _Names, t: torch.Tensor) -> str | None:
-    """The name ``table`` gives the very tensor ``t``, or None."""
-    hit = table.get(id(t))
-    return hit[0] if hit is not None and hit[1] is t else None
 
 
 def _keep_state_dict_keys(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -423,7 +375,7 @@ def _trace_with_fallback(
             opaque[culprit] = reason
             continue
         forget(graph)
-        gm = deferred_graph_module(tracer.root, graph, name)  # copies the constants the tracer put on the root
+        gm = fast.deferred_graph_module(tracer.root, graph, name)  # copies the constants the tracer put on the root
         _drop_function_calls(model, tracer)  # they live in the GraphModule only, not in the user's tree
         _restore(saved)
         _keep_state_dict_keys(model, gm)
