@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ from fxprune.plan import ChannelGroup
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReportFiles", "build_report", "groups_dot", "layer_channels", "render_markdown", "write_report"]
+__all__ = ["ReportFiles", "build_report", "channels_figure", "groups_dot", "layer_channels", "render_markdown",
+           "write_report"]
 
 
 @dataclass(frozen=True)
@@ -216,24 +218,83 @@ def _esc(text: str) -> str:
     return text.replace('"', '\\"')
 
 
-def _chart(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+def _short(name: str, width: int = 40) -> str:
+    """``name`` without its leading components when longer than ``width`` (the tail tells layers apart)."""
+    if len(name) <= width:
+        return name
+    tail = name[len(name) - width + 1:]
+    return "\u2026" + (tail.partition(".")[2] or tail)
+
+
+def channels_figure(layers: Sequence[dict[str, Any]], title: str) -> Any:
+    """The per-layer chart of :func:`layer_channels` rows, as a matplotlib ``Figure`` (Agg backend).
+
+    One horizontal bar per layer, in model order from the top. The main panel shows the kept fraction of
+    each layer's output channels (0..1, grey where nothing was removed); the second panel the channel
+    counts before and after on a log scale, so that 64-channel stems and 2048-channel heads both read.
+    The height grows with the number of layers; past about 200 layers only every k-th name is written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     n = len(layers)
-    fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 0.25 * n)), 4.5))
-    xs = range(n)
-    ax.bar([x - 0.2 for x in xs], [r["before"] for r in layers], width=0.4, label="before", color="#9bb7d4")
-    ax.bar([x + 0.2 for x in xs], [r["after"] for r in layers], width=0.4, label="after", color="#2f6da3")
-    step = max(1, n // 60)
-    ax.set_xticks(list(xs)[::step])
-    ax.set_xticklabels([r["name"] for r in layers][::step], rotation=90, fontsize=6)
-    ax.set_ylabel("output channels")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
+    before = [max(int(r["before"]), 0) for r in layers]
+    after = [max(int(r["after"]), 0) for r in layers]
+    frac = [a / b if b else 1.0 for a, b in zip(after, before, strict=True)]
+    total = sum(after) / sum(before) if sum(before) else 1.0
+    height = min(40.0, max(3.5, 2.0 + 0.17 * n))
+    fig, (ax_f, ax_c) = plt.subplots(1, 2, figsize=(11.0, height), sharey=True, layout="constrained",
+                                     gridspec_kw={"width_ratios": [1.2, 1.0]})
+    ys = list(range(n))
+    pruned, kept = "#2f6da3", "#b8b8b8"
+    ax_f.barh(ys, frac, height=0.72, color=[kept if f >= 1.0 else pruned for f in frac])
+    ax_f.axvline(total, color="#c44e52", ls="--", lw=1.2)
+    ax_f.set_xlim(0.0, 1.05)
+    ax_f.set_xticks([0.0, 0.25, 0.5, 0.75, 1.0])
+    ax_f.set_xlabel("fraction of output channels kept", fontsize=9)
+
+    left = max(0.5, min([a for a in after if a > 0] or [1]) / 1.8)
+    ax_c.set_xscale("log")
+    ax_c.barh(ys, [b - left for b in before], left=left, height=0.8, color="#c6d7ea")
+    ax_c.barh(ys, [max(a - left, 0.0) for a in after], left=left, height=0.42, color=pruned)
+    pitch_pt = (height - 2.0) * 72 / max(n, 1)  # vertical points per layer
+    step = max(1, math.ceil(9.0 / pitch_pt))  # a 7.5 pt name needs about 9 pt
+    for y, a, b in list(zip(ys, after, before, strict=True))[::step]:
+        ax_c.text(max(b, 1) * 1.12, y, f"{a:,}/{b:,}", va="center", fontsize=7, color="#444444")
+    ax_c.set_xlim(left, max(before + [1]) * 3.2)
+    ax_c.set_xlabel("output channels after / before (log scale)", fontsize=9)
+    ax_c.xaxis.set_major_locator(LogLocator(base=2, numticks=9))  # channel counts are mostly powers of two
+    ax_c.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax_c.xaxis.set_minor_locator(NullLocator())
+
+    ax_f.set_yticks(ys[::step])
+    ax_f.set_yticklabels([_short(r["name"]) for r in layers][::step], fontsize=7.5)
+    ax_f.set_ylim(n - 0.5, -0.5)  # first layer on top
+    for ax in (ax_f, ax_c):
+        ax.tick_params(axis="x", labelsize=8, labeltop=n > 40, top=n > 40)
+        ax.grid(axis="x", which="major", color="#dddddd", lw=0.6)
+        ax.set_axisbelow(True)
+        ax.spines[["top", "right"]].set_visible(False)
+    ax_c.tick_params(axis="y", left=False)
+    handles = [Patch(color=pruned, label="kept fraction, channels after"), Patch(color=kept, label="layer not pruned"),
+               Patch(color="#c6d7ea", label="channels before"),
+               Line2D([], [], color="#c44e52", ls="--", label=f"all layers: {total:.2f} kept")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    shown = "" if step == 1 else f"; one layer in {step} named"
+    fig.suptitle(f"{title}\n{n} layers, {sum(after):,} of {sum(before):,} output channels kept ({total:.0%}){shown}",
+                 fontsize=10)
+    return fig
+
+
+def _chart(layers: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = channels_figure(layers, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -30,6 +30,18 @@ from fxprune.stages import analyse
 log = logging.getLogger(__name__)
 
 
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # matplotlib's tab10
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def line_style(i: int) -> tuple[str, str, str]:
+    """The (colour, line style, marker) of the ``i``-th curve: distinct (colour, line style) pairs for the
+    first 40 curves (ten colours per line style), and a marker cycle of another length on top."""
+    return _COLORS[i % 10], _LINESTYLES[(i // 10) % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)]
+
+
 @dataclass(frozen=True)
 class SensitivityResult:
     """Metric of the model with one group pruned at each ratio.
@@ -65,23 +77,43 @@ class SensitivityResult:
             rows.append(f"| {g.id} | {g.producers[0] if g.producers else '-'} | {g.size} | {vals} |")
         return f"baseline metric: {self.baseline:.4g}\n\n" + "\n".join(rows)
 
-    def plot(self, path: str, top: int = 12) -> None:
-        """Save a PNG of metric vs ratio for the ``top`` most sensitive groups."""
+    def figure(self, top: int = 12) -> Any:
+        """A matplotlib ``Figure`` (Agg backend) of metric vs ratio for the ``top`` most sensitive groups.
+
+        Each curve starts at the unpruned metric (ratio 0). Each group gets its own (colour, line style,
+        marker): ten colours, then the next ten groups dashed, and so on, so more than ten groups stay apart;
+        the legend sits beside the plot, most sensitive first.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         worst = sorted(self.groups, key=lambda g: -self.loss(g.id, len(self.ratios) - 1))[:top]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for g in worst:
-            ax.plot(self.ratios, self.metric[g.id], marker="o", label=f"{g.id}: {g.producers[0] if g.producers else ''}")
-        ax.axhline(self.baseline, color="black", lw=0.8, ls="--", label="unpruned")
-        ax.set_xlabel("ratio of the group's channels removed")
-        ax.set_ylabel("metric")
-        ax.set_title("Sensitivity per coupled group (most sensitive first)")
-        ax.legend(fontsize=6, loc="best")
-        fig.tight_layout()
+        fig, ax = plt.subplots(figsize=(9.5, 5.0), layout="constrained")
+        for i, g in enumerate(worst):
+            color, ls, marker = line_style(i)
+            name = g.producers[0].removesuffix(".weight[0]") if g.producers else ""
+            ax.plot((0.0, *self.ratios), (self.baseline, *self.metric[g.id]), color=color, ls=ls, marker=marker,
+                    markevery=list(range(1, len(self.ratios) + 1)), lw=1.6, ms=5, label=f"{g.id}: {name[-36:]}")
+        ax.axhline(self.baseline, color="black", lw=0.9, ls=(0, (1, 1)), label="unpruned")
+        ax.set_xticks((0.0, *self.ratios))
+        ax.set_xlabel("fraction of the group's channels removed", fontsize=10)
+        ax.set_ylabel("metric" + (" (higher is better)" if self.higher_is_better else " (lower is better)"),
+                      fontsize=10)
+        ax.set_title(f"Sensitivity per coupled group: {len(worst)} most sensitive of {len(self.groups)}",
+                     fontsize=11)
+        ax.grid(color="#e4e4e4", lw=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(title="group: first producer", fontsize=8, title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return fig
+
+    def plot(self, path: str, top: int = 12) -> None:
+        """Save a PNG of metric vs ratio for the ``top`` most sensitive groups (see :meth:`figure`)."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(top)
         fig.savefig(path, dpi=120)
         plt.close(fig)
 

@@ -44,6 +44,12 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
+
+
+class Checked(Tiny):
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 16, "16x16 images")  # a TracerWarning when traced for ONNX
+        return super().forward(x)
 """
 
 
@@ -163,6 +169,28 @@ def test_bad_input_is_one_line_status_2_and_no_output(case: str, work: Path, cap
 def test_debug_shows_traceback(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["compile", "models_zoo:nope", "--debug"], capsys)
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("fxprune compile: error:")
+
+
+def test_debug_keeps_onnxruntime_logs_out(work: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """--debug is fxprune's debug log; onnxruntime's arena/session traces need --ort-log-level."""
+    argv = ["compile", "models_zoo:mlp", "--ratio", "0.5", "--onnx", "m.onnx", "--runs", "0", "--debug"]
+    assert main(argv) == 0
+    err = capfd.readouterr().err  # onnxruntime writes to file descriptor 2 from C++
+    assert "fxprune: DEBUG:" in err and "fxprune: INFO:" in err
+    ort_lines = [ln for ln in err.splitlines() if ":onnxruntime:" in ln or "Arena" in ln]
+    assert ort_lines == [], ort_lines[:3]
+    assert main([*argv, "--ort-log-level", "verbose"]) == 0  # asked for: then they do show
+    assert "[I:onnxruntime:" in capfd.readouterr().err
+
+
+def test_no_warning_lines_without_verbose(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's TracerWarning (torch._assert on a shape, traced for ONNX) is hidden unless -v/--debug."""
+    argv = ["compile", "nets.py:Checked", "--input-shape", "1,3,16,16", "--onnx", "o.onnx", "--runs", "0"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert [ln for ln in err.splitlines() if "Warning" in ln] == []
+    code, _, err = run([*argv, "--debug"], capsys)
+    assert code == 0 and "TracerWarning" in err  # the model does warn: the default run hid it
 
 
 def test_failure_after_export_leaves_nothing(work: Path, capsys: pytest.CaptureFixture[str],

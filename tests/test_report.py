@@ -117,3 +117,111 @@ def test_a_failing_report_keeps_the_other_outputs(tmp_path: Path, monkeypatch: p
     err = capsys.readouterr().err
     assert code == 0 and "report was not written" in err
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "plan.json").is_file()
+
+
+# --- the figures: rendered with Agg and checked for what makes them readable --------------------------------
+
+
+def _resnet50_layers() -> list[dict[str, Any]]:
+    """The 54 conv/linear layers of torchvision's resnet50, each kept at one of four fractions."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet50()
+    return [{**row, "after": max(1, row["before"] * (i % 4 + 1) // 4)}
+            for i, row in enumerate(layer_channels(model, model))]
+
+
+def test_channel_chart_reads_at_a_glance(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    layers = _resnet50_layers()
+    fig = report_mod.channels_figure(layers, "torchvision:resnet50")
+    try:
+        assert len(fig.axes) == 2
+        frac, chans = fig.axes
+        lo, hi = frac.get_xlim()
+        assert 0.0 <= lo < hi <= 1.05
+        widths = [p.get_width() for p in frac.patches]
+        assert widths == pytest.approx([r["after"] / r["before"] for r in layers])
+        assert chans.get_xscale() == "log"
+        assert chans.get_xlim()[0] <= min(r["after"] for r in layers)
+        names = [t.get_text() for t in frac.get_yticklabels()]
+        assert names == [r["name"] for r in layers]  # every layer named, first on top
+        assert frac.get_ylim()[0] > frac.get_ylim()[1]
+        fonts = [t.get_fontsize() for ax in fig.axes for t in [*ax.get_yticklabels(), *ax.get_xticklabels()]]
+        assert min(fonts) >= 7
+        assert fig.get_figheight() >= 0.15 * len(layers)  # about 12 pt per layer
+        fig.savefig(tmp_path / "c.png", dpi=100)
+    finally:
+        plt.close(fig)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_channel_chart_thins_names_of_very_deep_models() -> None:
+    import matplotlib.pyplot as plt
+
+    layers = [{"name": f"model.decoder.layers.{i // 6}.fc{i % 6}", "before": 768, "after": 1 + i} for i in range(400)]
+    fig = report_mod.channels_figure(layers, "deep")
+    try:
+        ticks, step = fig.axes[0].get_yticklabels(), int(fig.axes[0].get_yticks()[1])
+        assert fig.get_figheight() <= 40 and 100 <= len(ticks) < 400
+        assert min(t.get_fontsize() for t in ticks) >= 7
+        assert [t.get_text() for t in ticks] == [r["name"] for r in layers][::step]
+    finally:
+        plt.close(fig)
+
+
+def test_sensitivity_lines_stay_apart_past_ten_groups(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from fxprune.plan import ChannelGroup
+    from fxprune.sensitivity_analysis import SensitivityResult
+
+    groups = tuple(ChannelGroup(i, 8, (f"conv{i}.weight[0]",), (f"conv{i}.weight[0]",), 0, ()) for i in range(14))
+    metric = {g.id: (0.9 - 0.01 * g.id, 0.8 - 0.02 * g.id, 0.7 - 0.03 * g.id) for g in groups}
+    sens = SensitivityResult(0.95, (0.25, 0.5, 0.75), groups, metric, {g.id: (0.9, 0.8, 0.7) for g in groups})
+    fig = sens.figure(top=12)
+    try:
+        lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() != "unpruned"]
+        assert len(lines) == 12
+        assert len({(to_hex(ln.get_color()), ln.get_linestyle()) for ln in lines}) == 12
+        assert lines[0].get_label() == "13: conv13"  # most sensitive first
+        assert len(fig.axes[0].get_legend().get_texts()) == 13
+    finally:
+        plt.close(fig)
+    sens.plot(str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dependency_graph_of_resnet18_has_no_overlaps(tmp_path: Path) -> None:
+    import importlib.util
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    torchvision = pytest.importorskip("torchvision")
+    path = Path(__file__).resolve().parents[1] / "examples" / "draw_dependency_graph.py"
+    spec = importlib.util.spec_from_file_location("draw_dependency_graph", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    g, rows = example.channel_graph(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+    pos = example.layered_layout(g, rows)
+    assert set(pos) == set(g.nodes) and len(g) > 150
+    xy = np.array(list(pos.values()))
+    gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(len(xy)) * 1e9
+    assert gaps.min() >= 1.0 - 1e-9  # grid points, one apart at least
+    assert all(pos[s][0] == 0 for s in g.nodes if not s[0].startswith("param:"))  # the activation spine
+
+    fig = example.draw(g, rows, "torchvision:resnet18")
+    try:
+        fig.savefig(tmp_path / "g.png", dpi=110)
+        ax = fig.axes[0]
+        boxes = [t.get_window_extent() for t in ax.texts]
+        assert len(boxes) == len(g)
+        overlaps = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+        assert overlaps == []  # no two node labels overlap either
+    finally:
+        plt.close(fig)
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

@@ -22,9 +22,17 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+ORT_LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
+
+
 @contextmanager
 def _logging(args: argparse.Namespace) -> Iterator[None]:
-    """Route fxprune's log records to stderr at the level the flags ask for, and restore everything after."""
+    """Route fxprune's log records to stderr at the level the flags ask for, and restore everything after.
+
+    Python warnings (torch's tracer warnings among them) are hidden unless ``-v`` or ``--debug`` is given;
+    ``--debug`` shows each warning once, even those torch hides by default. onnxruntime's own C++ log
+    stays at "error" unless ``--ort-log-level`` asks for more: ``--debug`` is fxprune's debug log only.
+    """
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fxprune: %(levelname)s: %(message)s"))
@@ -33,28 +41,38 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-    ort_severity = _set_ort_severity(0 if args.debug else 2 if args.verbose else 3)
     try:
-        with warnings.catch_warnings():
-            if not (args.verbose or args.debug):
+        with warnings.catch_warnings(), _ort_logging(ORT_LOG_LEVELS[args.ort_log_level]):
+            if args.debug:
+                warnings.simplefilter("default")  # once per place, torch's own filters overridden
+            elif not args.verbose:
                 warnings.simplefilter("ignore")  # torch/onnx warnings are noise on a command line
             yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
-        if ort_severity is not None:
-            _set_ort_severity(ort_severity)
 
 
-def _set_ort_severity(severity: int) -> int | None:
-    """Set onnxruntime's C++ log severity (0 verbose .. 3 error); return the default it replaces."""
+@contextmanager
+def _ort_logging(severity: int) -> Iterator[None]:
+    """Set onnxruntime's C++ log severity (0 verbose .. 4 fatal) for the default logger and for the sessions
+    fxprune opens; restore onnxruntime's default (2, warning) after."""
+    from fxprune.passes.export import ORT_LOG_SEVERITY
+
     try:
         import onnxruntime as ort
     except ImportError:
-        return None
-    ort.set_default_logger_severity(severity)
-    return 2  # onnxruntime's own default (warning)
+        ort = None
+    token = ORT_LOG_SEVERITY.set(severity)
+    if ort is not None:
+        ort.set_default_logger_severity(severity)
+    try:
+        yield
+    finally:
+        if ort is not None:
+            ort.set_default_logger_severity(2)
+        ORT_LOG_SEVERITY.reset(token)
 
 
 def _one_line(e: BaseException) -> str:

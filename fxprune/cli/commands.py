@@ -186,7 +186,10 @@ def _feeds(onnx_path: Path, args: argparse.Namespace, inputs: Inputs) -> list[di
         return None
     import onnxruntime as ort
 
-    name = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    from fxprune.passes.export import ort_session_options
+
+    session = ort.InferenceSession(str(onnx_path), ort_session_options(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
     return [{name: b[0].numpy()} for b in batches[: args.calibration_samples]]
 
 

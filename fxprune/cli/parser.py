@@ -63,6 +63,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="show library log messages and warnings")
     p.add_argument("--debug", action="store_true", help="debug logging, and a full traceback on errors")
+    p.add_argument("--ort-log-level", choices=["verbose", "info", "warning", "error", "fatal"], default="error",
+                   help="onnxruntime's own log level (default error; info and verbose print its arena and "
+                        "allocator traces, even without --debug)")
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,25 @@ from fxprune.metrics import eval_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPORTERS", "ExportReport", "check_onnx", "export_onnx", "flatten_outputs", "make_check_inputs"]
+__all__ = ["EXPORTERS", "ORT_LOG_SEVERITY", "ExportReport", "check_onnx", "export_onnx", "flatten_outputs",
+           "make_check_inputs", "ort_session_options"]
 
 Inputs = tuple[torch.Tensor, ...]
 EXPORTERS = ("auto", "torchscript", "dynamo")
 # Weights from this size on go to one external ``<name>.data`` file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**27
+# onnxruntime's C++ log severity in the sessions fxprune opens (0 verbose, 1 info, 2 warning, 3 error, 4 fatal):
+# error unless a caller sets it (the CLI's --ort-log-level); info and verbose print arena and allocator traces.
+ORT_LOG_SEVERITY: ContextVar[int] = ContextVar("fxprune_ort_log_severity", default=3)
+
+
+def ort_session_options() -> Any:
+    """New ``onnxruntime.SessionOptions`` whose log severity is :data:`ORT_LOG_SEVERITY` (error by default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY.get()
+    return options
 
 
 @dataclass(frozen=True)
@@ -155,13 +169,8 @@ def _compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float,
     return max_diff
 
 
-def check_onnx(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    inputs_list: Sequence[Sequence[torch.Tensor]],
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
-) -> float:
+def check_onnx(path: str | os.PathLike[str], model: nn.Module, inputs_list: Sequence[Sequence[torch.Tensor]],
+               rtol: float = 1e-4, atol: float = 1e-5) -> float:
     """Compare an ONNX file run by onnxruntime (graph optimisations off) with the PyTorch model.
 
     Every flattened output is compared with ``np.isclose(ort, torch, rtol, atol * max(1, max|torch|))``.
@@ -184,7 +193,7 @@ def check_onnx(
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = ort_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
@@ -233,6 +242,9 @@ def _opset_of(proto: onnx.ModelProto) -> int:
 def _call_exporter(name: str, model: nn.Module, args: Inputs, f: Path, opset: int, **kw: Any) -> None:
     """Run one torch exporter (``"torchscript"`` or ``"dynamo"``), logging its warnings.
 
+    The caller's warning filters decide which warnings are logged (the CLI ignores them all without
+    ``-v``, and torch hides tracer warnings of its own submodules); deprecations are logged at debug level.
+
     TorchScript switches to external data by itself past 2 GiB. Dynamo gets the batch dims as
     ``dynamic_shapes`` (not the deprecated ``dynamic_axes``); a string dim becomes ``Dim.DYNAMIC`` named
     ``"batch"``, so a batch-1 example is not specialised.
@@ -243,7 +255,7 @@ def _call_exporter(name: str, model: nn.Module, args: Inputs, f: Path, opset: in
             kw["dynamic_shapes"] = tuple({0: "batch"} if x.dim() >= 1 else None for x in args)
         kw.update(external_data=external_data, verbose=False)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.filterwarnings("always", category=DeprecationWarning)
         torch.onnx.export(model, args, os.fspath(f), dynamo=name == "dynamo", opset_version=opset, **kw)
     for w in caught:
         level = logging.DEBUG if issubclass(w.category, DeprecationWarning) else logging.WARNING
@@ -280,7 +292,6 @@ def _run_exporters(
     ) from failures[-1][1]
 
 
-
 def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
     """Run onnxsim (without its own random check: ours follows) or onnxslim."""
     if tool == "onnxslim":
@@ -308,21 +319,9 @@ def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
     return simplified
 
 
-def export_onnx(
-    model: nn.Module,
-    example_inputs: Inputs,
-    path: str | os.PathLike[str],
-    *,
-    opset: int = 18,
-    simplify: bool | str = True,
-    check: bool = True,
-    dynamic_batch: bool = True,
-    n_check_inputs: int = 3,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
-    seed: int = 0,
-    exporter: str = "auto",
-) -> ExportReport:
+def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *, opset: int = 18,
+                simplify: bool | str = True, check: bool = True, dynamic_batch: bool = True, n_check_inputs: int = 3,
+                rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, exporter: str = "auto") -> ExportReport:
     """Export ``model`` to a single, simplified ONNX file verified against PyTorch.
 
     The model is exported in eval mode and left unmodified (training flags restored). Models whose
@@ -403,17 +402,9 @@ def export_onnx(
         os.replace(staged, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    report = ExportReport(
-        path=os.fspath(target),
-        opset=_opset_of(proto),
-        exporter=used,
-        nodes_before_simplify=nodes_before,
-        nodes_after_simplify=nodes_after,
-        bytes_before_simplify=bytes_before,
-        bytes_after_simplify=bytes_after,
-        simplified=simplify and not large,
-        max_abs_diff=max_diff,
-        n_checked_inputs=n_checked,
-    )
+    report = ExportReport(path=os.fspath(target), opset=_opset_of(proto), exporter=used,
+                          nodes_before_simplify=nodes_before, nodes_after_simplify=nodes_after,
+                          bytes_before_simplify=bytes_before, bytes_after_simplify=bytes_after,
+                          simplified=bool(simplify) and not large, max_abs_diff=max_diff, n_checked_inputs=n_checked)
     logger.info("exported %s: %s", target, report)
     return report
