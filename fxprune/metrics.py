@@ -149,8 +149,15 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.
     inputs = _as_tuple(example_inputs)
     counter = FlopCounterMode(display=False, custom_mapping=_missing_formulas())
     private = copy.deepcopy(model)
-    with eval_mode(private), torch.no_grad(), counter:
-        private(*inputs)
+    # nn.MultiheadAttention's eval fast path is one fused kernel that FlopCounterMode has no formula for
+    # (its MACs would count as 0); the standard path computes the same with counted ops.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with eval_mode(private), torch.no_grad(), counter:
+            private(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     flops = int(counter.get_total_flops())
     logger.debug("count_macs: %d flops -> %d MACs", flops, flops // 2)
     return flops // 2

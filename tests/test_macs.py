@@ -69,3 +69,22 @@ def test_zoo_models_match_flop_counter(name: str) -> None:
         pytest.skip("pruned part by part: counted by FlopCounterMode already")
     assert r.macs_before == count_macs(model, inputs)
     assert r.macs_after == count_macs(r.model, inputs)
+
+
+def test_multihead_attention_counted_in_eval_mode() -> None:
+    """Eval-mode nn.MultiheadAttention takes a fused fast path with no flop formula; its MACs still count."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+    model, x = Attn().eval(), torch.randn(2, 5, 16)
+    r = fxprune.prune(model, 0.5, example_inputs=(x,))
+    assert count_macs(model, x) == r.macs_before > 0  # the graph (MHA lowered) and the module agree
+    assert count_macs(r.model, x) == r.macs_after < r.macs_before
