@@ -28,14 +28,14 @@ from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
 from fxprune.passes.eager_check import check_graph_matches_eager, restore_state
 from fxprune.passes.fingerprint import graph_fingerprint
-from fxprune.passes.lower import lower_multihead_attention
-from fxprune.passes.lower_windows import lower_window_attention
+from fxprune.passes.lower import LowerMultiheadAttention
+from fxprune.passes.lower_windows import LowerWindowAttention
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import describe_groups
 from fxprune.passes.shapes import shapes_for
 from fxprune.passes.trace import trace
 from fxprune.passes.train_mode import guard_train_mode, restore_flags, train_mode_difference
-from fxprune.passes.verify import OracleReport, check_shapes, mask_oracle
+from fxprune.passes.verify import OracleReport, mask_oracle
 from fxprune.passes.writeback import write_back
 from fxprune.plan import ChannelGroup, PruningPlan
 from fxprune.validate import check_example_inputs, check_model, example_inputs_message
@@ -121,8 +121,8 @@ def _analyse(
     # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
     # (only for output="module", where the user's own forward is re-run and proven equal).
     gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
-    lower_multihead_attention(gm, set(opaque))  # its ops, not the module: heads become prunable
-    lower_window_attention(gm)  # torchvision Swin's attention function, likewise
+    LowerMultiheadAttention(set(opaque))(gm)  # its ops, not the module: heads become prunable
+    LowerWindowAttention()(gm)  # torchvision Swin's attention function, likewise
     try:
         shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
         # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
@@ -163,12 +163,11 @@ def finish(
         InvariantError: a value's shape, the parameter count or the oracle disagrees with the plan.
     """
     reference = copy.deepcopy(a.gm) if verify else None
-    rewrite = RewritePass(a.deps, plan)
+    rewrite = RewritePass(a.deps, plan, a.inputs)  # its postcondition: every value has its planned shape
     macs_after, predicted = cost.absolute(plan, rewrite.shapes)
     with gc_paused():
         result = rewrite(a.gm)  # slice parameters, fix module attributes, rewrite literal sizes
         pruned = result.model
-        check_shapes(pruned, a.inputs, rewrite.shapes)  # invariant: every value has its planned shape
         pruned = generated(pruned)  # its Python code, generated once, now that the graph is final
     params_after = count_params(pruned)
     if params_after != predicted:

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.passes.base import submodule
+from fxprune.passes.base import GraphPass, PassResult, submodule
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,28 @@ def _why_not(node: fx.Node, mod: nn.MultiheadAttention) -> str:
     return ""
 
 
-def lower_multihead_attention(gm: fx.GraphModule, opaque: set[str] | None = None) -> list[str]:
-    """Lower every eligible ``nn.MultiheadAttention`` call of ``gm`` in place; returns the lowered targets."""
-    lowered = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or str(node.target) in (opaque or set()):
-            continue
-        mod = submodule(gm, str(node.target))
-        if not isinstance(mod, nn.MultiheadAttention):
-            continue
-        why = _why_not(node, mod)
-        if why:
-            log.info("fxprune: %s is kept whole (%s)", node.target, why)
-            continue
-        _lower(gm.graph, node, mod)
-        lowered.append(str(node.target))
-    if lowered:
-        gm.graph.lint()
-        gm.recompile()
-    return lowered
+class LowerMultiheadAttention(GraphPass):
+    """Lower every eligible ``nn.MultiheadAttention`` call in place (opaque leaves excepted); ``changes``
+    lists the lowered targets."""
+
+    def __init__(self, opaque: set[str] | None = None) -> None:
+        self.opaque = opaque or set()
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        lowered = []
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or str(node.target) in self.opaque:
+                continue
+            mod = submodule(gm, str(node.target))
+            if not isinstance(mod, nn.MultiheadAttention):
+                continue
+            why = _why_not(node, mod)
+            if why:
+                log.info("fxprune: %s is kept whole (%s)", node.target, why)
+                continue
+            _lower(gm.graph, node, mod)
+            lowered.append(str(node.target))
+        return PassResult(gm, bool(lowered), tuple(lowered))
 
 
 def _lower(graph: fx.Graph, node: fx.Node, mod: nn.MultiheadAttention) -> None:

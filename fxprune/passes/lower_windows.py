@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxprune.passes.base import submodule
+from fxprune.passes.base import GraphPass, PassResult, submodule
 from fxprune.passes.window_ops import window_mask, window_partition, window_reverse
 
 log = logging.getLogger(__name__)
@@ -64,31 +64,30 @@ def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return getattr(submodule(gm, owner), attr)
 
 
-def lower_window_attention(gm: fx.GraphModule) -> int:
-    """Lower every eligible ``shifted_window_attention`` call of ``gm`` in place; returns how many."""
-    targets = _targets()
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in targets:
-            continue
-        a = _bound(node)
-        why = _why_not(gm, a)
-        if why:
-            log.info("fxprune: %s is kept whole (%s)", node.name, why)
-            continue
-        stack = node.meta.get("nn_module_stack") or {}
-        owner = next(reversed(stack)) if stack else ""
-        # The user's module still calls torchvision's function, which reads the head dim from its input
-        # width: as output="module" it can only be kept whole (see passes/writeback.py).
-        gm.meta.setdefault("fxprune_lowered", {})[owner] = (
-            "torchvision's shifted_window_attention reads its head dim from its input width"
-        )
-        _lower(gm, node, a)
-        done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
+class LowerWindowAttention(GraphPass):
+    """Lower every eligible ``shifted_window_attention`` call in place; ``changes`` lists the lowered nodes."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        targets = _targets()
+        done = []
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in targets:
+                continue
+            a = _bound(node)
+            why = _why_not(gm, a)
+            if why:
+                log.info("fxprune: %s is kept whole (%s)", node.name, why)
+                continue
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack)) if stack else ""
+            # The user's module still calls torchvision's function, which reads the head dim from its input
+            # width: as output="module" it can only be kept whole (see passes/writeback.py).
+            gm.meta.setdefault("fxprune_lowered", {})[owner] = (
+                "torchvision's shifted_window_attention reads its head dim from its input width"
+            )
+            done.append(node.name)
+            _lower(gm, node, a)
+        return PassResult(gm, bool(done), tuple(done))
 
 
 def _lower(gm: fx.GraphModule, node: fx.Node, a: dict[str, Any]) -> None:

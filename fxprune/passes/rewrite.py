@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,8 +12,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import InvariantError
-from fxprune.passes.base import PassResult, module_tensors, submodule
+from fxprune.passes.base import GraphPass, PassResult, module_tensors, submodule
 from fxprune.passes.dependency import DependencyResult
+from fxprune.passes.verify import check_shapes
 from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.common import node_values
@@ -43,19 +45,34 @@ def new_shapes(deps: DependencyResult, kept: dict[tuple[str, int], np.ndarray]) 
     return out
 
 
-class RewritePass:
+class RewritePass(GraphPass):
     """Apply a ``PruningPlan`` to the traced model it was computed on (in place on that GraphModule).
 
     The GraphModule must be a private copy: the caller's model is never handed to this pass.
+    Precondition: every value the analysis saw is a node of the graph. Postcondition: the graph is well
+    formed and, when ``inputs`` are given, every value has exactly its planned shape (``check_shapes``).
     """
 
-    def __init__(self, deps: DependencyResult, plan: PruningPlan) -> None:
+    def __init__(self, deps: DependencyResult, plan: PruningPlan, inputs: tuple[Any, ...] | None = None) -> None:
         self.deps = deps
         self.plan = plan
+        self.inputs = inputs
         self.kept = kept_indices(deps, plan)
         self.shapes = new_shapes(deps, self.kept)
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        names = {n.name for n in gm.graph.nodes}
+        values = (v for v in self.deps.value_shapes if not v.startswith("param:"))
+        missing = next((v for v in values if v.split("#")[0] not in names), None)
+        if missing is not None:
+            raise InvariantError(f"the plan's graph has a value {missing} that this GraphModule lacks")
+
+    def ensures(self, result: PassResult) -> None:
+        super().ensures(result)
+        if self.inputs is not None:
+            check_shapes(result.model, self.inputs, self.shapes)  # a stale literal names its node
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         if not self.kept:
             return PassResult(gm, modified=False)
         changed = self._slice_parameters(gm)
@@ -71,8 +88,6 @@ class RewritePass:
                         rewrite(node, old, new)
         fix_attention_attributes(gm, self.deps.prune_heads)
         views_to_reshapes(gm)
-        gm.graph.lint()
-        gm.recompile()
         return PassResult(gm, modified=True)
 
     def _slice_parameters(self, gm: fx.GraphModule) -> set[str]:

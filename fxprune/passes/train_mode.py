@@ -36,16 +36,16 @@ def train_mode_difference(
 
     ``work`` is fxprune's private copy (in eval mode, and left in eval mode).
     """
-    from fxprune.passes.lower import lower_multihead_attention
-    from fxprune.passes.lower_windows import lower_window_attention
+    from fxprune.passes.lower import LowerMultiheadAttention
+    from fxprune.passes.lower_windows import LowerWindowAttention
     from fxprune.passes.trace import trace
 
     work.train()
     try:
         train_gm, opaque = trace(work, leaves, len(inputs), inputs, specialize)
         # The same lowerings as the eval graph, decided in train mode: attention with dropout stays a call.
-        lower_multihead_attention(train_gm, set(opaque))
-        lower_window_attention(train_gm)
+        LowerMultiheadAttention(set(opaque))(train_gm)
+        LowerWindowAttention()(train_gm)
     except Exception as e:  # noqa: BLE001 - the train-mode forward does not trace: it differs
         return f"its train-mode forward cannot be traced ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     finally:

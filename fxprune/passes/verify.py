@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxprune.errors import InvariantError
+from fxprune.errors import InvariantError, ShapeError
 from fxprune.outputs import tensors_of
 from fxprune.passes.dependency import DependencyResult
 from fxprune.passes.shapes import record_shapes
@@ -35,7 +35,11 @@ def check_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...], expected: 
     Raises:
         InvariantError: naming the first node whose shape differs (a stale literal or a missing rule).
     """
-    actual, _ = record_shapes(gm, example_inputs, meta=True)
+    try:
+        actual, _ = record_shapes(gm, example_inputs, meta=True)
+    except ShapeError as e:  # the inputs ran before pruning: the rewrite is at fault, not the user's inputs
+        detail = str(e).split(": ", 1)[-1]
+        raise InvariantError(f"after pruning, the graph no longer runs (a stale literal size?): {detail}") from e
     by_name = {n.name: n for n in gm.graph.nodes}
     for value, shape in actual.items():
         want = expected.get(value)
