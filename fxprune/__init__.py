@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Analysis", "PruneResult", "analyze", "apply", "compile", "prune"), "fxprune.api"),
     **dict.fromkeys(("ArgumentError", "ExportError", "FxPruneError", "InvariantError", "ModelLoadError",
-                     "PlanMismatchError", "QuantizationError", "ShapeError", "TraceError", "TrainModeError",
-                     "UnsupportedOpError"), "fxprune.errors"),
-    **dict.fromkeys(("GroupTensors", "MemberSlice", "Taylor"), "fxprune.passes.importance"),
+                     "PlanMismatchError", "QuantizationError", "ShapeError", "TraceError", "TrainModeError"),
+                    "fxprune.errors"),
+    **dict.fromkeys(("Activations", "GroupTensors", "MemberSlice", "Taylor"), "fxprune.passes.importance"),
     **dict.fromkeys(("ChannelGroup", "PruningPlan"), "fxprune.plan"),
     **dict.fromkeys(("EpochMetrics", "IterativeResult", "IterativeStep", "finetune", "iterative",
                      "recalibrate_batchnorm"), "fxprune.recovery"),
@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
 _SUBMODULES = ("recovery", "sparsity")
 
 __all__ = [
+    "Activations",
     "Analysis",
     "ArgumentError",
     "ChannelGroup",
@@ -50,7 +51,6 @@ __all__ = [
     "Taylor",
     "TraceError",
     "TrainModeError",
-    "UnsupportedOpError",
     "analyze",
     "apply",
     "compile",
@@ -94,10 +94,9 @@ if TYPE_CHECKING:  # the names as static analysis sees them
         ShapeError,
         TraceError,
         TrainModeError,
-        UnsupportedOpError,
     )
     from fxprune.passes.export import export_onnx
-    from fxprune.passes.importance import GroupTensors, MemberSlice, Taylor
+    from fxprune.passes.importance import Activations, GroupTensors, MemberSlice, Taylor
     from fxprune.plan import ChannelGroup, PruningPlan
     from fxprune.recovery import (
         EpochMetrics,

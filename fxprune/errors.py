@@ -38,10 +38,6 @@ class ShapeError(FxPruneError):
     """Shape propagation failed: example inputs are missing, of the wrong shape, or the model does not run."""
 
 
-class UnsupportedOpError(FxPruneError):
-    """An op cannot be handled by any rule and pinning it is not enough to keep the model valid."""
-
-
 class PlanMismatchError(FxPruneError):
     """A pruning plan does not fit the model it is applied to."""
 

@@ -4,11 +4,11 @@
       0. check the model and every option (output paths included) before any work
       1. compile once at the requested policy (``_compile``), retrying with the modules a write-back
          refuses kept whole (``_compile_keeping_culprits``)
-           a. analyse: private copy, trace, eager check, train-mode check, channel dependencies
-              (``stages.analyse``); a root that cannot be traced goes to the piecewise strategy (1e)
+           a. prepare: private copy, trace, eager check, train-mode check, channel dependencies
+              (``stages.prepare``); a root that cannot be traced goes to the piecewise strategy (1e)
            b. importance of every channel, per group
            c. which channels stay: by ratio, or searched to a MAC/parameter budget on the graph
-           d. rewrite and prove (``stages.finish``): shapes, parameter count, oracle, write-back, ONNX
+           d. rewrite and prove (``stages.rewrite_and_prove``): shapes, parameter count, oracle, write-back, ONNX
            e. parts: the insides of opaque modules, or every part of an untraceable root, pruned one by one
               with ``compile_parts`` and this module's per-part compile (``_part_compiler``)
       2. a budget over a model with parts cannot be searched inside each part (0.3 of 0.3 compounds): the
@@ -44,7 +44,7 @@ from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError
 from fxprune.plan import PruningPlan
 from fxprune.results import PruneResult
-from fxprune.stages import Analysed, analyse, as_inputs, finish
+from fxprune.stages import Prepared, as_inputs, prepare, rewrite_and_prove
 from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def run(model: nn.Module, options: Options) -> PruneResult:
     """Prune ``model`` by ``options`` (``fxprune.prune`` documents them). The caller's model is never run,
     written or modified; the result owns every tensor."""
     options = options.checked()  # 0. every option, the output path included, before any work (the model is
-    # checked first thing in ``stages.analyse``, which every entry point goes through)
+    # checked first thing in ``stages.prepare``, which every entry point goes through)
     t0 = time.perf_counter()
     with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
         result = _compile_keeping_culprits(model, options)  # 1. the requested policy
@@ -85,8 +85,8 @@ def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult
 
 def _compile(model: nn.Module, options: Options) -> PruneResult | None:
     """Step 1: one compile at ``options``' policy; None when a budget must be searched over parts (step 2)."""
-    try:  # a. analyse (must precede everything: the graph, its groups and the inputs come from it)
-        a = analyse(model, options.example_inputs, options.ignore, options.leaves, prune_heads=options.prune_heads,
+    try:  # a. prepare (must precede everything: the graph, its groups and the inputs come from it)
+        a = prepare(model, options.example_inputs, options.ignore, options.leaves, prune_heads=options.prune_heads,
                     specialize=options.output == "module")
     except TraceError as e:
         if not options.partial:
@@ -98,11 +98,11 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
     if opaque and options.budget:
         return None  # the graph's search would see each opaque part as fixed
     params_before = count_params(model)
-    scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance))  # b. importance
+    scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration))  # b. importance
     cost = CostModel(a.gm, a.deps, params_before)
     plan = _select(a, options, scores, cost)  # c. which channels stay
     # d. rewrite and prove; the ONNX waits for the parts when there are some
-    done = finish(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
+    done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
                   onnx_opset=options.onnx_opset, output=options.output)
     parts: list[PartReport] = []
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
@@ -125,7 +125,7 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
                        macs_after, done.oracle, 0.0, tuple(parts))
 
 
-def _select(a: Analysed, options: Options, scores: list[Any], cost: CostModel) -> PruningPlan:
+def _select(a: Prepared, options: Options, scores: list[Any], cost: CostModel) -> PruningPlan:
     """Step 1c: the kept channels, by ratio or searched to the budget, stamped with what a replay needs."""
     policy = Policy(options.ratio, options.ratios, options.group_ratios, options.global_ranking,
                     round_to=options.round_to, min_channels=options.min_channels)

@@ -39,7 +39,7 @@ class Analysis:
         and ``a_index``/``b_index``: index ``a_index[k]`` of one end is channel ``b_index[k]`` of the other
         (None: the identity). ``examples/draw_dependency_graph.py`` draws it.
         """
-        g = self.dependencies.dep.graph
+        g = self.dependencies.couplings.graph
         sol = self.dependencies.solution
         for space in g.nodes:
             ids = sol.groups_in(space) if space in sol.offsets else []

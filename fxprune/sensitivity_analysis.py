@@ -25,7 +25,7 @@ from fxprune.passes.importance import Criterion, resolve, score_groups
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.select import Policy, select_channels
 from fxprune.plan import ChannelGroup
-from fxprune.stages import analyse
+from fxprune.stages import prepare
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def sensitivity(
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios) or list(ratios) != sorted(ratios):
         raise ValueError(f"ratios must be increasing numbers in (0, 1), got {ratios}")
-    a = analyse(model, example_inputs, ignore, leaves)
+    a = prepare(model, example_inputs, ignore, leaves)
     scores = score_groups(a.gm, a.deps, a.groups, resolve(importance))
     cost = CostModel(a.gm, a.deps, count_params(model))
     wanted = set(groups) if groups is not None else None

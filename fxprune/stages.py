@@ -1,8 +1,9 @@
 """The two stages every entry point runs (``pipeline.run``, ``apply``, ``analyze``, ``sensitivity``).
 
-    analyse:  private copy -> trace -> shapes -> eager check -> train-mode check -> dependency graph -> groups
-    finish:   rewrite -> shape invariant -> parameter accounting -> oracle (optional) -> write-back (optional)
-              -> ONNX (optional) -> training flags
+    prepare:            private copy -> trace -> shapes -> eager check -> train-mode check -> dependency
+                        graph -> groups
+    rewrite_and_prove:  rewrite (its postcondition: every planned shape) -> parameter accounting -> oracle
+                        (optional) -> write-back (optional) -> ONNX (optional) -> training flags
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Analysed:
+class Prepared:
     """A private, traced copy of a model with its dependency analysis (internal)."""
 
     gm: fx.GraphModule
@@ -99,19 +100,19 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def analyse(
+def prepare(
     model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
     prune_heads: bool = False, specialize: bool = False,
-) -> Analysed:
+) -> Prepared:
     """Trace a private copy, check the graph against eager PyTorch and solve its channel dependencies."""
     with gc_paused():
-        return _analyse(model, example_inputs, list(ignore), leaves, prune_heads, specialize)
+        return _prepare(model, example_inputs, list(ignore), leaves, prune_heads, specialize)
 
 
-def _analyse(
+def _prepare(
     model: nn.Module, example_inputs: Any, ignore: list[str | type], leaves: Sequence[str],
     prune_heads: bool, specialize: bool,
-) -> Analysed:
+) -> Prepared:
     check_model(model)  # an eager nn.Module with real buffers
     _check_ignore(model, ignore)
     flags = {name: m.training for name, m in model.named_modules()}
@@ -133,12 +134,12 @@ def _analyse(
     train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
     deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
-    return Analysed(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs)
+    return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs)
 
 
 @dataclass(frozen=True)
-class Finished:
-    """The verified output of ``finish``."""
+class Proven:
+    """The verified output of ``rewrite_and_prove``."""
 
     model: nn.Module
     modified: bool
@@ -147,8 +148,8 @@ class Finished:
     oracle: OracleReport | None
 
 
-def finish(
-    a: Analysed,
+def rewrite_and_prove(
+    a: Prepared,
     plan: PruningPlan,
     cost: CostModel,
     *,
@@ -156,7 +157,7 @@ def finish(
     onnx: str | None,
     onnx_opset: int,
     output: str = "graph",
-) -> Finished:
+) -> Proven:
     """Rewrite the private copy by ``plan`` and prove the result.
 
     Raises:
@@ -188,4 +189,4 @@ def finish(
     restore_flags(model, a.flags)  # each module's own training flag, as in the caller's model
     if output == "graph" and a.train_differs:
         guard_train_mode(model, a.train_differs)
-    return Finished(model, result.modified, params_after, macs_after, oracle)
+    return Proven(model, result.modified, params_after, macs_after, oracle)

@@ -181,7 +181,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("analysis ran before the output path was checked")
 
-    monkeypatch.setattr(fxprune.pipeline, "analyse", refuse)
+    monkeypatch.setattr(fxprune.pipeline, "prepare", refuse)
 
 
 @pytest.mark.usefixtures("no_work")

@@ -13,7 +13,7 @@ from fxprune.passes.base import GraphPass, PassResult
 from fxprune.passes.lower import LowerMultiheadAttention
 from fxprune.passes.rewrite import RewritePass
 from fxprune.rules import registry
-from fxprune.stages import analyse
+from fxprune.stages import prepare
 
 
 class Net(nn.Module):
@@ -74,7 +74,7 @@ def test_rewrite_postcondition_names_a_stale_literal(monkeypatch: pytest.MonkeyP
 def test_rewrite_refuses_a_graph_it_was_not_planned_on() -> None:
     x = torch.randn(1, 3, 4, 4)
     plan = fxprune.prune(Net().eval(), 0.5, example_inputs=(x,)).plan
-    a = analyse(Net().eval(), (x,), [], [])
+    a = prepare(Net().eval(), (x,), [], [])
     other = fx.symbolic_trace(nn.Sequential(nn.ReLU()))
     with pytest.raises(InvariantError, match="lacks"):
         RewritePass(a.deps, plan)(other)

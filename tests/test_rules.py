@@ -341,7 +341,7 @@ def test_layernorm_over_pruned_channels_is_proven_exactly() -> None:
 def test_dependency_graph_is_networkx_with_index_maps() -> None:
     torch.manual_seed(0)
     deps = _deps(Cat().eval(), torch.randn(1, 3, 8, 8))
-    g = deps.dep.graph
+    g = deps.couplings.graph
     mapped = [d for _, _, d in g.edges(data=True) if d["a_index"] is not None]
     assert mapped, "cat must produce offset couplings"
     offsets = sorted(int(d["b_index"][0]) for _, _, d in g.edges(data=True) if d["why"].startswith("cat") and d["a_index"] is not None)

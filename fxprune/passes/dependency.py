@@ -30,14 +30,14 @@ class DependencyResult:
     """The solved dependencies of one traced model (analysis only; nothing is modified).
 
     Attributes:
-        dep: the channel-dependency graph (spaces, couplings, pins, producers).
+        couplings: the channel-dependency graph (spaces, couplings, pins, producers).
         solution: channel classes and coupled groups.
         value_shapes: shape of every tensor value and parameter referenced.
         params: canonical parameter/buffer name per value name ``param:<name>``.
         prune_heads: whole attention heads are the unit (``build_dependencies``).
     """
 
-    dep: DependencyGraph
+    couplings: DependencyGraph
     solution: Solution
     value_shapes: dict[str, Shape]
     params: dict[str, str]
@@ -110,7 +110,7 @@ def build_dependencies(
     heads = _attention_reshapes(gm, {rg.node for rg in ctx.regroups}) if prune_heads else frozenset()
     _resolve_regroups(dep, ctx.regroups, heads)
     params = {v: v[len("param:") :] for v in ctx.value_shapes if v.startswith("param:")}
-    return DependencyResult(dep=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params,
+    return DependencyResult(couplings=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params,
                             prune_heads=prune_heads)
 
 

@@ -188,7 +188,7 @@ def mask_oracle(
     """
     sol = deps.solution
     dropped = plan.dropped_mask(sol.n_classes)
-    for space, reason in deps.dep.inexact.items():
+    for space, reason in deps.couplings.inexact.items():
         if dropped[sol.space_labels(space)].any():
             return OracleReport(False, reason, float("nan"), False)
     zero: dict[str, list[tuple[int, torch.Tensor]]] = {}

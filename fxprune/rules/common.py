@@ -77,7 +77,7 @@ def no_channels(node: fx.Node, ctx: RuleContext) -> None:
     """Ops that read metadata only (size, dim, shape): no coupling and nothing to pin."""
 
 
-def channelwise(ctx: RuleContext, x: str, y: str, n_spatial: int, what: str) -> None:
+def pooling_like(ctx: RuleContext, x: str, y: str, n_spatial: int, what: str) -> None:
     """Pooling-like op: leading (batch, channel) dims pass through, the last ``n_spatial`` dims are new."""
     lead = ctx.ndim(x) - n_spatial
     if lead < 0 or ctx.ndim(y) != ctx.ndim(x):

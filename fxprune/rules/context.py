@@ -40,7 +40,7 @@ class RuleContext:
 
     def __init__(self, gm: fx.GraphModule, dep: DependencyGraph, canonical: dict[int, str]) -> None:
         self.gm = gm
-        self.dep = dep
+        self.couplings = dep
         self.canonical = canonical
         self.node: fx.Node | None = None
         self.regroups: list[Regroup] = []
@@ -71,7 +71,7 @@ class RuleContext:
         shape = self.value_shapes[value]
         dim = dim % len(shape)
         key = (value, dim)
-        self.dep.add_space(key, shape[dim])
+        self.couplings.add_space(key, shape[dim])
         return key
 
     def module(self) -> torch.nn.Module:
@@ -95,30 +95,30 @@ class RuleContext:
     def same(self, a: str, a_dim: int, b: str, b_dim: int, why: str = "") -> None:
         """Couple two dims index by index."""
         sa, sb = self.space(a, a_dim), self.space(b, b_dim)
-        self.dep.couple(sa, sb, why=why or self._why())
+        self.couplings.couple(sa, sb, why=why or self._why())
 
     def mapped(self, a: str, a_dim: int, a_index: np.ndarray, b: str, b_dim: int, b_index: np.ndarray) -> None:
         """Couple index ``a_index[k]`` of ``a`` at ``a_dim`` with ``b_index[k]`` of ``b`` at ``b_dim``."""
         sa, sb = self.space(a, a_dim), self.space(b, b_dim)
-        self.dep.couple(sa, sb, np.asarray(a_index, np.int64), np.asarray(b_index, np.int64), why=self._why())
+        self.couplings.couple(sa, sb, np.asarray(a_index, np.int64), np.asarray(b_index, np.int64), why=self._why())
 
     def pin(self, value: str, reason: str, dims: list[int] | None = None) -> None:
         """Pin some (default: all) dims of a value."""
         for d in range(self.ndim(value)) if dims is None else dims:
-            self.dep.pin(self.space(value, d), reason)
+            self.couplings.pin(self.space(value, d), reason)
 
     def produce(self, value: str, dim: int) -> None:
         """Mark a parameter dim as creating channels."""
-        self.dep.produce(self.space(value, dim))
+        self.couplings.produce(self.space(value, dim))
 
     def inexact(self, value: str, dim: int, reason: str) -> None:
         """Record that pruning this dim breaks exact mask equivalence (e.g. normalisation over it)."""
-        self.dep.inexact.setdefault(self.space(value, dim), reason)
+        self.couplings.inexact.setdefault(self.space(value, dim), reason)
 
     def regroup(self, product: SpaceKey, factors: list[SpaceKey]) -> None:
         """Defer a merge/split coupling (see ``Regroup``)."""
         assert self.node is not None
-        sizes = tuple(self.dep.sizes[f] for f in factors)
+        sizes = tuple(self.couplings.sizes[f] for f in factors)
         self.regroups.append(Regroup(self.node.name, product, tuple(factors), sizes))
 
     def _why(self) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.rules.common import channelwise, linear_couplings, pin_all, reshape_like, unary
+from fxprune.rules.common import linear_couplings, pin_all, pooling_like, reshape_like, unary
 from fxprune.rules.context import RuleContext
 
 
@@ -19,6 +19,23 @@ def _io(node: fx.Node, ctx: RuleContext) -> tuple[str, str] | None:
         pin_all(node, ctx, f"{node.name}: unexpected inputs")
         return None
     return x, y
+
+
+def _conv_layout(
+    node: fx.Node, ctx: RuleContext, m: nn.modules.conv._ConvNd, x: str, y: str,
+) -> tuple[int, str, str | None]:
+    """What every conv shares: leading (batch) dims pass through, spatial dims are pinned.
+
+    Returns:
+        The channel dim of ``x``/``y`` and the weight's and bias's value names.
+    """
+    cd = ctx.ndim(x) - len(m.kernel_size) - 1
+    w, b = ctx.param(m, "weight"), ctx.param(m, "bias")
+    assert w is not None
+    for d in range(cd):
+        ctx.same(x, d, y, d)
+    ctx.pin(x, f"{node.name}: conv spatial dims", list(range(cd + 1, ctx.ndim(x))))
+    return cd, w, b
 
 
 def conv(node: fx.Node, ctx: RuleContext) -> None:
@@ -33,14 +50,7 @@ def conv(node: fx.Node, ctx: RuleContext) -> None:
     x, y = io
     m = ctx.module()
     assert isinstance(m, nn.modules.conv._ConvNd)
-    n_sp = len(m.kernel_size)
-    cd = ctx.ndim(x) - n_sp - 1
-    w = ctx.param(m, "weight")
-    b = ctx.param(m, "bias")
-    assert w is not None
-    for d in range(cd):
-        ctx.same(x, d, y, d)
-    ctx.pin(x, f"{node.name}: conv spatial dims", list(range(cd + 1, ctx.ndim(x))))
+    cd, w, b = _conv_layout(node, ctx, m, x, y)
     ctx.same(y, cd, w, 0)
     if b is not None:
         ctx.same(w, 0, b, 0)
@@ -72,14 +82,7 @@ def conv_transpose(node: fx.Node, ctx: RuleContext) -> None:
     if m.groups != 1:
         pin_all(node, ctx, f"{node.name}: grouped ConvTranspose is not pruned")
         return
-    n_sp = len(m.kernel_size)
-    cd = ctx.ndim(x) - n_sp - 1
-    w = ctx.param(m, "weight")
-    b = ctx.param(m, "bias")
-    assert w is not None
-    for d in range(cd):
-        ctx.same(x, d, y, d)
-    ctx.pin(x, f"{node.name}: conv spatial dims", list(range(cd + 1, ctx.ndim(x))))
+    cd, w, b = _conv_layout(node, ctx, m, x, y)
     ctx.same(x, cd, w, 0)
     ctx.same(y, cd, w, 1)
     if b is not None:
@@ -182,7 +185,7 @@ def _pool(n_spatial: int) -> Callable[[fx.Node, RuleContext], None]:
     def rule(node: fx.Node, ctx: RuleContext) -> None:
         io = _io(node, ctx)
         if io is not None:
-            channelwise(ctx, io[0], io[1], n_spatial, node.name)
+            pooling_like(ctx, io[0], io[1], n_spatial, node.name)
 
     rule.__doc__ = f"Pooling/upsampling over {n_spatial} spatial dims: channels pass through."
     return rule

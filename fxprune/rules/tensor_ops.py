@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from fxprune.rules.common import (
     broadcast,
     call_arg,
-    channelwise,
     no_channels,
     pin_all,
+    pooling_like,
     reshape_like,
     unary,
     values_of,
@@ -242,7 +242,7 @@ def pool_fn(n_spatial: int) -> Rule:
         if x is None or y is None:
             pin_all(node, ctx, f"{node.name}: pooling without a single tensor result")
             return
-        channelwise(ctx, x, y, n_spatial, node.name)
+        pooling_like(ctx, x, y, n_spatial, node.name)
 
     return rule
 
@@ -254,7 +254,7 @@ def interpolate(node: fx.Node, ctx: RuleContext) -> None:
     if x is None or y is None:
         pin_all(node, ctx, f"{node.name}: interpolate without a tensor")
         return
-    channelwise(ctx, x, y, ctx.ndim(x) - 2, node.name)
+    pooling_like(ctx, x, y, ctx.ndim(x) - 2, node.name)
 
 
 _ELEMENTWISE_FNS = [

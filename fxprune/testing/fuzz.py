@@ -4,8 +4,8 @@ A case is a random network (``netgen.random_spec(seed)``) pruned twice with ``ve
 random plan (``random_importance(seed)``) and once with L2 importance, each at its own random ratio in
 [0.1, 0.9]. ``check_case`` asserts what the oracle inside ``prune`` does not: output structure and
 shapes, an honest ``modified`` flag and parameter count, an untouched caller's model, and (for one
-case in ``onnx_every``) an onnxruntime-verified ONNX export. The only clean refusals are
-``UnsupportedOpError`` and an ``ExportError`` that the unpruned model raises too (a limit of the torch
+case in ``onnx_every``) an onnxruntime-verified ONNX export. The only clean refusal is
+an ``ExportError`` that the unpruned model raises too (a limit of the torch
 exporter, not of fxprune); any other exception is a failure.
 """
 
@@ -200,8 +200,6 @@ def _original_exports(spec: NetSpec) -> bool:
 
 def classify(spec: NetSpec, run: Run, e: BaseException) -> str:
     """"unsupported" for a clean refusal (or an ONNX export the unpruned model fails too), else "fail"."""
-    if isinstance(e, fxprune.UnsupportedOpError):
-        return "unsupported"
     if isinstance(e, fxprune.ExportError) and run.onnx and not _original_exports(spec):
         return "unsupported"
     return "fail"
