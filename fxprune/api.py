@@ -21,7 +21,7 @@ from fxprune.passes.select import plan_from_kept
 from fxprune.pipeline import run
 from fxprune.plan import PruningPlan
 from fxprune.results import Analysis, PruneResult
-from fxprune.stages import analyse, finish
+from fxprune.stages import prepare, rewrite_and_prove
 from fxprune.validate import plan_argument
 
 __all__ = ["Analysis", "PruneResult", "analyze", "apply", "compile", "prune"]
@@ -34,6 +34,7 @@ def prune(
     example_inputs: Any = None,
     ignore: Iterable[str | type] = (),
     importance: str | Criterion = "l2",
+    calibration: Iterable[Any] | None = None,
     global_ranking: bool = False,
     target_macs: float | None = None,
     target_params: float | None = None,
@@ -60,8 +61,10 @@ def prune(
         example_inputs: a tensor or tuple of tensors ``model`` accepts positionally; optional when fxprune
             can infer the input shape from the first layer (a ``ShapeError`` says when it cannot).
         ignore: module names (prefixes) or types whose channels stay.
-        importance: "l2" (default), "l1", "random", "bn_scale", "lamp", a ``Taylor(batches)`` or any
-            ``(GroupTensors) -> scores`` callable.
+        importance: "l2" (default), "l1", "random", "bn_scale", "lamp", "activation" (activation-aware,
+            on ``calibration``), a ``Taylor(batches)`` or any ``(GroupTensors) -> scores`` callable.
+        calibration: batches of model inputs (a tensor or a tuple of positional tensors each) that
+            ``importance="activation"`` measures the layers' inputs on (real data: a few hundred samples).
         global_ranking: rank channels across groups instead of removing ``ratio`` of each.
         target_macs: keep this fraction of the original MACs; the ratio is searched.
         target_params: keep this fraction of the original parameters; the ratio is searched.
@@ -90,8 +93,8 @@ def prune(
     """
     return run(model, Options(
         ratio=ratio, example_inputs=example_inputs, ignore=tuple(ignore), importance=importance,
-        global_ranking=global_ranking, target_macs=target_macs, target_params=target_params, ratios=ratios,
-        group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
+        calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
+        target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
         leaves=tuple(leaves), verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial,
     ))
 
@@ -103,6 +106,7 @@ def compile(  # noqa: A001 - the public name users expect
     example_inputs: Any = None,
     ignore: Iterable[str | type] = (),
     importance: str | Criterion = "l2",
+    calibration: Iterable[Any] | None = None,
     global_ranking: bool = False,
     target_macs: float | None = None,
     target_params: float | None = None,
@@ -126,8 +130,8 @@ def compile(  # noqa: A001 - the public name users expect
         signature, output structure and parameter names.
     """
     return prune(model, ratio, example_inputs=example_inputs, ignore=ignore, importance=importance,
-                 global_ranking=global_ranking, target_macs=target_macs, target_params=target_params, ratios=ratios,
-                 group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
+                 calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
+                 target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
                  leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output,
                  partial=partial).model
 
@@ -152,7 +156,7 @@ def apply(
     plan = plan_argument(plan)  # a PruningPlan, or loaded from a path (str or PathLike)
     if example_inputs is None:
         example_inputs = plan.example_inputs()  # the shapes and dtypes the plan was made with
-    a = analyse(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
+    a = prepare(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
     for mine, theirs in zip(a.groups, plan.groups, strict=True):
@@ -173,7 +177,7 @@ def apply(
     replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions, prune_heads=plan.prune_heads,
                      inputs=plan.inputs)
     cost = CostModel(a.gm, a.deps, count_params(model))
-    return finish(a, replay, cost, verify=verify, onnx=None, onnx_opset=18).model
+    return rewrite_and_prove(a, replay, cost, verify=verify, onnx=None, onnx_opset=18).model
 
 
 def analyze(
@@ -193,6 +197,6 @@ def analyze(
         leaves: submodules to keep opaque.
         prune_heads: group attention channels by whole heads (as ``compile(..., prune_heads=True)``).
     """
-    a = analyse(model, example_inputs, ignore, leaves, prune_heads=prune_heads)
+    a = prepare(model, example_inputs, ignore, leaves, prune_heads=prune_heads)
     return Analysis(groups=a.groups, opaque=a.opaque, example_inputs=a.inputs, fingerprint=a.fingerprint,
                     dependencies=a.deps)

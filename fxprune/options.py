@@ -27,6 +27,7 @@ class Options:
     example_inputs: Any = None
     ignore: tuple[str | type, ...] = ()
     importance: Any = "l2"
+    calibration: Any = None
     global_ranking: bool = False
     target_macs: float | None = None
     target_params: float | None = None
@@ -64,7 +65,7 @@ class Options:
         if self.output not in ("graph", "module"):
             raise ArgumentError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), "
                                 f"got {self.output!r}")
-        resolve(self.importance)  # an unknown criterion name fails here
+        resolve(self.importance, self.calibration)  # an unknown criterion name, or one without its data, fails here
         if isinstance(self.ignore, (str, type)) or isinstance(self.leaves, str):
             raise ArgumentError("ignore and leaves take a list of module names (or types), not a single one")
         return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves))

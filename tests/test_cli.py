@@ -383,3 +383,15 @@ def test_data_feeds_taylor_and_int8_calibration(work: Path, capsys: pytest.Captu
     code, out, err = run(["compile", "models_zoo:resnet_basic", "--ratio", "0.5", "--onnx", "r.onnx",
                           "--quantize", "int8", "--runs", "0"], capsys)
     assert code == 0 and "RANDOM calibration inputs" in out  # said plainly when no data was given
+
+
+def test_activation_importance_needs_and_uses_data(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    torch.save(torch.randn(8, 3, 32, 32), work / "real.pt")
+    code, out, err = run(["compile", "models_zoo:resnet_basic", "--ratio", "0.5", "--importance", "activation",
+                          "--data", "real.pt", "--save", "a.pt", "--runs", "0"], capsys)
+    assert code == 0, err
+    assert (work / "a.pt").exists()
+    code, out, err = run(["compile", "models_zoo:resnet_basic", "--ratio", "0.5", "--importance", "activation",
+                          "--runs", "0"], capsys)
+    assert code != 0 and "--data" in err

@@ -160,9 +160,16 @@ def _module_ratios(items: list[str]) -> dict[str, float]:
 
 
 def _importance(args: argparse.Namespace, inputs: Inputs) -> Any:
-    """The criterion ``--importance`` names; ``taylor`` scores on ``--data`` batches, else on four seeded
+    """The criterion ``--importance`` names; ``activation`` measures the layers' inputs on ``--data``
+    batches (required); ``taylor`` scores on ``--data`` batches, else on four seeded
     batches shaped like the inputs (first-order Taylor needs gradients of a loss: the mean square of the
     outputs, which needs no labels)."""
+    if args.importance.lower() == "activation":
+        batches = _data(args, inputs)[:32]
+        if not batches:
+            raise FxPruneError("--importance activation measures real inputs: pass --data (a folder of images, a "
+                               ".npy/.pt tensor file, or a text file for a language model)")
+        return fxprune.Activations(batches)
     if args.importance.lower() != "taylor":
         return args.importance
     batches = _data(args, inputs)[:8] or [random_inputs(tuple(tuple(x.shape) for x in inputs), args.seed + k)

@@ -80,8 +80,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--global-ranking", action="store_true",
                    help="rank channels across groups instead of removing the same fraction from each")
     g.add_argument("--importance", default="l2", metavar="NAME",
-                   help="channel importance criterion: l2 (default), l1, random, bn_scale, lamp, or taylor "
-                        "(first-order Taylor on seeded batches shaped like the inputs)")
+                   help="channel importance criterion: l2 (default), l1, random, bn_scale, lamp, activation "
+                        "(activation-aware, on --data), or taylor (first-order Taylor on --data, else on seeded "
+                        "batches shaped like the inputs)")
     g.add_argument("--min-channels", type=_positive_int, default=1, metavar="N",
                    help="keep at least N channels in every group (default 1)")
     g.add_argument("--prune-heads", action="store_true",
@@ -89,7 +90,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--module-ratio", action="append", default=[], metavar="MODULE=R",
                    help="a ratio for one submodule (and what is coupled to it), e.g. layer4=0.7 (repeatable)")
     g.add_argument("--data", metavar="PATH",
-                   help="real inputs for --importance taylor and int8 calibration: a folder of images, a .npy/.pt "
+                   help="real inputs for --importance activation/taylor and int8 calibration: a folder of images, a .npy/.pt "
                         "tensor file, or a text file (bytes as token ids); default: seeded random inputs")
     g.add_argument("--leaf", action="append", default=[], metavar="MODULE",
                    help="keep this submodule opaque: traced as one call, its channels kept (repeatable)")

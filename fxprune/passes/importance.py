@@ -21,7 +21,7 @@ import torch.fx as fx
 from fxprune.depgraph import space_label
 from fxprune.errors import ArgumentError, FxPruneError
 from fxprune.passes.base import module_tensors
-from fxprune.passes.dependency import DependencyResult
+from fxprune.passes.dependency import DependencyResult, canonical_names
 from fxprune.plan import ChannelGroup
 from fxprune.validate import check_scores
 
@@ -39,6 +39,8 @@ class MemberSlice:
         index: the rows of ``dim`` that belong to this group, or None for all of them.
         position: group-local channel position of every row (int array of ``n_rows``).
         grad: the gradient as ``[n_rows, rest]`` when a criterion asked for gradients, else None.
+        act: for the input dim of a layer, the L2 norm of that layer's input per row (channel) over the
+            calibration batches, when a criterion asked for activations; else None.
     """
 
     name: str
@@ -49,6 +51,7 @@ class MemberSlice:
     index: torch.Tensor | None
     position: np.ndarray
     grad: torch.Tensor | None
+    act: torch.Tensor | None = None
 
     @functools.cached_property
     def rows(self) -> torch.Tensor:
@@ -101,6 +104,7 @@ def group_tensors(
     deps: DependencyResult,
     groups: Iterable[ChannelGroup],
     grads: dict[str, torch.Tensor] | None = None,
+    acts: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[GroupTensors]:
     """Yield the parameter slices of every group (parameters only; running statistics are skipped)."""
     sol = deps.solution
@@ -123,13 +127,17 @@ def group_tensors(
             gbase = None
             if grads is not None and qual in grads:
                 gbase = grads[qual].movedim(d, 0).reshape(t.shape[d], -1).float()
+            abase = acts.get(qual) if acts is not None and d == 1 else None
+            if abase is not None and abase.shape != (t.shape[1],):
+                abase = None  # a grouped conv: its input channels are not the weight's dim 1
             for g in sol.groups_in(space):
                 rows_idx = np.nonzero(gids == g)[0]
                 whole = len(rows_idx) == len(labels)  # the common case: no copy
                 idx = None if whole else torch.as_tensor(rows_idx)
                 grad = None if gbase is None else (gbase if whole else gbase[idx])
+                act = None if abase is None else (abase if whole else abase[idx])
                 member = MemberSlice(space_label(space), qual, d, owners.get(qual, ""), base, idx,
-                                     position[labels[rows_idx]], grad)
+                                     position[labels[rows_idx]], grad, act)
                 per_group.setdefault(g, []).append(member)
     for group in groups:
         yield GroupTensors(group, tuple(per_group.get(group.id, ())))
@@ -223,6 +231,69 @@ class Taylor:
         return out
 
 
+class Activations:
+    """Activation-aware structured importance from calibration batches (Wanda's score, per channel).
+
+    A channel's score is, summed over the layers that read it, ``||W[:, c]||_2 * ||X_c||_2``: the norm of
+    the weights that read channel ``c`` times the norm of what arrives on it over the calibration batches
+    (``X_c`` the layer's input). A weight that is large but reads an almost silent channel matters little;
+    magnitude alone cannot see that. Layers read are ``nn.Linear`` and ungrouped convs; a group that no
+    such layer reads is scored by L2.
+
+    Args:
+        batches: model inputs, each a tensor or a tuple of positional tensors (no targets needed).
+    """
+
+    needs_activations = True
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = [b if isinstance(b, tuple) else (b,) for b in batches]
+        if not self.batches:
+            raise ArgumentError("activation importance needs at least one calibration batch")
+
+    def activations(self, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, torch.Tensor]:
+        """Per input channel of every Linear and conv weight (by canonical name), the L2 norm of its input
+        over the batches; runs the private copy in eval mode under ``no_grad``."""
+        sums: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def hook(name: str, channel_dim: int) -> Callable[..., None]:
+            def record(_mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0] if args else None
+                if not isinstance(x, torch.Tensor) or x.dim() <= channel_dim:
+                    return
+                sq = x.detach().double().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1).square().sum(1)
+                sums[name] = sums[name] + sq if name in sums else sq
+
+            return record
+
+        for mod in gm.modules():
+            name = canonical.get(id(getattr(mod, "weight", None)))
+            if name is None:
+                continue
+            if isinstance(mod, torch.nn.Linear):
+                handles.append(mod.register_forward_pre_hook(hook(name, -1)))
+            elif isinstance(mod, torch.nn.modules.conv._ConvNd) and not mod.transposed and mod.groups == 1:
+                handles.append(mod.register_forward_pre_hook(hook(name, -len(mod.kernel_size) - 1)))
+        try:
+            with torch.no_grad():
+                for inputs in self.batches:
+                    gm(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: s.sqrt().float() for n, s in sums.items()}
+
+    def __call__(self, g: GroupTensors) -> np.ndarray:
+        members = [m for m in g.members if m.act is not None]
+        if not members:
+            return norm(2.0)(g)
+        out = np.zeros(g.size)
+        for m in members:
+            out += g.per_channel(m.row_sums(2.0).sqrt() * m.act, m)  # type: ignore[operator]
+        return out
+
+
 CRITERIA: dict[str, Criterion] = {
     "l2": norm(2.0),
     "l1": norm(1.0),
@@ -232,14 +303,20 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
-def resolve(importance: str | Criterion) -> Criterion:
-    """Return the criterion for a name or a callable."""
+def resolve(importance: str | Criterion, calibration: Iterable[Any] | None = None) -> Criterion:
+    """Return the criterion for a name or a callable (``"activation"`` is built on ``calibration``)."""
     if callable(importance):
         return importance
+    if importance == "activation":
+        if calibration is None:
+            raise ArgumentError("activation importance needs data: pass calibration=<batches of model inputs> "
+                                "(or importance=fxprune.Activations(batches))")
+        return Activations(calibration)
     if importance == "taylor":
         raise ArgumentError("taylor importance needs data: pass importance=fxprune.Taylor(batches, loss_fn)")
     if importance not in CRITERIA:
-        raise ArgumentError(f"unknown importance {importance!r}; choose one of {sorted(CRITERIA) + ['taylor']} "
+        raise ArgumentError(f"unknown importance {importance!r}; choose one of "
+                            f"{sorted(CRITERIA) + ['activation', 'taylor']} "
                             "or pass a callable")
     return CRITERIA[importance]
 
@@ -254,8 +331,11 @@ def score_groups(
 ) -> list[np.ndarray]:
     """Score every group with ``criterion``; unprunable groups get zeros without calling it."""
     grads = criterion.gradients(gm) if getattr(criterion, "needs_grad", False) else None  # type: ignore[attr-defined]
+    acts = None
+    if getattr(criterion, "needs_activations", False):
+        acts = criterion.activations(gm, canonical_names(gm))  # type: ignore[attr-defined]
     out: list[np.ndarray] = []
-    for gt in group_tensors(gm, deps, groups, grads):
+    for gt in group_tensors(gm, deps, groups, grads, acts):
         if not gt.group.prunable:
             out.append(np.zeros(gt.size))
             continue
