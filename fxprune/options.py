@@ -74,4 +74,13 @@ class Options:
         """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven
         as the user's own classes."""
         return replace(self, example_inputs=None, ignore=(), leaves=(), onnx=None, output="module", partial=True,
-                       ratios=None, group_ratios=None)  # those name the root's modules and groups
+                       ratios=None, group_ratios=None,  # those name the root's modules and groups
+                       calibration=None)  # the root's batches: each part is given its own (compile_parts)
+
+    def calibration_batches(self) -> list[tuple[Any, ...]] | None:
+        """The calibration batches as tuples of model inputs: ``calibration``, or those of an
+        ``Activations`` criterion; None when the importance needs none."""
+        batches = getattr(self.importance, "batches", None) if self.calibration is None else self.calibration
+        if batches is None or not getattr(resolve(self.importance, self.calibration), "needs_activations", False):
+            return None
+        return [b if isinstance(b, tuple) else (b,) for b in batches]

@@ -23,7 +23,8 @@ from fxprune.errors import FxPruneError, TraceError
 
 log = logging.getLogger(__name__)
 
-CompilePart = Callable[[nn.Module, tuple[Any, ...], list[Any]], Any]  # (part, inputs, ignore) -> PruneResult
+# (part, inputs, ignore, calibration) -> PruneResult; calibration: the part's own inputs per calibration batch
+CompilePart = Callable[[nn.Module, tuple[Any, ...], list[Any], list[tuple[Any, ...]] | None], Any]
 
 
 @dataclass
@@ -54,6 +55,14 @@ class _Bound(nn.Module):
     def tensors(self, call: _Call) -> tuple[torch.Tensor, ...]:
         flat, _ = torch.utils._pytree.tree_flatten((call.args, call.kwargs))
         return tuple(flat[i] for i in self._slots)
+
+    def fits(self, call: _Call) -> bool:
+        """Whether ``call`` has this binding's structure and non-tensor arguments (its tensors can be fed)."""
+        flat, spec = torch.utils._pytree.tree_flatten((call.args, call.kwargs))
+        return spec == self._spec and all(
+            isinstance(v, torch.Tensor) if c is None else (not isinstance(v, torch.Tensor) and v == c)
+            for v, c in zip(flat, self._consts, strict=True)
+        )
 
 
 @dataclass
@@ -130,6 +139,7 @@ def compile_parts(
     compile_fn: CompilePart,
     ignore: list[str | type] | None = None,
     only: str | None = None,
+    calibration: list[tuple[Any, ...]] | None = None,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
@@ -137,10 +147,21 @@ def compile_parts(
     ``PruneResult`` with ``output="module"`` (the pipeline passes its own per-part compile). Returns one report
     per part tried. Parts called more than once, with no tensor input, or named in ``ignore`` (full module
     names, or types) are left alone. With ``only``, just that child of ``scope`` (tried whole first, then its
-    children).
+    children). ``calibration`` batches (the root's inputs) are run through the root too, and each part is
+    given what arrived at it (``compile_fn``'s fourth argument; batches whose call differs are dropped).
     """
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
+    calibration_calls: list[dict[str, _Call]] = []
+
+    def part_calibration(name: str, bound: _Bound) -> list[tuple[Any, ...]] | None:
+        if calibration is None:
+            return None
+        got = [bound.tensors(c[name]) for c in calibration_calls if name in c and bound.fits(c[name])]
+        if len(got) < len(calibration_calls):
+            log.info("fxprune: part %s: %d of %d calibration batches call it as the example does",
+                     name, len(got), len(calibration_calls))
+        return got
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in parent.named_children():
@@ -168,7 +189,7 @@ def compile_parts(
                 reports.append(PartReport(full, skipped="no tensor inputs"))
                 continue
             try:
-                result = compile_fn(bound, tensors, inside)
+                result = compile_fn(bound, tensors, inside, part_calibration(name, bound))
             except TraceError:
                 visit(child, name)  # not traceable as a whole: try its children
                 continue
@@ -187,5 +208,6 @@ def compile_parts(
 
     with no_kv_cache(root):
         calls.update(record_calls(root, scope, inputs))
+        calibration_calls.extend(record_calls(root, scope, batch) for batch in calibration or ())
         visit(scope, "")
     return reports

@@ -103,12 +103,13 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
     plan = _select(a, options, scores, cost)  # c. which channels stay
     # d. rewrite and prove; the ONNX waits for the parts when there are some
     done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
-                  onnx_opset=options.onnx_opset, output=options.output)
+                             onnx_opset=options.onnx_opset, output=options.output)
     parts: list[PartReport] = []
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs,
-                               _part_compiler(options), list(options.ignore), only=child)
+                               _part_compiler(options), list(options.ignore), only=child,
+                               calibration=options.calibration_batches())
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0)
@@ -169,7 +170,8 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     check_forward_runs(root, model, inputs)  # a forward that raises: ShapeError, naming it
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
-    parts = compile_parts(root, root, "", inputs, _part_compiler(options), list(options.ignore))
+    parts = compile_parts(root, root, "", inputs, _part_compiler(options), list(options.ignore),
+                          calibration=options.calibration_batches())
     _settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
     if not any(p.params_after < p.params_before for p in parts):
@@ -186,9 +188,14 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
 def _part_compiler(options: Options) -> CompilePart:
     """How ``compile_parts`` prunes one part: this pipeline's step 1 on the part, as the user's own classes."""
     part = options.part_options()
+    activation = options.calibration_batches() is not None
 
-    def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any]) -> PruneResult:
-        return run(module, replace(part, example_inputs=inputs, ignore=tuple(ignore)))
+    def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
+                     calibration: list[tuple[Any, ...]] | None) -> PruneResult:
+        own = replace(part, example_inputs=inputs, ignore=tuple(ignore))
+        if activation:  # activation-aware: measured on what arrives at this part, not at the root
+            own = replace(own, importance="activation", calibration=calibration or [inputs])
+        return run(module, own)
 
     return compile_part
 

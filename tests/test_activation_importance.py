@@ -59,3 +59,31 @@ def test_groups_without_a_reader_fall_back_to_l2() -> None:
     act = fxprune.prune(net, 0.5, example_inputs=(x,), importance=fxprune.Activations([x]))
     l2 = fxprune.prune(net, 0.5, example_inputs=(x,))
     assert _kept(act) == _kept(l2) and act.model.get_submodule("0").out_channels == 4
+
+
+class Untraceable(nn.Module):
+    """The root branches on data (fx cannot trace it); its block is pruned as a part, on what reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Linear(5, 8)  # the root's inputs do not fit the block: only its own inputs do
+        self.block = Silent()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # never true: data-dependent control flow
+            x = -x
+        return self.block(self.scale(x) * 3.0)
+
+
+@pytest.mark.parametrize("how", ["name", "object"])
+def test_parts_are_measured_on_what_reaches_them(how: str) -> None:
+    torch.manual_seed(1)
+    model, x = Untraceable().eval(), torch.randn(4, 5)
+    batches = [torch.randn(16, 5) for _ in range(4)]
+    kwargs = ({"importance": "activation", "calibration": batches} if how == "name"
+              else {"importance": fxprune.Activations(batches)})
+    r = fxprune.prune(model, 0.25, example_inputs=(x,), ignore=["scale"], **kwargs)
+    assert [p.name for p in r.parts if p.params_after < p.params_before] == ["block"]
+    assert r.model.block.a.out_features == 12
+    with torch.no_grad():  # exactly the silent channels went: the output is unchanged
+        assert torch.allclose(r.model(batches[0]), model(batches[0]), atol=1e-5)
