@@ -63,7 +63,7 @@ def channel_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     gm, _ = trace(model.eval())
     shapes, _ = record_shapes(gm, example_inputs)
     deps = build_dependencies(gm, shapes)
-    sol, multi = deps.solution, deps.dep.graph
+    sol, multi = deps.solution, deps.couplings.graph
     keep = [s for s in multi.nodes if (s[0].startswith("param:") and s[1] <= 1) or s[1] == 1]
     g = nx.Graph()
     for s in keep:
