@@ -2,10 +2,12 @@
 
 A pruned ``PreTrainedModel`` still carries its original config. ``save_pretrained`` would then write a
 checkpoint that ``from_pretrained`` cannot load (every pruned weight has the wrong shape). fxprune rewrites the
-config fields that can describe the pruned model: the MLP width (``intermediate_size``, GPT-2's ``n_inner``)
-and, for attention with an explicit head dim (Llama, Mistral, Qwen), ``num_attention_heads``,
-``num_key_value_heads`` and ``head_dim``. For BERT, ViT and GPT-2 the config can only describe head counts
-when heads x head size equals the hidden size, since they derive the head size from it.
+config fields that can describe the pruned model: the MLP width (``intermediate_size``, GPT-2's ``n_inner``,
+OPT's ``ffn_dim``, half of Phi-3's fused ``gate_up_proj``), a MoE model's ``shared_expert_intermediate_size``
+and expert width (``moe_intermediate_size``) and, for attention with an explicit head dim (Llama, Mistral,
+Qwen, Gemma), ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``. BERT, ViT, GPT-2, GPT-NeoX
+and OPT derive the head size and the attention width from ``hidden_size``: their configs can only describe
+head counts when heads x head size equals the hidden size.
 
 A proposal is written only when it is proven three ways:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from typing import Any
 
 import torch
@@ -36,7 +39,13 @@ log = logging.getLogger(__name__)
 
 _MISSING = object()  # a config field the config did not have before
 _MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
-_MLP_UP = ("intermediate.dense", "mlp.c_fc", "mlp.up_proj", "mlp.fc1", "mlp.dense_h_to_4h")
+# (config fields, the first present is written; module name pattern; how many inner widths its output holds)
+_MLP_WIDTHS: tuple[tuple[tuple[str, ...], re.Pattern[str], int], ...] = (
+    (_MLP_FIELDS, re.compile(r"(intermediate\.dense|mlp\.(c_fc|up_proj|fc1|dense_h_to_4h)|layers?\.\d+\.fc1)$"), 1),
+    (_MLP_FIELDS, re.compile(r"mlp\.gate_up_proj$"), 2),  # Phi-3: gate and up in one Linear
+    (("shared_expert_intermediate_size",), re.compile(r"mlp\.shared_expert\.up_proj$"), 1),  # Qwen2-MoE
+    (("moe_intermediate_size", "intermediate_size"), re.compile(r"mlp\.experts$"), 1),  # fused experts [E, H, I]
+)
 
 
 def _one(values: list[int]) -> int | None:
@@ -55,17 +64,18 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
     if hidden is not None and hidden_field is not None and hidden != fields[hidden_field]:
         changes[hidden_field] = hidden
     new_hidden = changes.get(hidden_field or "", fields.get(hidden_field or ""))
-    ups = [w for n, m in mods if n.endswith(_MLP_UP) and (w := out_width(m)) is not None]
-    field = next((f for f in _MLP_FIELDS if f in fields), None)
-    width = _one(ups)
-    if ups and width is None:
-        why.append(f"MLP widths differ between layers ({sorted(set(ups))})")
-    elif field is not None and width is not None and width != fields[field]:
-        changes[field] = width
+    for field, widths in _mlp_widths(mods, fields).items():
+        width = _one(widths)
+        if width is None:
+            why.append(f"{field} differs between layers ({sorted(set(widths))})")
+        elif width != fields[field]:
+            changes[field] = width
 
     explicit = [m for _, m in mods if isinstance(getattr(m, "head_dim", None), int)
                 and out_width(getattr(m, "q_proj", None)) is not None and out_width(getattr(m, "k_proj", None)) is not None]
     derived = [m for _, m in mods if isinstance(getattr(m, "attention_head_size", None), int)]
+    neox = [m for _, m in mods if isinstance(getattr(m, "head_size", None), int)
+            and out_width(getattr(m, "query_key_value", None)) is not None]
     if explicit:
         hd = _one([m.head_dim for m in explicit])
         heads = _one([out_width(m.q_proj) // m.head_dim for m in explicit])
@@ -91,11 +101,37 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
         else:
             why.append(f"attention is {heads} heads x {size}, but the config derives the head size from "
                        f"hidden_size {new_hidden}")
+    elif neox:  # GPT-NeoX: query_key_value holds 3 x hidden_size, head_size = hidden_size // heads
+        width = _one([out_width(m.query_key_value) for m in neox])
+        if width != 3 * (new_hidden or 0):
+            why.append(f"attention is {width} wide (q, k and v), but the config derives it from hidden_size "
+                       f"{new_hidden}")
     else:
         split = [m for _, m in mods if isinstance(getattr(m, "split_size", None), int) and hasattr(m, "embed_dim")]
         if any(m.split_size != m.embed_dim for m in split):
             why.append("attention width differs from the hidden size, which the config derives it from")
     return changes, why
+
+
+def _mlp_widths(mods: list[tuple[str, nn.Module]], fields: dict[str, Any]) -> dict[str, list[int]]:
+    """The inner MLP widths of every layer, by the config field that describes them."""
+    widths: dict[str, list[int]] = {}
+    for candidates, pattern, share in _MLP_WIDTHS:
+        field = next((f for f in candidates if f in fields), None)
+        if field is None:
+            continue
+        for name, m in mods:
+            if pattern.search(name) and (w := _inner_width(m)) is not None:
+                widths.setdefault(field, []).append(w // share)
+    return widths
+
+
+def _inner_width(m: nn.Module) -> int | None:
+    """Output width of a projection; for fused experts (3D ``down_proj`` [experts, hidden, inner]) the inner one."""
+    down = getattr(m, "down_proj", None)
+    if isinstance(down, nn.Parameter) and down.dim() == 3:
+        return int(down.shape[-1])
+    return out_width(m)
 
 
 def _hidden_width(model: nn.Module) -> int | None:

@@ -114,6 +114,8 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0)
     _settle_parts(done.model, model)
+    if options.output == "module":  # the parts changed widths after the graph's config sync
+        sync_config(done.model, a.inputs)
     restore_flags(done.model, {n: m.training for n, m in model.named_modules()})
     changed = any(p.params_after < p.params_before for p in parts)
     # The graph's cost model sees an opaque part as one call: count both sides the same way when parts changed.
@@ -174,15 +176,16 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
                           calibration=options.calibration_batches())
     _settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
-    if not any(p.params_after < p.params_before for p in parts):
+    modified = any(p.params_after < p.params_before for p in parts)
+    if not modified and (options.ratio > 0 or all(p.skipped for p in parts)):  # at ratio 0 parts stay whole
         why = "; ".join(f"{p.name}: {p.skipped}" for p in parts if p.skipped)[:400]
         raise TraceError(f"{error} No traceable submodule could be pruned either ({why or 'none found'}).") from error
     restore_flags(root, {n: m.training for n, m in model.named_modules()})  # after the eval-mode runs above
     if options.onnx is not None:
         _export(root, inputs, options.onnx, options.onnx_opset)
     empty = PruningPlan(options.ratio, (), (), (), versions=versions())
-    return PruneResult(root, empty, True, params_before, count_params(root), macs_before, count_macs(root, inputs),
-                       None, 0.0, tuple(parts))
+    return PruneResult(root, empty, modified, params_before, count_params(root), macs_before,
+                       count_macs(root, inputs), None, 0.0, tuple(parts))
 
 
 def _part_compiler(options: Options) -> CompilePart:

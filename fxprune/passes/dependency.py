@@ -100,7 +100,9 @@ def build_dependencies(
                 pin_all(node, ctx, f"ignored by the user: {owner}")
         else:
             if node.op == "call_module" and str(node.target) in opaque:
-                pin_all(node, ctx, f"opaque module {node.target}: {opaque[str(node.target)]}")
+                reason = f"opaque module {node.target}: {opaque[str(node.target)]}"
+                pin_all(node, ctx, reason)
+                _pin_shared_params(node, gm, ctx, reason)
             else:
                 lookup(node, gm)(node, ctx)
             if node.op == "call_module":
@@ -126,6 +128,20 @@ def _get_attr(node: fx.Node, ctx: RuleContext) -> None:
         return
     for d in range(ctx.ndim(y)):
         ctx.same(y, d, p, d)
+
+
+def _pin_shared_params(node: fx.Node, gm: fx.GraphModule, ctx: RuleContext, reason: str) -> None:
+    """Pin the parameters of an opaque module that are also used outside it (a tied embedding and output
+    layer): the opaque forward reads them whole, so no rule outside may slice them."""
+    prefix = f"{node.target}."
+    outside = {id(p) for n, p in gm.named_parameters(remove_duplicate=False) if not n.startswith(prefix)}
+    mod = submodule(gm, str(node.target))
+    for name, t in mod.named_parameters(remove_duplicate=False):
+        if id(t) in outside:
+            owner_name, _, attr = name.rpartition(".")
+            p = ctx.param(mod.get_submodule(owner_name) if owner_name else mod, attr)
+            if p is not None:
+                ctx.pin(p, reason)
 
 
 def _pin_module(node: fx.Node, mod: nn.Module, ctx: RuleContext) -> None:

@@ -30,9 +30,11 @@ def linear(m: nn.Module, new_in: int | None) -> None:
 
 
 def hf_conv1d(m: nn.Module, new_in: int | None) -> None:
-    """Hugging Face's ``Conv1D`` (a linear layer with its weight stored [in, out])."""
+    """Hugging Face's ``Conv1D`` (a linear layer with its weight stored [in, out]): ``nx`` in, ``nf`` out."""
     if hasattr(m, "nf"):
         m.nf = m.weight.shape[1]
+    if hasattr(m, "nx"):
+        m.nx = m.weight.shape[0]
 
 
 def batch_norm(m: nn.Module, new_in: int | None) -> None:
