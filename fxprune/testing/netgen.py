@@ -290,12 +290,13 @@ def propose_inplace(d: _Draft) -> list[Step]:
 
 
 def propose_trust_op(d: _Draft) -> list[Step]:
-    """One of dropout, a hooked conv, a functional conv, tied convs or a norm over channels."""
+    """One of dropout, a hooked conv, a functional conv, tied convs (also into an opaque module), a norm over
+    channels or a spatial split with computed sizes."""
     r = d.rng
     x = d.pick(4)
     if x is None:
         return []
-    op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split"])
+    op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split", "tied_opaque"])
     attrs: dict[str, object] = {}
     if op == "dropout":
         attrs = {"p": r.choice([0.1, 0.5])}

@@ -6,6 +6,8 @@
 - ``fconv``: ``F.conv2d`` with the module's own weight and bias parameters;
 - ``tied``: two 1x1 convs sharing one weight (a tie that must stay a tie);
 - ``cl_norm``: LayerNorm or RMSNorm over the channels (channels-last), pruned and proven exactly;
+- ``tied_opaque``: a 1x1 conv tied to the conv inside an untraceable (opaque) submodule: the shared weight
+  must stay whole, since the opaque forward reads it whole;
 - ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
   in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
@@ -16,11 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn as nn
+
 Shape = tuple[int, ...]
 Emitted = tuple[dict[str, Shape], list[str], list[str]]
 
 # Producers whose result is a fresh tensor (never a view of an input): an in-place op on them is safe to draw.
-FRESH_PRODUCERS = frozenset({"conv", "conv_transpose", "bn", "binary", "cat", "linear", "se", "fconv", "tied"})
+FRESH_PRODUCERS = frozenset({"conv", "conv_transpose", "bn", "binary", "cat", "linear", "se", "fconv", "tied",
+                             "tied_opaque"})
 
 
 def _need(ok: bool, why: str) -> None:
@@ -95,6 +101,28 @@ def emit_cl_norm(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: xs[0]}, init, [f"{st.name} = {expr}"]
 
 
+class OpaqueConv(nn.Module):
+    """A 1x1 conv behind a data-dependent branch: fx cannot trace it, so it becomes an opaque leaf."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e30:  # never true; only eager Python can decide it
+            x = -x
+        return self.conv(x)
+
+
+def emit_tied_opaque(st: Any, xs: list[Shape]) -> Emitted:
+    """A conv outside sharing its weight with the conv inside an opaque ``OpaqueConv``."""
+    _need(len(xs[0]) == 4, "tied opaque conv needs NCHW")
+    c = xs[0][1]
+    init = [f"self.{st.name}_o = OpaqueConv({c})", f"self.{st.name}_b = nn.Conv2d({c}, {c}, 1)",
+            f"self.{st.name}_b.weight = self.{st.name}_o.conv.weight"]
+    return {st.name: xs[0]}, init, [f"{st.name} = self.{st.name}_b(F.relu(self.{st.name}_o({st.ins[0]})))"]
+
+
 def emit_spatial_split(st: Any, xs: list[Shape]) -> Emitted:
     """Swap the two halves of the height dim, with split sizes computed from the tensor's own shape."""
     _need(len(xs[0]) == 4 and xs[0][2] >= 2, "spatial split needs NCHW with height >= 2")
@@ -105,4 +133,5 @@ def emit_spatial_split(st: Any, xs: list[Shape]) -> Emitted:
 
 
 TRUST_EMITTERS = {"inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
-                  "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split}
+                  "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split,
+                  "tied_opaque": emit_tied_opaque}
