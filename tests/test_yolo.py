@@ -106,3 +106,56 @@ def test_cli_yolo_loop_is_deployable(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         out = yolo.model.eval()(torch.randn(1, 3, 256, 256))
     assert out[0].shape[1] == 84  # 4 box coordinates + 80 classes
+
+
+def _tiny_dataset(root: Path, n: int = 8, size: int = 64) -> Path:
+    """A detection data set in Ultralytics' layout: one red box per image, its label beside it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((size, size, 3), 40, np.uint8)
+            x0, y0 = (int(v) for v in rng.integers(4, size // 2, 2))
+            w, h = (int(v) for v in rng.integers(size // 5, size // 2, 2))
+            img[y0:y0 + h, x0:x0 + w] = (220, 60, 60)
+            Image.fromarray(img).save(root / "images" / split / f"{i}.png")
+            box = f"0 {(x0 + w / 2) / size:.4f} {(y0 + h / 2) / size:.4f} {w / size:.4f} {h / size:.4f}\n"
+            (root / "labels" / split / f"{i}.txt").write_text(box)
+    yaml = root / "data.yaml"
+    yaml.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: box\n")
+    return yaml
+
+
+def test_cli_prune_finetune_export_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """prune -> Ultralytics' trainer on the pruned model (widths kept) -> a checkpoint YOLO loads -> ONNX."""
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    from fxprune.cli import main
+
+    data = _tiny_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    code = main(["compile", "ultralytics:yolov8n.yaml", "--input-shape", "1,3,64,64", "--ratio", "0.5",
+                 "--save", "pruned.pt", "--runs", "0", "--no-verify"])
+    assert code == 0, capsys.readouterr().err
+    pruned = YOLO("pruned.pt").model
+    shapes = {k: v.shape for k, v in pruned.state_dict().items()}
+    code = main(["finetune-yolo", "pruned.pt", "--data", str(data), "--epochs", "1", "--imgsz", "64",
+                 "--batch", "4", "--project", "runs", "--export", "onnx"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "has 1 classes, the pruned head 80" in err  # said, not silently trained as background
+    weights = tmp_path / "runs" / "finetune" / "weights"
+    trained = YOLO(str(weights / "last.pt")).model
+    assert {k: v.shape for k, v in trained.state_dict().items()} == shapes  # the pruned widths survived training
+    assert any(not torch.equal(trained.state_dict()[k].float(), v.float()) for k, v in pruned.state_dict().items()
+               if k.endswith("conv.weight"))  # and the weights did train
+    onnx_file = next(weights.glob("*.onnx"))
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (pred,) = session.run(None, {session.get_inputs()[0].name: torch.randn(1, 3, 64, 64).numpy()})
+    assert pred.shape[:2] == (1, 84)

@@ -106,7 +106,7 @@ def _add_timing_args(p: argparse.ArgumentParser, runs: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fxprune`` argument parser with its three subcommands."""
+    """The ``fxprune`` argument parser with its subcommands."""
     parser = _Parser(prog="fxprune", description="fxprune: structured pruning as a torch.fx compiler pass.",
                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from fxprune import __version__
@@ -157,4 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(b)
     _add_timing_args(b, runs=30)
     b.add_argument("--onnxruntime", action="store_true", help="also time both models exported to ONNX in onnxruntime")
+    from fxprune.cli.yolo import add_parser
+
+    add_parser(sub)
     return parser

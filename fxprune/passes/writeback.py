@@ -81,6 +81,9 @@ def write_back(
                     changed = True
         if changed and id(mod) not in gm_modules:
             fix_attributes(mod, None)
+    for mod in work.modules():  # containers whose attributes follow their children (Ultralytics' C2f.c)
+        if id(mod) not in gm_modules and not (mod._parameters or mod._buffers):
+            fix_attributes(mod, None)
     fix_attention_attributes(work, prune_heads)
     training = work.training
     work.eval()

@@ -28,6 +28,7 @@ def _modules() -> None:
     register(nn.Linear, OpSpec(rule=modules.linear, shape=shape_fns.linear, macs=macs.linear_module,
                                fixup=fixups.linear))
     register("transformers.pytorch_utils.Conv1D", fixup=fixups.hf_conv1d)  # traced through; weight [in, out]
+    register("ultralytics.nn.modules.block.C2f", fixup=fixups.ultralytics_c2f)  # and its subclass C3k2
     for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.modules.instancenorm._InstanceNorm):
         register(t, rule=modules.batch_norm)  # per-channel statistics
     register(nn.modules.batchnorm._NormBase, fixup=fixups.batch_norm)

@@ -63,6 +63,14 @@ def embedding(m: nn.Module, new_in: int | None) -> None:
     m.embedding_dim = m.weight.shape[1]
 
 
+def ultralytics_c2f(m: nn.Module, new_in: int | None) -> None:
+    """Ultralytics' ``C2f`` (and ``C3k2``): ``c``, the width of each half of ``cv1``'s output, which its
+    export-mode ``forward_split`` splits by (training's ``forward`` uses ``chunk`` and never reads it)."""
+    conv = getattr(getattr(m, "cv1", None), "conv", None)
+    if isinstance(conv, nn.Conv2d) and isinstance(getattr(m, "c", None), int):
+        m.c = conv.out_channels // 2
+
+
 def prelu(m: nn.Module, new_in: int | None) -> None:
     """``nn.PReLU``: one slope per kept channel."""
     m.num_parameters = m.weight.shape[0]
