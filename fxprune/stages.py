@@ -25,6 +25,7 @@ from fxprune.errors import ArgumentError, InvariantError
 from fxprune.fast import generated
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_params
+from fxprune.outputs import restore_output_class
 from fxprune.passes.budget import CostModel
 from fxprune.passes.dependency import DependencyResult, build_dependencies
 from fxprune.passes.eager_check import check_graph_matches_eager, restore_state
@@ -57,6 +58,7 @@ class Prepared:
     work: nn.Module
     flags: dict[str, bool]  # every module's own training flag in the caller's model, by qualified name
     train_differs: str = ""  # why the model's train-mode graph differs from the eval graph ("" when it does not)
+    output_type: type | None = None  # the class of the eager model's output (a Hugging Face ModelOutput, ...)
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -128,13 +130,14 @@ def _prepare(
         shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
         # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
         # (needs the inputs of step 2; restores every tensor of the copy that a run changed)
-        check_graph_matches_eager(gm, work, model, inputs)
+        output_type = check_graph_matches_eager(gm, work, model, inputs)
     finally:
         restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
     train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
     deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
-    return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs)
+    return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs,
+                    output_type)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ def rewrite_and_prove(
     with gc_paused():
         result = rewrite(a.gm)  # slice parameters, fix module attributes, rewrite literal sizes
         pruned = result.model
+        if output == "graph":
+            restore_output_class(pruned, a.output_type)  # a ModelOutput, not the plain dict fx traced
         pruned = generated(pruned)  # its Python code, generated once, now that the graph is final
     params_after = count_params(pruned)
     if params_after != predicted:

@@ -215,3 +215,18 @@ def test_ratio_zero_generates_the_original_tokens(name: str) -> None:
     r = fxprune.prune(model, 0.0, example_inputs=(ids,), verify=True, output="module")
     assert r.params_after == r.params_before
     assert torch.equal(_generate(r.model.eval(), ids), _generate(model, ids))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_graph_output_is_the_models_output_class(name: str, tmp_path: Path) -> None:
+    """A pruned GraphModule returns the model's own ModelOutput class (``out.logits``), also after a reload."""
+    model, ids = FAMILIES[name].build(), _ids()
+    r = fxprune.prune(model, 0.5, example_inputs=(ids,), verify=True)
+    with torch.no_grad():
+        want, got = model(ids), r.model(ids)
+    assert type(got) is type(want)
+    assert got.logits.shape == want.logits.shape
+    torch.save(r.model, tmp_path / "g.pt")
+    again = torch.load(tmp_path / "g.pt", weights_only=False)
+    with torch.no_grad():
+        assert type(again(ids)) is type(want) and torch.equal(again(ids).logits, got.logits)

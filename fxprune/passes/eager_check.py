@@ -49,10 +49,13 @@ def fresh_inputs(example_inputs: tuple[Any, ...], seed: int = 1234) -> tuple[Any
     return tuple(out)
 
 
-def _run(fn: Any, inputs: tuple[Any, ...], seed: int) -> list[torch.Tensor]:
+def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[type] | None = None) -> list[torch.Tensor]:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        return [t.detach().clone() for t in tensors_of(fn(*inputs))]
+        out = fn(*inputs)
+        if kinds is not None:
+            kinds.append(type(out))
+        return [t.detach().clone() for t in tensors_of(out)]
 
 
 def restore_state(work: nn.Module, original: nn.Module) -> None:
@@ -75,7 +78,7 @@ def restore_state(work: nn.Module, original: nn.Module) -> None:
 
 
 def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.Module,
-                              example_inputs: tuple[Any, ...]) -> None:
+                              example_inputs: tuple[Any, ...]) -> type | None:
     """Require the traced graph to compute what the eager model computes, on one fresh input.
 
     Args:
@@ -84,17 +87,21 @@ def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.
         original: the caller's model: only read, to restore ``work``'s tensors afterwards.
         example_inputs: the example inputs (the fresh input has their shapes and dtypes).
 
+    Returns:
+        The class of the eager model's output (None when the model does not run on a fresh input).
+
     Raises:
         TraceError: the graph's outputs differ from eager PyTorch (names the output and the difference).
     """
     inputs = fresh_inputs(example_inputs)
+    kinds: list[type] = []
     seed = 4321  # the same random stream in both runs: a forward that draws noise draws the same noise
     try:
         try:
-            eager = _run(work, inputs, seed)
+            eager = _run(work, inputs, seed, kinds)
         except Exception as e:  # noqa: BLE001 - the model does not accept other values of its inputs
             log.info("fxprune: eager check skipped, the model does not run on a fresh input (%s)", e)
-            return
+            return None
         restore_state(work, original)
         graph = _run(gm, inputs, seed)
     finally:
@@ -107,6 +114,7 @@ def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.
             "Python state or randomness read while tracing). fxprune will not prune a graph that is not your "
             "model: keep the part that does it opaque with leaves=[...], or rewrite it functionally"
         )
+    return kinds[0]
 
 
 def _difference(graph: list[torch.Tensor], eager: list[torch.Tensor]) -> str:
