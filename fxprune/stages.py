@@ -72,6 +72,15 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
     raise ArgumentError(example_inputs_message(example_inputs))
 
 
+def _by_name(work: nn.Module, ignore: list[str | type]) -> list[str | type]:
+    """``ignore`` with every module of an ignored type also named: the GraphModule keeps only the modules it
+    calls, so a traced-through block (``GPT2Attention``) is found by type only in the model's own tree."""
+    types = tuple(item for item in ignore if isinstance(item, type))
+    if not types:
+        return ignore
+    return [*ignore, *(name for name, m in work.named_modules() if name and isinstance(m, types))]
+
+
 def _check_ignore(model: nn.Module, ignore: list[str | type]) -> None:
     names = {name for name, _ in model.named_modules()}
     for item in ignore:
@@ -134,7 +143,7 @@ def _prepare(
     finally:
         restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
     train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
-    deps = build_dependencies(gm, shapes, ignore, opaque, prune_heads)  # 4. channel rules -> coupled classes
+    deps = build_dependencies(gm, shapes, _by_name(work, ignore), opaque, prune_heads)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
     return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs,
                     output_type)

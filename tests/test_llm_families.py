@@ -230,3 +230,17 @@ def test_graph_output_is_the_models_output_class(name: str, tmp_path: Path) -> N
     again = torch.load(tmp_path / "g.pt", weights_only=False)
     with torch.no_grad():
         assert type(again(ids)) is type(want) and torch.equal(again(ids).logits, got.logits)
+
+
+def test_ignore_by_type_reaches_traced_through_blocks(tmp_path: Path) -> None:
+    """``ignore=[GPT2Attention]``: the attention block is traced through (its projections are owned by it, and
+    the GraphModule keeps only what it calls), yet every projection inside it stays whole."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    family = FAMILIES["gpt2"]
+    model, ids = family.build(), _ids()
+    r = fxprune.prune(model, 0.5, example_inputs=(ids,), verify=True, output="module", ignore=[GPT2Attention])
+    attn = r.model.transformer.h[0].attn
+    assert attn.c_attn.weight.shape == model.transformer.h[0].attn.c_attn.weight.shape
+    assert r.model.config.n_inner < model.config.n_inner
+    _round_trip(r.model.eval(), family, ids, tmp_path)
