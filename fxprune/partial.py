@@ -202,6 +202,10 @@ def compile_parts(
             setattr(parent, child_name, pruned)
             oracle = result.oracle
             verdict = "" if oracle is None else ("passed" if oracle.applicable and oracle.passed else oracle.reason)
+            if oracle is None and result.parts:  # pruned part by part itself: proven by its own parts' oracles
+                changed = [p for p in result.parts if p.params_after < p.params_before]
+                bad = next((p for p in changed if p.oracle != "passed"), None)
+                verdict = "passed" if changed and bad is None else (f"{bad.name}: {bad.oracle}" if bad else "")
             reports.append(PartReport(full, result.params_before, result.params_after, verdict,
                                       children=[f"{full}.{p.name.removeprefix('inner.')}" for p in result.parts]))
             log.info("fxprune: part %s %d -> %d parameters", full, result.params_before, result.params_after)
