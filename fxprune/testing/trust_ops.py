@@ -73,12 +73,15 @@ def emit_fconv(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: (n, out, h, w)}, init, [f"{st.name} = {expr}"]
 
 
-def emit_tied(st: Any, xs: list[Shape]) -> Emitted:
-    """Two 1x1 convs C -> C whose weights are one Parameter."""
+def emit_tied(st: Any, xs: list[Shape], opaque: bool = False) -> Emitted:
+    """Two 1x1 convs C -> C whose weights are one Parameter; with ``opaque`` the first sits inside an
+    ``OpaqueConv`` (an untraceable submodule)."""
     _need(len(xs[0]) == 4, "tied convs need NCHW")
     c = xs[0][1]
-    init = [f"self.{st.name}_a = nn.Conv2d({c}, {c}, 1)", f"self.{st.name}_b = nn.Conv2d({c}, {c}, 1)",
-            f"self.{st.name}_b.weight = self.{st.name}_a.weight"]
+    first, weight = (f"OpaqueConv({c})", f"self.{st.name}_a.conv.weight") if opaque else (
+        f"nn.Conv2d({c}, {c}, 1)", f"self.{st.name}_a.weight")
+    init = [f"self.{st.name}_a = {first}", f"self.{st.name}_b = nn.Conv2d({c}, {c}, 1)",
+            f"self.{st.name}_b.weight = {weight}"]
     return {st.name: xs[0]}, init, [f"{st.name} = self.{st.name}_b(F.relu(self.{st.name}_a({st.ins[0]})))"]
 
 
@@ -116,11 +119,7 @@ class OpaqueConv(nn.Module):
 
 def emit_tied_opaque(st: Any, xs: list[Shape]) -> Emitted:
     """A conv outside sharing its weight with the conv inside an opaque ``OpaqueConv``."""
-    _need(len(xs[0]) == 4, "tied opaque conv needs NCHW")
-    c = xs[0][1]
-    init = [f"self.{st.name}_o = OpaqueConv({c})", f"self.{st.name}_b = nn.Conv2d({c}, {c}, 1)",
-            f"self.{st.name}_b.weight = self.{st.name}_o.conv.weight"]
-    return {st.name: xs[0]}, init, [f"{st.name} = self.{st.name}_b(F.relu(self.{st.name}_o({st.ins[0]})))"]
+    return emit_tied(st, xs, opaque=True)
 
 
 def emit_spatial_split(st: Any, xs: list[Shape]) -> Emitted:
