@@ -136,22 +136,22 @@ def _pin_shared_params(node: fx.Node, gm: fx.GraphModule, ctx: RuleContext, reas
     prefix = f"{node.target}."
     outside = {id(p) for n, p in gm.named_parameters(remove_duplicate=False) if not n.startswith(prefix)}
     mod = submodule(gm, str(node.target))
-    for name, t in mod.named_parameters(remove_duplicate=False):
-        if id(t) in outside:
-            owner_name, _, attr = name.rpartition(".")
-            p = ctx.param(mod.get_submodule(owner_name) if owner_name else mod, attr)
-            if p is not None:
-                ctx.pin(p, reason)
+    _pin_tensors(mod, ctx, reason, [(n, t) for n, t in mod.named_parameters(remove_duplicate=False) if id(t) in outside])
+
+
+def _pin_tensors(mod: nn.Module, ctx: RuleContext, reason: str, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Pin every dim of the named parameters and buffers of ``mod``."""
+    for name, _ in tensors:
+        owner_name, _, attr = name.rpartition(".")
+        p = ctx.param(mod.get_submodule(owner_name) if owner_name else mod, attr)
+        if p is not None:
+            ctx.pin(p, reason)
 
 
 def _pin_module(node: fx.Node, mod: nn.Module, ctx: RuleContext) -> None:
     reason = f"ignored by the user: {node.target}"
     pin_all(node, ctx, reason)
-    for name, _ in list(mod.named_parameters()) + list(mod.named_buffers()):
-        owner_name, _, attr = name.rpartition(".")
-        p = ctx.param(mod.get_submodule(owner_name) if owner_name else mod, attr)
-        if p is not None:
-            ctx.pin(p, reason)
+    _pin_tensors(mod, ctx, reason, [*mod.named_parameters(), *mod.named_buffers()])
 
 
 def _channel_like(sol: Solution, space: SpaceKey) -> bool:
