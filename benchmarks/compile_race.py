@@ -33,11 +33,11 @@ def child_fx(spec: str, ratio: float) -> dict[str, Any]:
     """One fxprune compile (in the subprocess): the first after import, without ``verify``."""
     from coverage import build
 
-    import fxprune
+    from fxprune import prune  # the import is outside the timer, as Torch-Pruning's is (fxprune imports lazily)
 
     model, x = build(spec)
     t0 = time.perf_counter()
-    r = fxprune.prune(model, ratio, example_inputs=x)
+    r = prune(model, ratio, example_inputs=x)
     return {"s": time.perf_counter() - t0, "params_ratio": r.params_after / r.params_before}
 
 
@@ -49,10 +49,11 @@ def child_tp(spec: str, ratio: float) -> dict[str, Any]:
     return {"s": row["tp_s"], "params_ratio": row["tp_params_ratio"], "ok": row["tp_ok"]}
 
 
-def _run(tool: str, spec: str, ratio: float, timeout: int) -> dict[str, Any] | None:
+def _run(tool: str, spec: str, ratio: float, timeout: int, plain: bool = False) -> dict[str, Any] | None:
     cmd = [sys.executable, __file__, f"--child-{tool}", spec, "--ratio", str(ratio)]
+    env = dict(os.environ, FXPRUNE_FAST="0" if plain else os.environ.get("FXPRUNE_FAST", "1"))
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return None
     for line in reversed(p.stdout.splitlines()):
@@ -61,21 +62,33 @@ def _run(tool: str, spec: str, ratio: float, timeout: int) -> dict[str, Any] | N
     return None
 
 
-def race(spec: str, ratio: float, rounds: int, timeout: int) -> dict[str, Any]:
-    """``rounds`` interleaved fresh-process compiles of each tool on one model."""
+def race(spec: str, ratio: float, rounds: int, timeout: int, plain: bool = False) -> dict[str, Any]:
+    """``rounds`` interleaved fresh-process compiles of each tool on one model.
+
+    With ``plain``, every round also runs fxprune with its speed shortcuts off (``FXPRUNE_FAST=0``), so
+    the table shows what the shortcuts buy, measured under the same load.
+    """
     fx: list[float] = []
     tp: list[float] = []
+    fx_plain: list[float] = []
     for _ in range(rounds):
         a = _run("fx", spec, ratio, timeout)
+        c = _run("fx", spec, ratio, timeout, plain=True) if plain else {"s": 0.0}
         b = _run("tp", spec, ratio, timeout)
-        if a is None or b is None or not b.get("ok"):
-            return {"model": spec, "error": "fxprune failed" if a is None else "Torch-Pruning failed or timed out"}
+        if a is None or c is None or b is None or not b.get("ok"):
+            return {"model": spec, "error": "fxprune failed" if a is None or c is None
+                    else "Torch-Pruning failed or timed out"}
         fx.append(a["s"])
         tp.append(b["s"])
+        fx_plain.append(c["s"])
     wins = sum(f < t for f, t in zip(fx, tp, strict=True))
-    return {"model": spec, "fx_s": statistics.median(fx), "tp_s": statistics.median(tp),
-            "ratio": statistics.median(tp) / statistics.median(fx), "wins": wins, "rounds": rounds,
-            "fx_all": fx, "tp_all": tp}
+    row = {"model": spec, "fx_s": statistics.median(fx), "tp_s": statistics.median(tp),
+           "ratio": statistics.median(tp) / statistics.median(fx), "wins": wins, "rounds": rounds,
+           "fx_all": fx, "tp_all": tp}
+    if plain:
+        row.update(fx_plain_s=statistics.median(fx_plain), fx_plain_all=fx_plain,
+                   plain_ratio=statistics.median(tp) / statistics.median(fx_plain))
+    return row
 
 
 def main() -> None:
@@ -86,6 +99,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--out", default="", help="append rows to this JSONL")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time fxprune with its speed shortcuts off (FXPRUNE_FAST=0) in every round")
     parser.add_argument("--child-fx", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-tp", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -103,11 +118,12 @@ def main() -> None:
 
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.machine()} {os.cpu_count()} cores | "
           f"torch {torch.__version__} | ratio {args.ratio} | {args.rounds} rounds, fresh process each\n")
-    print("| model | fxprune median s | Torch-Pruning median s | TP / fxprune | fxprune faster in |")
-    print("|---|---|---|---|---|")
+    extra = " fxprune FAST=0 median s | TP / fxprune FAST=0 |" if args.plain else ""
+    print("| model | fxprune median s | Torch-Pruning median s | TP / fxprune | fxprune faster in |" + extra)
+    print("|---|---|---|---|---|" + ("---|---|" if args.plain else ""))
     rows = []
     for spec in specs:
-        row = race(spec, args.ratio, args.rounds, args.timeout)
+        row = race(spec, args.ratio, args.rounds, args.timeout, args.plain)
         rows.append(row)
         if args.out:
             with open(args.out, "a") as f:
@@ -115,13 +131,18 @@ def main() -> None:
         if "error" in row:
             print(f"| {spec} | - | - | - | {row['error']} |", flush=True)
         else:
+            cells = (f" {row['fx_plain_s']:.3f} | {row['plain_ratio']:.2f}x |" if args.plain else "")
             print(f"| {spec} | {row['fx_s']:.3f} | {row['tp_s']:.3f} | {row['ratio']:.2f}x | "
-                  f"{row['wins']}/{row['rounds']} |", flush=True)
+                  f"{row['wins']}/{row['rounds']} |" + cells, flush=True)
     ratios = [r["ratio"] for r in rows if "ratio" in r]
     if ratios:
         slower = [r["model"] for r in rows if r.get("ratio", 2) < 1]
         print(f"\nmedian TP / fxprune: {statistics.median(ratios):.2f}x over {len(ratios)} models; "
               f"fxprune slower (by median) on {len(slower)}: {', '.join(slower) or 'none'}")
+        if args.plain:
+            plain = [r["plain_ratio"] for r in rows if "plain_ratio" in r]
+            print(f"median TP / fxprune with FXPRUNE_FAST=0: {statistics.median(plain):.2f}x; "
+                  f"shortcuts on / off: {statistics.median([r['fx_plain_s'] / r['fx_s'] for r in rows if 'plain_ratio' in r]):.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ from fxprune.passes.select import plan_from_kept
 from fxprune.pipeline import run
 from fxprune.plan import PruningPlan
 from fxprune.results import Analysis, PruneResult
+from fxprune.rules import registry
 from fxprune.stages import prepare, rewrite_and_prove
 from fxprune.validate import plan_argument
 
 __all__ = ["Analysis", "PruneResult", "analyze", "apply", "compile", "prune"]
+
+registry.load_builtins()  # with the import, not inside the first compile (and before fx patches anything)
 
 
 def prune(

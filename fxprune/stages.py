@@ -133,13 +133,15 @@ def _prepare(
     # 1. capture; untraceable parts -> opaque leaves. ``specialize``: branches on shapes may follow the inputs
     # (only for output="module", where the user's own forward is re-run and proven equal).
     gm, opaque = trace(work, leaves, len(given) if given else 1, given, specialize)
-    LowerMultiheadAttention(set(opaque))(gm)  # its ops, not the module: heads become prunable
-    LowerWindowAttention()(gm)  # torchvision Swin's attention function, likewise
+    lowered = LowerMultiheadAttention(set(opaque))(gm).modified  # its ops, not the module: heads become prunable
+    lowered |= LowerWindowAttention()(gm).modified  # torchvision Swin's attention function, likewise
+    # Traced without concrete shapes and nothing lowered: no branch or literal followed the example's size.
+    shape_generic = not gm.meta.get("fxprune_example_values", True) and not lowered
     try:
         shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
         # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
         # (needs the inputs of step 2; restores every tensor of the copy that a run changed)
-        output_type = check_graph_matches_eager(gm, work, model, inputs)
+        output_type = check_graph_matches_eager(gm, work, model, inputs, shape_generic)
     finally:
         restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
     train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)

@@ -27,7 +27,7 @@ from tests.conftest import check_pruned
 @pytest.fixture(autouse=True)
 def _clean_registry():
     """Every test leaves the registry as it found it."""
-    reg._load_builtins()
+    reg.load_builtins()
     saved = (dict(reg._MODULES), dict(reg._FUNCTIONS), dict(reg._METHODS))
     yield
     for table, old in zip((reg._MODULES, reg._FUNCTIONS, reg._METHODS), saved, strict=True):

@@ -6,6 +6,12 @@ worth nothing when the traced graph already differs from what the user's model c
 tracing). This pass runs the private copy eagerly and the graph on one fresh input, with the same random
 seed, and requires the same outputs. Both runs happen on fxprune's private copy, never on the caller's
 tensors, and every parameter and buffer the runs changed is restored from the caller's model afterwards.
+
+The check costs two forward passes. When the graph is shape-generic (traced without concrete shapes, so no
+branch and no literal followed the example's size, and nothing lowered) and its inputs are images whose
+sides are multiples of 32, it first runs at a quarter of the side (at least 32): what it looks for (an
+in-place write the graph missed, a hook, Python state, randomness) does not depend on the size, and a
+mismatch or failure at the small size only means the full-size check runs as before.
 """
 
 from __future__ import annotations
@@ -49,6 +55,26 @@ def fresh_inputs(example_inputs: tuple[Any, ...], seed: int = 1234) -> tuple[Any
     return tuple(out)
 
 
+def smaller_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``inputs`` with every spatial side quartered (to a multiple of 32, at least 32); None when not images.
+
+    Only when every tensor input is a floating NCHW/NCDHW tensor whose spatial sides are multiples of 32, one
+    of them above 32 (the sides a strided backbone with skip connections accepts at any scale).
+    """
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not tensors or any(not t.is_floating_point() or t.dim() not in (4, 5) for t in tensors):
+        return None
+    if any(d % 32 for t in tensors for d in t.shape[2:]) or all(d <= 32 for t in tensors for d in t.shape[2:]):
+        return None
+    out: list[Any] = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            crop = tuple(slice(0, max(32, d // 4 // 32 * 32)) for d in x.shape[2:])
+            x = x[(slice(None), slice(None), *crop)].clone()  # a corner of the example: its value range
+        out.append(x)
+    return tuple(out)
+
+
 def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[type] | None = None) -> list[torch.Tensor]:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -78,7 +104,7 @@ def restore_state(work: nn.Module, original: nn.Module) -> None:
 
 
 def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.Module,
-                              example_inputs: tuple[Any, ...]) -> type | None:
+                              example_inputs: tuple[Any, ...], shape_generic: bool = False) -> type | None:
     """Require the traced graph to compute what the eager model computes, on one fresh input.
 
     Args:
@@ -86,6 +112,8 @@ def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.
         work: fxprune's private copy of the user's model, in eval mode.
         original: the caller's model: only read, to restore ``work``'s tensors afterwards.
         example_inputs: the example inputs (the fresh input has their shapes and dtypes).
+        shape_generic: the graph was traced without concrete shapes and nothing in it was lowered, so an
+            image input may first be checked at a smaller size (see the module docstring).
 
     Returns:
         The class of the eager model's output (None when the model does not run on a fresh input).
@@ -93,28 +121,62 @@ def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.
     Raises:
         TraceError: the graph's outputs differ from eager PyTorch (names the output and the difference).
     """
-    inputs = fresh_inputs(example_inputs)
-    kinds: list[type] = []
-    seed = 4321  # the same random stream in both runs: a forward that draws noise draws the same noise
-    try:
+    small = smaller_inputs(example_inputs) if shape_generic else None
+    if small is not None:
         try:
-            eager = _run(work, inputs, seed, kinds)
-        except Exception as e:  # noqa: BLE001 - the model does not accept other values of its inputs
-            log.info("fxprune: eager check skipped, the model does not run on a fresh input (%s)", e)
-            return None
-        restore_state(work, original)
-        graph = _run(gm, inputs, seed)
-    finally:
-        restore_state(work, original)
-    problem = _difference(graph, eager)
-    if problem:
+            kind, problem = _compare(gm, work, original, fresh_inputs(small))
+        except Exception as e:  # noqa: BLE001 - the model or its graph does not run at the smaller size
+            kind, problem = None, f"it does not run there ({type(e).__name__})"
+        if not problem:
+            return kind
+        log.debug("fxprune: eager check at the smaller size: %s; checking at full size", problem)
+    try:
+        kind, problem = _compare(gm, work, original, fresh_inputs(example_inputs))
+    except _EagerFailed as e:  # the model does not accept other values of its inputs
+        log.info("fxprune: eager check skipped, the model does not run on a fresh input (%s)", e.__cause__)
+        return None
+    if problem and problem != _NOTHING:
         raise TraceError(
             f"the traced graph of {type(original).__name__} differs from eager PyTorch on a fresh input ({problem}); "
             "tracing missed something the forward does (an in-place op on an aliased tensor, a forward hook, "
             "Python state or randomness read while tracing). fxprune will not prune a graph that is not your "
             "model: keep the part that does it opaque with leaves=[...], or rewrite it functionally"
         )
-    return kinds[0]
+    return kind
+
+
+_NOTHING = "no finite output to compare"  # proves nothing: at the smaller size, go to full size
+
+
+class _EagerFailed(Exception):
+    """The eager model raised on the check's input (its ``__cause__``)."""
+
+
+def _compare(gm: fx.GraphModule, work: nn.Module, original: nn.Module, inputs: tuple[Any, ...]) -> tuple[type, str]:
+    """Run ``work`` eagerly and ``gm`` on ``inputs`` with one random seed: (output class, difference or "").
+
+    Every tensor of ``work`` a run changed is restored from ``original`` after each run, even on failure.
+
+    Raises:
+        _EagerFailed: the eager model raised. An exception of the graph's run propagates as it is.
+    """
+    kinds: list[type] = []
+    seed = 4321  # the same random stream in both runs: a forward that draws noise draws the same noise
+    try:
+        try:
+            eager = _run(work, inputs, seed, kinds)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, which decides
+            raise _EagerFailed(str(e)) from e
+        restore_state(work, original)
+        graph = _run(gm, inputs, seed)
+    finally:
+        restore_state(work, original)
+    return kinds[0], _difference(graph, eager) or ("" if _finite(eager) else _NOTHING)
+
+
+def _finite(outputs: list[torch.Tensor]) -> bool:
+    """Whether a comparison of ``outputs`` can show anything: an integer output, or a finite float value."""
+    return any(not t.is_floating_point() or bool(torch.isfinite(t).any()) for t in outputs)
 
 
 def _difference(graph: list[torch.Tensor], eager: list[torch.Tensor]) -> str:

@@ -323,7 +323,7 @@ def trace(
     Raises:
         TraceError: the root module's own forward cannot be traced.
     """
-    registry._load_builtins()  # before fx patches the globals of wrapped functions
+    registry.load_builtins()  # before fx patches the globals of wrapped functions
     opaque: dict[str, str] = {name: "kept opaque by request" for name in leaves}
     original_cls = type(model)
     fixed = _fixed_arity(model, n_inputs)
@@ -376,6 +376,8 @@ def _trace_with_fallback(
             continue
         forget(graph)
         gm = fast.deferred_graph_module(tracer.root, graph, name)  # copies the constants the tracer put on the root
+        # Shapes were concrete while tracing: branches may have followed them (read by the eager check).
+        gm.meta["fxprune_example_values"] = tracer.values is not None
         _drop_function_calls(model, tracer)  # they live in the GraphModule only, not in the user's tree
         _restore(saved)
         _keep_state_dict_keys(model, gm)

@@ -3,7 +3,7 @@
 Ops that carry more than a channel rule (literal sizes, a shape shortcut, a MAC formula, an attribute
 fix-up) are listed one entry per op, with all their parts side by side. The many ops that have only a
 channel rule (elementwise, layout, pooling) come from the rule tables of ``rules/*.py``, registered first.
-``install`` runs once, on the first registry lookup (``registry._load_builtins``).
+``install`` runs once: when ``fxprune.api`` is imported, or on the first registry lookup (``registry.load_builtins``).
 """
 
 from __future__ import annotations

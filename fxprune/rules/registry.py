@@ -102,7 +102,7 @@ def register(op: type | str | Callable[..., Any], spec: OpSpec | None = None, **
     Returns:
         The entry now registered.
     """
-    _load_builtins()
+    load_builtins()
     table, key = _table(op)
     new = {f.name: getattr(spec, f.name) for f in dataclasses.fields(OpSpec)} if spec is not None else {}
     new = {k: v for k, v in new.items() if v is not None} | fields
@@ -127,7 +127,7 @@ def _table(op: object) -> tuple[dict[Any, OpSpec], Any]:
     raise TypeError(f"register(): cannot key an op by {op!r}")
 
 
-def _load_builtins() -> None:
+def load_builtins() -> None:
     """Register the built-in entries once. ``passes.trace.trace`` calls this before fx patches anything:
     while fx traces, the globals of wrapped functions are patched, and rule tables imported then would
     key the patched wrappers instead of the functions."""
@@ -153,7 +153,7 @@ def class_path(cls: type) -> str:
 
 def composite(mod: nn.Module) -> OpSpec | None:
     """The entry of a known composite (a dotted-path entry with ``qualifies``) that ``mod`` qualifies for."""
-    _load_builtins()
+    load_builtins()
     entry = _MODULES.get(class_path(type(mod)))
     if entry is None or entry.qualifies is None or entry.rule is None:
         return None
@@ -162,14 +162,14 @@ def composite(mod: nn.Module) -> OpSpec | None:
 
 def is_leaf(mod: nn.Module) -> bool:
     """Whether ``mod`` is traced as one node: its exact class has a registered rule, or it is a composite."""
-    _load_builtins()
+    load_builtins()
     entry = _MODULES.get(type(mod))
     return (entry is not None and entry.rule is not None) or composite(mod) is not None
 
 
 def module_spec(mod: nn.Module) -> OpSpec:
     """The entry for a module instance: the merged entries of its class's MRO, under its composite entry."""
-    _load_builtins()
+    load_builtins()
     cls = type(mod)
     cached = _type_cache.get(cls)
     if cached is None:
@@ -198,7 +198,7 @@ def _merged(cls: type) -> OpSpec:
 
 def function_spec(fn: Any) -> OpSpec:
     """The entry of a function (an empty entry if it has none or cannot be hashed)."""
-    _load_builtins()
+    load_builtins()
     try:
         return _FUNCTIONS.get(fn, _EMPTY)
     except TypeError:  # an unhashable callable object
@@ -207,7 +207,7 @@ def function_spec(fn: Any) -> OpSpec:
 
 def method_spec(name: str) -> OpSpec:
     """The entry of a tensor method name."""
-    _load_builtins()
+    load_builtins()
     return _METHODS.get(name, _EMPTY)
 
 
