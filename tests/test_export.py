@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import fxprune.passes.export as export_mod
+import fxprune.passes.onnx_check as onnx_check
 from fxprune.errors import ExportError
 from fxprune.passes.export import ExportReport, check_onnx, export_onnx, make_check_inputs
 
@@ -228,17 +229,17 @@ def test_check_inputs_are_seeded_and_batched() -> None:
 def test_tolerance_scales_with_output_magnitude() -> None:
     ref = np.array([100.0, 0.001, -50.0], dtype=np.float32)
     noisy = ref + np.array([0.0, 5e-5, 0.0], dtype=np.float32)  # fp32 noise at the scale of 100
-    assert export_mod._compare(noisy, ref, 1e-4, 1e-5, "out") == pytest.approx(5e-5, rel=1e-2)
+    assert onnx_check._compare(noisy, ref, 1e-4, 1e-5, "out") == pytest.approx(5e-5, rel=1e-2)
     wrong = ref + np.array([0.0, 0.05, 0.0], dtype=np.float32)  # a real error still fails
     with pytest.raises(ExportError, match="out: .*max abs diff 0.05"):
-        export_mod._compare(wrong, ref, 1e-4, 1e-5, "out")
+        onnx_check._compare(wrong, ref, 1e-4, 1e-5, "out")
     with pytest.raises(ExportError, match="max abs diff 2e-05"):  # unit-scale outputs keep atol 1e-5
-        export_mod._compare(np.array([0.5, 2e-5]), np.array([0.5, 0.0]), 1e-4, 1e-5, "out")
+        onnx_check._compare(np.array([0.5, 2e-5]), np.array([0.5, 0.0]), 1e-4, 1e-5, "out")
     nan_inf = np.array([np.nan, np.inf, 1.0])
-    assert export_mod._compare(nan_inf, nan_inf.copy(), 1e-4, 1e-5, "out") == 0.0
-    assert export_mod._compare(np.zeros((0, 3)), np.zeros((0, 3)), 1e-4, 1e-5, "out") == 0.0
+    assert onnx_check._compare(nan_inf, nan_inf.copy(), 1e-4, 1e-5, "out") == 0.0
+    assert onnx_check._compare(np.zeros((0, 3)), np.zeros((0, 3)), 1e-4, 1e-5, "out") == 0.0
     with pytest.raises(ExportError, match="shape"):
-        export_mod._compare(np.zeros((1, 3)), np.zeros((2, 3)), 1e-4, 1e-5, "out")
+        onnx_check._compare(np.zeros((1, 3)), np.zeros((2, 3)), 1e-4, 1e-5, "out")
 
 
 def test_onnxslim_is_the_alternative_simplifier(tmp_path: Path) -> None:

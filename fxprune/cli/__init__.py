@@ -58,7 +58,7 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
 def _ort_logging(severity: int) -> Iterator[None]:
     """Set onnxruntime's C++ log severity (0 verbose .. 4 fatal) for the default logger and for the sessions
     fxprune opens; restore onnxruntime's default (2, warning) after."""
-    from fxprune.passes.export import ORT_LOG_SEVERITY
+    from fxprune.passes.onnx_check import ORT_LOG_SEVERITY
 
     try:
         import onnxruntime as ort
