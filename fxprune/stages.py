@@ -144,7 +144,8 @@ def _prepare(
         output_type = check_graph_matches_eager(gm, work, model, inputs, shape_generic)
     finally:
         restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
-    train_differs = train_mode_difference(work, gm, leaves, inputs, specialize)
+    # the same opaque leaves as the eval graph: what their own forwards do in train mode is theirs to do
+    train_differs = train_mode_difference(work, gm, list(opaque), inputs, specialize)
     deps = build_dependencies(gm, shapes, _by_name(work, ignore), opaque, prune_heads)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
     return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs,

@@ -78,8 +78,13 @@ class ExampleEvaluator:
 
     def record(self, node: fx.Node) -> None:
         """Compute and store the example value of a node just created (nothing on failure)."""
+        # Only module calls and attribute reads need fx's patches undone (fx's getattr turns a parameter into a
+        # Proxy). Undoing them for every node would cost more than the evaluation: assigning a method of
+        # nn.Module invalidates the type cache of every subclass loaded (0.5 ms a node with transformers).
+        patched = node.op in ("call_module", "get_attr")
+        untraced = _untraced() if patched else contextlib.nullcontext()
         try:
-            with torch.no_grad(), _untraced():
+            with torch.no_grad(), untraced:
                 value = self._evaluate(node)
         except Exception:  # noqa: BLE001 - an op that fails here: the value stays unknown
             value = UNKNOWN
