@@ -363,9 +363,9 @@ def test_docs_quickstart_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from fxprune.cli import commands
+    from fxprune.cli import common
 
-    monkeypatch.setattr(commands._Steps, "QUIET_S", 0.0)  # a long run: every step is reported
+    monkeypatch.setattr(common.Steps, "QUIET_S", 0.0)  # a long run: every step is reported
     code, out, err = run(["bench", "models_zoo:mlp", "--runs", "2", "--ratio", "0.25"], capsys)
     assert code == 0
     steps = [ln for ln in err.splitlines() if ln.startswith("fxprune: [")]

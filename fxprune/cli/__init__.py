@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fxprune.cli.commands import run_analyze, run_bench, run_compile
+    from fxprune.cli.bench import run_bench
+    from fxprune.cli.commands import run_analyze, run_compile
     from fxprune.cli.yolo import run_finetune_yolo
 
     handler = {"compile": run_compile, "analyze": run_analyze, "bench": run_bench,

@@ -1,0 +1,204 @@
+"""What the subcommands share: progress lines, loading the model and its inputs, and the policy flags as
+``fxprune.prune`` arguments (the same options as the Python API)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import fxprune
+from fxprune.errors import FxPruneError, ShapeError, first_line
+from fxprune.model_loader import (
+    DEFAULT_INPUT_SHAPE,
+    LoadedModel,
+    load_checkpoint,
+    load_model,
+    parse_shape,
+    random_inputs,
+)
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+class Steps:
+    """Progress on stderr: a tqdm bar naming the current step on a terminal; elsewhere (a log, CI) one line
+    per step once the run has taken ``QUIET_S`` seconds, so a long run is never silent and a quick failure
+    still prints its one error line only."""
+
+    QUIET_S = 3.0
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n = total, 0
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, file=sys.stderr, disable=not self.tty, leave=False,
+                        bar_format="{desc:<28}{bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+        self.started = False
+        self.t0 = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        """Finish the previous step and start ``name``."""
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.n += 1
+        self.bar.set_description_str(name)
+        elapsed = time.perf_counter() - self.t0
+        if not self.tty and elapsed >= self.QUIET_S:
+            sys.stderr.write(f"fxprune: [{self.n}/{self.total}] {name} (at {elapsed:.1f}s)\n")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        """Finish the last step."""
+        self.bar.update()
+        elapsed = time.perf_counter() - self.t0
+        if not self.tty and elapsed >= self.QUIET_S:
+            sys.stderr.write(f"fxprune: done in {elapsed:.1f}s\n")
+
+
+@contextmanager
+def progress(total: int) -> Iterator[Steps]:
+    steps = Steps(total)
+    try:
+        yield steps
+    finally:
+        steps.bar.close()
+
+
+def shape_text(shapes: Any) -> str:
+    return ", ".join("x".join(str(d) for d in s) for s in shapes)
+
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
+    """Build the model, load the checkpoint, make seeded inputs and check the model runs on them."""
+    loaded = load_model(args.model, seed=args.seed, trust_pickle=args.trust_pickle)
+    if args.checkpoint:
+        load_checkpoint(loaded.model, args.checkpoint)
+    if args.input_shape:
+        shapes = tuple(parse_shape(s) for s in args.input_shape)
+    else:
+        shapes = loaded.input_shapes or (DEFAULT_INPUT_SHAPE,)
+    inputs = random_inputs(shapes, args.seed)
+    try:
+        with torch.no_grad():
+            loaded.model(*inputs)
+    except Exception as e:
+        raise ShapeError(
+            f"{loaded.spec} does not run on input shape {shape_text(shapes)} ({type(e).__name__}: {first_line(e)}); "
+            "set --input-shape"
+        ) from e
+    return loaded, inputs
+
+
+def check_ratio(args: argparse.Namespace) -> None:
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise FxPruneError(f"--ratio must satisfy 0 <= R < 1 (the fraction of channels removed), got {args.ratio:g}")
+
+
+def prune_with_args(model: nn.Module, inputs: Inputs, args: argparse.Namespace, verify: bool) -> fxprune.PruneResult:
+    """Call ``fxprune.prune`` with the policy flags that were given (the same options as the Python API)."""
+    targeted = args.target_macs is not None or args.target_params is not None
+    if targeted and args.ratio is not None:
+        raise FxPruneError("give --ratio or a --target-macs/--target-params budget, not both (a budget searches the "
+                           "ratio itself)")
+    kwargs: dict[str, Any] = {"example_inputs": inputs, "ignore": args.ignore, "verify": verify,
+                              "importance": importance_from_args(args, inputs),
+                              "target_macs": args.target_macs, "target_params": args.target_params,
+                              "round_to": args.round_to, "global_ranking": args.global_ranking,
+                              "prune_heads": args.prune_heads, "min_channels": args.min_channels,
+                              "leaves": tuple(args.leaf), "ratios": module_ratios(args.module_ratio) or None}
+    if is_ultralytics(args):  # Ultralytics' own DetectionModel, which YOLO(path) and `yolo train` load
+        kwargs["output"] = "module"
+    ratio = args.ratio if args.ratio is not None else 0.5
+    return fxprune.prune(model, ratio, **kwargs)
+
+
+def is_ultralytics(args: argparse.Namespace) -> bool:
+    return str(args.model).startswith("ultralytics:")
+
+
+@contextmanager
+def deploy_heads(model: nn.Module) -> Iterator[None]:
+    """Ultralytics' export switch while exporting: its Detect head returns one tensor, as `yolo export` gives."""
+    switched = [m for m in model.modules() if isinstance(getattr(m, "export", None), bool)]
+    for m in switched:
+        m.export = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.export = False
+
+
+def module_ratios(items: list[str]) -> dict[str, float]:
+    """``--module-ratio layer4=0.7`` (repeatable) as ``{"layer4": 0.7}``."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise FxPruneError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}") from None
+        if not sep or not name.strip():
+            raise FxPruneError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}")
+    return out
+
+
+def importance_from_args(args: argparse.Namespace, inputs: Inputs) -> Any:
+    """The criterion ``--importance`` names; ``activation`` measures the layers' inputs on ``--data``
+    batches (required); ``taylor`` scores on ``--data`` batches, else on four seeded
+    batches shaped like the inputs (first-order Taylor needs gradients of a loss: the mean square of the
+    outputs, which needs no labels)."""
+    if args.importance.lower() == "activation":
+        batches = data_batches(args, inputs)[:32]
+        if not batches:
+            raise FxPruneError("--importance activation measures real inputs: pass --data (a folder of images, a "
+                               ".npy/.pt tensor file, or a text file for a language model)")
+        return fxprune.Activations(batches)
+    if args.importance.lower() != "taylor":
+        return args.importance
+    batches = data_batches(args, inputs)[:8] or [random_inputs(tuple(tuple(x.shape) for x in inputs), args.seed + k)
+                                          for k in range(4)]
+    return fxprune.Taylor([(b, None) for b in batches], loss_fn=output_energy)
+
+
+def data_batches(args: argparse.Namespace, inputs: Inputs) -> list[Inputs]:
+    """The ``--data`` batches shaped like ``inputs`` (empty without ``--data``)."""
+    if not getattr(args, "data", None):
+        return []
+    from fxprune.data import load_batches
+
+    return load_batches(args.data, tuple(tuple(x.shape) for x in inputs), dtype=inputs[0].dtype)
+
+
+def int8_feeds(onnx_path: Path, args: argparse.Namespace, inputs: Inputs) -> list[dict[str, Any]] | None:
+    """int8 calibration feeds from ``--data`` (None: seeded random inputs, and the report says so)."""
+    batches = data_batches(args, inputs)
+    if not batches:
+        return None
+    import onnxruntime as ort
+
+    from fxprune.passes.export import ort_session_options
+
+    session = ort.InferenceSession(str(onnx_path), ort_session_options(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return [{name: b[0].numpy()} for b in batches[: args.calibration_samples]]
+
+
+def output_energy(out: Any, _target: Any) -> torch.Tensor:
+    """A label-free loss for Taylor scores on the command line: the mean square of every float output."""
+    from fxprune.outputs import tensors_of
+
+    terms = [t.float().pow(2).mean() for t in tensors_of(out) if t.is_floating_point()]
+    if not terms:
+        raise FxPruneError("--importance taylor needs a model with floating-point outputs")
+    return torch.stack(terms).sum()
