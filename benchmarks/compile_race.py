@@ -33,7 +33,9 @@ def child_fx(spec: str, ratio: float) -> dict[str, Any]:
     """One fxprune compile (in the subprocess): the first after import, without ``verify``."""
     from coverage import build
 
-    from fxprune import prune  # the import is outside the timer, as Torch-Pruning's is (fxprune imports lazily)
+    from fxprune import (
+        prune,  # the import is outside the timer, as Torch-Pruning's is (fxprune imports lazily)
+    )
 
     model, x = build(spec)
     t0 = time.perf_counter()

@@ -52,6 +52,7 @@ def prune(
     onnx_opset: int = 18,
     output: str = "graph",
     partial: bool = True,
+    hidden: float | None = None,
 ) -> PruneResult:
     """Prune ``model`` and return the smaller model with its plan, counts and proof.
 
@@ -83,6 +84,10 @@ def prune(
         output: "graph" (a ``torch.fx.GraphModule``, the default) or "module" (a copy of your own module
             tree with the pruned weights, picklable as your classes, proven equal to the graph).
         partial: prune traceable parts one by one when the whole model cannot be traced.
+        hidden: fraction of the hidden size (the residual stream of a language model: embeddings, norms,
+            every projection reading or writing it, ``lm_head``) removed, 0 <= hidden < 1, with one channel
+            selection, before ``ratio`` prunes heads and MLPs; None (default) keeps it. The Hugging Face
+            config follows (docs/hidden-size.md).
 
     Returns:
         A ``PruneResult``: ``model``, ``plan``, parameter and MAC counts before and after, the oracle's
@@ -99,6 +104,7 @@ def prune(
         calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
         target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
         leaves=tuple(leaves), verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial,
+        hidden=hidden,
     ))
 
 
@@ -124,6 +130,7 @@ def compile(  # noqa: A001 - the public name users expect
     onnx_opset: int = 18,
     output: str = "graph",
     partial: bool = True,
+    hidden: float | None = None,
 ) -> nn.Module:
     """Return a physically smaller, dense copy of ``model`` with ``ratio`` of each coupled group's channels
     removed: ``prune(...).model``. The arguments are ``prune``'s.
@@ -136,7 +143,7 @@ def compile(  # noqa: A001 - the public name users expect
                  calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
                  target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
                  leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output,
-                 partial=partial).model
+                 partial=partial, hidden=hidden).model
 
 
 def apply(

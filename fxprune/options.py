@@ -42,6 +42,7 @@ class Options:
     onnx_opset: int = 18
     output: str = "graph"
     partial: bool = True
+    hidden: float | None = None
 
     @property
     def budget(self) -> bool:
@@ -68,12 +69,21 @@ class Options:
         resolve(self.importance, self.calibration)  # an unknown criterion name, or one without its data, fails here
         if isinstance(self.ignore, (str, type)) or isinstance(self.leaves, str):
             raise ArgumentError("ignore and leaves take a list of module names (or types), not a single one")
-        return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves))
+        hidden = None
+        if self.hidden is not None:  # the hidden size (residual stream), pruned first: fxprune/hidden.py
+            from fxprune.hidden import check_hidden
+
+            hidden = check_hidden(self.hidden)
+            if self.budget:
+                raise ArgumentError("hidden cannot be combined with target_macs or target_params: give a ratio")
+        return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves),
+                       hidden=hidden)
 
     def part_options(self) -> Options:
         """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven
         as the user's own classes."""
         return replace(self, example_inputs=None, ignore=(), leaves=(), onnx=None, output="module", partial=True,
+                       hidden=None,  # the whole model's residual stream, pruned before its parts
                        ratios=None, group_ratios=None,  # those name the root's modules and groups
                        calibration=None)  # the root's batches: each part is given its own (compile_parts)
 

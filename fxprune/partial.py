@@ -20,11 +20,15 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError, TraceError
+from fxprune.importance_taylor import PartGradients, WholeModelGradients
 
 log = logging.getLogger(__name__)
 
-# (part, inputs, ignore, calibration) -> PruneResult; calibration: the part's own inputs per calibration batch
-CompilePart = Callable[[nn.Module, tuple[Any, ...], list[Any], list[tuple[Any, ...]] | None], Any]
+# (part, inputs, ignore, calibration, importance) -> PruneResult; calibration: the part's own inputs per
+# calibration batch; importance: the part's own criterion when its scores need the whole model (else None)
+CompilePart = Callable[
+    [nn.Module, tuple[Any, ...], list[Any], list[tuple[Any, ...]] | None, PartGradients | None], Any
+]
 
 
 @dataclass
@@ -140,6 +144,7 @@ def compile_parts(
     ignore: list[str | type] | None = None,
     only: str | None = None,
     calibration: list[tuple[Any, ...]] | None = None,
+    importance: Any = None,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
@@ -149,10 +154,14 @@ def compile_parts(
     names, or types) are left alone. With ``only``, just that child of ``scope`` (tried whole first, then its
     children). ``calibration`` batches (the root's inputs) are run through the root too, and each part is
     given what arrived at it (``compile_fn``'s fourth argument; batches whose call differs are dropped).
+    An ``importance`` that needs gradients (``fxprune.Taylor``) cannot run the user's batches and loss on a
+    part: it is run once on the whole ``root``, before any part changes, and each part is scored by the
+    gradients of its own parameters (``compile_fn``'s fifth argument; None for other criteria).
     """
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
     calibration_calls: list[dict[str, _Call]] = []
+    gradients: WholeModelGradients | None = None  # set below, before the first part is visited
 
     def part_calibration(name: str, bound: _Bound) -> list[tuple[Any, ...]] | None:
         if calibration is None:
@@ -189,7 +198,8 @@ def compile_parts(
                 reports.append(PartReport(full, skipped="no tensor inputs"))
                 continue
             try:
-                result = compile_fn(bound, tensors, inside, part_calibration(name, bound))
+                own = None if gradients is None else gradients.for_part(bound, full)
+                result = compile_fn(bound, tensors, inside, part_calibration(name, bound), own)
             except TraceError:
                 visit(child, name)  # not traceable as a whole: try its children
                 continue
@@ -213,5 +223,6 @@ def compile_parts(
     with no_kv_cache(root):
         calls.update(record_calls(root, scope, inputs))
         calibration_calls.extend(record_calls(root, scope, batch) for batch in calibration or ())
+        gradients = WholeModelGradients.of(root, importance)  # before the first part is replaced
         visit(scope, "")
     return reports

@@ -21,6 +21,7 @@ Piecewise pruning compiles each part with the function ``compile_parts`` is give
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -41,7 +42,7 @@ from fxprune.passes.importance import resolve, score_groups
 from fxprune.passes.select import Policy, select_channels
 from fxprune.passes.ties import retie
 from fxprune.passes.train_mode import restore_flags
-from fxprune.passes.writeback import WriteBackError
+from fxprune.passes.writeback import WriteBackError, repeats_of
 from fxprune.plan import PruningPlan
 from fxprune.results import PruneResult
 from fxprune.stages import Prepared, as_inputs, prepare, rewrite_and_prove
@@ -49,7 +50,7 @@ from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
 
-MAX_KEPT_WHOLE = 64  # modules a write-back may ask to keep whole before fxprune gives up
+MAX_WRITE_BACK_RETRIES = 8  # compiles a write-back may ask for, each keeping more modules whole
 
 
 def run(model: nn.Module, options: Options) -> PruneResult:
@@ -57,6 +58,11 @@ def run(model: nn.Module, options: Options) -> PruneResult:
     written or modified; the result owns every tensor."""
     options = options.checked()  # 0. every option, the output path included, before any work (the model is
     # checked first thing in ``stages.prepare``, which every entry point goes through)
+    if options.hidden is not None:  # the hidden size first, then this function on its result (fxprune/hidden.py)
+        from fxprune.hidden import prune_with_hidden
+
+        with torch.inference_mode(False):
+            return prune_with_hidden(model, options, run)
     t0 = time.perf_counter()
     with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
         result = _compile_keeping_culprits(model, options)  # 1. the requested policy
@@ -71,16 +77,22 @@ def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult
     """Step 1, retried while a write-back names modules whose own forward takes a size fxprune cannot
     rewrite (an attribute, another tensor): those are kept whole, so ``output="module"`` still gives the
     user's classes."""
-    for _ in range(MAX_KEPT_WHOLE + 1):
+    for _ in range(MAX_WRITE_BACK_RETRIES):
         try:
             return _compile(model, options)
         except WriteBackError as e:
-            new = tuple(c for c in e.culprits if c and c not in options.ignore)
-            if not new or len(options.ignore) >= MAX_KEPT_WHOLE:
+            found = tuple(c for c in e.culprits if c and c not in options.ignore)
+            if not found:
                 raise
+            # The same module in every repeat of its block (each decoder layer's o_proj) fails the same way:
+            # keep them all whole now, not one compile per layer.
+            new = tuple(n for n in repeats_of(model, found) if n not in options.ignore)
             log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
             options = replace(options, ignore=(*options.ignore, *new))
-    raise FxPruneError(f"more than {MAX_KEPT_WHOLE} modules would have to stay whole for the write-back")
+            del e
+            gc.collect()  # the failed attempt's copy and graphs (cycles) before the next copy is made
+    raise FxPruneError(f"the write-back still fails after keeping {len(options.ignore)} modules whole "
+                       f"({MAX_WRITE_BACK_RETRIES} attempts); use output='graph'")
 
 
 def _compile(model: nn.Module, options: Options) -> PruneResult | None:
@@ -109,7 +121,7 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs,
                                _part_compiler(options), list(options.ignore), only=child,
-                               calibration=options.calibration_batches())
+                               calibration=options.calibration_batches(), importance=options.importance)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0)
@@ -173,7 +185,7 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
     parts = compile_parts(root, root, "", inputs, _part_compiler(options), list(options.ignore),
-                          calibration=options.calibration_batches())
+                          calibration=options.calibration_batches(), importance=options.importance)
     _settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
     modified = any(p.params_after < p.params_before for p in parts)
@@ -194,10 +206,12 @@ def _part_compiler(options: Options) -> CompilePart:
     activation = options.calibration_batches() is not None
 
     def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
-                     calibration: list[tuple[Any, ...]] | None) -> PruneResult:
+                     calibration: list[tuple[Any, ...]] | None, importance: Any) -> PruneResult:
         own = replace(part, example_inputs=inputs, ignore=tuple(ignore))
         if activation:  # activation-aware: measured on what arrives at this part, not at the root
             own = replace(own, importance="activation", calibration=calibration or [inputs])
+        if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it
+            own = replace(own, importance=importance)
         return run(module, own)
 
     return compile_part

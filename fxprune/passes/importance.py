@@ -189,8 +189,13 @@ def lamp(g: GroupTensors) -> np.ndarray:
 class Taylor:
     """First-order Taylor importance |w * dL/dw| from a few user batches.
 
+    ``L`` is always the whole model's loss: a model pruned part by part (an untraceable root) is run whole on
+    the batches once, and each part is scored by the gradients of its own parameters
+    (``fxprune.importance_taylor``).
+
     Args:
-        batches: an iterable of ``(inputs, target)`` pairs; ``inputs`` is a tensor or a tuple of tensors.
+        batches: an iterable of ``(inputs, target)`` pairs of the whole model; ``inputs`` is a tensor or a
+            tuple of tensors.
         loss_fn: ``loss_fn(output, target) -> scalar``; default cross-entropy.
     """
 
@@ -202,18 +207,25 @@ class Taylor:
         if not self.batches:
             raise ArgumentError("Taylor importance needs at least one (inputs, target) batch")
 
-    def gradients(self, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-        """Accumulate gradients of the loss over the batches on the private copy (eval mode)."""
+    def gradients(self, gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Accumulate gradients of the loss over the batches on the private copy (eval mode).
+
+        ``gm`` is the traced graph or, for a model pruned part by part, fxprune's private copy of the whole
+        model (``fxprune.importance_taylor``): the batches and the loss are always the whole model's.
+
+        Raises:
+            ArgumentError: the model, the loss or its backward failed on a batch (naming the exception).
+        """
         params = dict(gm.named_parameters())
         saved = {n: p.requires_grad for n, p in params.items()}
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            for inputs, target in self.batches:
+            for k, (inputs, target) in enumerate(self.batches):
                 gm.zero_grad(set_to_none=True)
-                out = gm(*(inputs if isinstance(inputs, tuple) else (inputs,)))
-                self.loss_fn(out, target).backward()
+                with torch.enable_grad():  # a caller's no_grad must not turn the loss into a constant
+                    self._backward(gm, inputs, target, k)
                 for n, p in params.items():
                     if p.grad is not None:
                         grads[n] += p.grad.detach()
@@ -222,6 +234,17 @@ class Taylor:
             for n, p in params.items():
                 p.requires_grad_(saved[n])
         return grads
+
+    def _backward(self, model: torch.nn.Module, inputs: Any, target: Any, k: int) -> None:
+        try:
+            loss = self.loss_fn(model(*(inputs if isinstance(inputs, tuple) else (inputs,))), target)
+            loss.backward()
+        except FxPruneError:
+            raise
+        except Exception as e:
+            raise ArgumentError(f"Taylor importance: batch {k} failed ({type(e).__name__}: {e}); Taylor(batches, "
+                                "loss_fn) takes (inputs, target) pairs of the whole model and loss_fn(the whole "
+                                "model's output, target) -> a scalar with a gradient") from e
 
     def __call__(self, g: GroupTensors) -> np.ndarray:
         out = np.zeros(g.size)

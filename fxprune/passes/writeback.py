@@ -7,6 +7,7 @@ equal the GraphModule's on the example inputs: a forward with a size fxprune cou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -105,3 +106,32 @@ def write_back(
     if len(want) != len(got) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(want, got, strict=False)):
         raise InvariantError("the original forward disagrees with the pruned graph (a size in its Python code was not rewritten)")
     return work
+
+
+def repeats_of(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """``names`` and the same module in every other repeat of each enclosing ModuleList/Sequential block:
+    ``layers.0.attn.o`` -> ``layers.0.attn.o``, ``layers.1.attn.o``, ... where each exists with the same type."""
+    out: list[str] = []
+    for name in names:
+        kind = type(model.get_submodule(name))
+        found = [name.split(".")]
+        for i, part in enumerate(name.split(".")):
+            if not part.isdigit():
+                continue
+            grown = []
+            for parts in found:
+                block = model.get_submodule(".".join(parts[:i]))
+                if not isinstance(block, (nn.ModuleList, nn.Sequential)):
+                    grown.append(parts)
+                    continue
+                grown += [[*parts[:i], str(k), *parts[i + 1:]] for k in range(len(block))]
+            found = grown
+        for parts in found:
+            candidate = ".".join(parts)
+            try:
+                same = type(model.get_submodule(candidate)) is kind
+            except AttributeError:
+                same = False
+            if same and candidate not in out:
+                out.append(candidate)
+    return out

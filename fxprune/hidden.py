@@ -1,0 +1,311 @@
+"""Prune the hidden size (the residual stream) of a language model, as Minitron's width pruning does.
+
+    small = fxprune.compile(llama, ratio=0.5, hidden=0.5, example_inputs=(ids,), prune_heads=True)
+
+One selection of hidden channels is applied to every parameter dim the residual stream indexes: the token,
+position and token-type embeddings, every norm's weight and bias, the input dim of every projection that
+reads the stream (q/k/v, gate/up, fc1, ``c_attn``, the pooler, ``lm_head``) and the output dim of every one
+that writes it (o/down projections, ``c_proj``). Those dims are *found*, not named: ``hidden_streams`` runs
+the model once and follows the hidden dim through its ops. Heads and key/value heads are not touched
+(grouped-query attention stays as it was); a tied embedding and ``lm_head`` are one tensor, sliced once.
+
+Layers whose width the config derives from ``hidden_size`` but which do not carry the residual (BERT's
+pooler and masked-LM transform) are found by building the model from the new config on the meta device,
+followed as streams of their own and pruned to the same width, so ``save_pretrained`` then ``from_pretrained``
+gives back the pruned model (``hidden_config``). ``pipeline.run`` calls ``prune_with_hidden`` when the
+``hidden`` option is set: this pass first, then heads and MLPs on its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from fxprune.copying import private_copy
+from fxprune.errors import ArgumentError
+from fxprune.hidden_config import derived_spaces, quiet, rename_hidden_attributes, sync_hidden_config
+from fxprune.hidden_streams import HiddenSizeError, Space, Stream, find_stream
+from fxprune.metrics import count_macs, count_params
+from fxprune.rules.registry import fix_attributes
+
+if TYPE_CHECKING:
+    from fxprune.options import Options
+    from fxprune.results import PruneResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HiddenPlan", "HiddenResult", "HiddenSizeError", "prune_hidden", "prune_with_hidden"]
+
+
+@dataclass(frozen=True)
+class HiddenPlan:
+    """The channels kept, per stream: the residual stream first, then those the config sizes with it.
+
+    Attributes:
+        streams: the streams found (each lists the parameter dims it indexes).
+        kept: for each stream, the kept channel positions, ascending.
+        config_modules: modules off the residual stream whose width the config derives from the hidden size
+            (BERT's pooler and masked-LM transform): pruned with it, and kept at that width afterwards.
+    """
+
+    streams: tuple[Stream, ...]
+    kept: tuple[tuple[int, ...], ...]
+    config_modules: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """The hidden size before pruning."""
+        return self.streams[0].size
+
+    @property
+    def new_size(self) -> int:
+        """The hidden size after pruning."""
+        return len(self.kept[0])
+
+
+@dataclass(frozen=True)
+class HiddenResult:
+    """What ``prune_hidden`` produced: the pruned copy, its plan, counts and whether the config describes it.
+
+    Attributes:
+        model: the pruned copy (the caller's model is untouched).
+        plan: the kept channels per stream.
+        params_before: parameter count of the input model.
+        params_after: parameter count of the result.
+        config: "" when the Hugging Face config describes the result (``save_pretrained`` round-trips), else why not.
+    """
+
+    model: nn.Module
+    plan: HiddenPlan
+    params_before: int
+    params_after: int
+    config: str = ""
+
+
+def check_hidden(hidden: Any) -> float:
+    """``hidden`` as a float in [0, 1), or ``ArgumentError``."""
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or not 0.0 <= float(hidden) < 1.0:
+        raise ArgumentError(f"hidden must be a number with 0 <= hidden < 1 (the fraction of the hidden size, "
+                            f"the residual stream, removed), or None to keep it; got {hidden!r}")
+    return float(hidden)
+
+
+def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Eight token ids the model accepts (its vocabulary read from the input embedding)."""
+    vocab = _input_embedding(model).num_embeddings
+    return (torch.arange(8).reshape(1, 8) * 7 % vocab,)
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Embedding):
+        raise HiddenSizeError(f"{type(model).__name__} has no token embedding (get_input_embeddings() returned "
+                              f"{type(emb).__name__}): hidden-size pruning needs a language model")
+    return emb
+
+
+def prune_hidden(model: nn.Module, hidden: float, *, example_inputs: Any = None, importance: str = "l2",
+                 calibration: list[Any] | None = None, round_to: int | None = None,
+                 min_channels: int = 1) -> HiddenResult:
+    """Remove ``hidden`` of the hidden size of ``model`` (a copy) and rewrite its config to match.
+
+    Args:
+        model: a language model with a token embedding (Hugging Face ``PreTrainedModel`` or alike).
+        hidden: the fraction of hidden channels removed, 0 <= hidden < 1.
+        example_inputs: a tensor or tuple the model accepts positionally (default: eight token ids).
+        importance: "l2" (the norm of every weight touching a channel) or "activation" (Wanda's score summed
+            over the projections that read the stream, measured on ``calibration``).
+        calibration: batches of model inputs (a tensor or a tuple each) for ``importance="activation"``.
+        round_to: the kept hidden size is a multiple of this.
+        min_channels: the hidden size kept is at least this.
+
+    Raises:
+        ArgumentError: a bad argument.
+        HiddenSizeError: the model has no token embedding, or an op along its hidden dim cannot be pruned.
+    """
+    hidden = check_hidden(hidden)
+    if importance not in ("l2", "activation") or (importance == "activation" and not calibration):
+        raise ArgumentError(f"hidden-size importance must be 'l2', or 'activation' with calibration batches; "
+                            f"got {importance!r}")
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else default_inputs(model)
+    batches = [_as_tuple(b) for b in calibration] if importance == "activation" and calibration else None
+    work = private_copy(model)
+    plan = _prune(work, hidden, inputs, batches, round_to, min_channels)
+    problem = sync_hidden_config(work, inputs, plan.size) if plan.new_size < plan.size else ""
+    return HiddenResult(work, plan, count_params(model), count_params(work), problem)
+
+
+def _as_tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _prune(work: nn.Module, hidden: float, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]] | None,
+           round_to: int | None, min_channels: int, ignore: tuple[str | type, ...] = ()) -> HiddenPlan:
+    """Find the streams, score and select channels, slice ``work`` in place (a private copy)."""
+    emb = _input_embedding(work)
+    size = emb.embedding_dim
+    keep = keep_count(size, hidden, round_to, min_channels)
+    seed = (next(n for n, p in work.named_parameters() if p is emb.weight), 1)
+    acts: dict[Space, torch.Tensor] | None = {} if calibration else None
+    residual = find_stream(work, {seed}, size, inputs, calibration, acts)
+    streams = [residual, *_config_streams(work, residual, size, keep, inputs)]
+    owners = {name.rsplit(".", 1)[0] for s in streams[1:] for name, _ in set(s.spaces) - set(residual.spaces)}
+    _check_not_ignored(work, streams, ignore)
+    # A config stream that shares a tensor dim with the residual (BERT's masked-LM transform feeding the tied
+    # decoder) is the same channel space: one selection for both.
+    merged = [s for s in streams[1:] if set(s.spaces) & set(residual.spaces)]
+    if merged:
+        spaces = set(residual.spaces).union(*(s.spaces for s in merged))
+        readers = set(residual.readers).union(*(s.readers for s in merged))
+        norms = set(residual.norms).union(*(s.norms for s in merged))
+        streams = [Stream(size, tuple(sorted(spaces)), tuple(sorted(readers)), tuple(sorted(norms))),
+                   *(s for s in streams[1:] if s not in merged)]
+    tensors = dict([*work.named_parameters(), *work.named_buffers()])
+    kept = tuple(_select(_scores(tensors, s, acts if i == 0 else None), keep) for i, s in enumerate(streams))
+    plan = HiddenPlan(tuple(streams), kept, tuple(sorted(owners)))
+    _slice(work, plan)
+    renamed = rename_hidden_attributes(work, size, keep)
+    try:  # the attributes renamed are read only when a module is built: the forward must still run
+        with torch.no_grad():
+            work(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the forward after the rename
+        for attr in renamed:
+            mod_name, _, name = attr.rpartition(".")
+            setattr(work.get_submodule(mod_name), name, size)
+        log.info("fxprune: the forward reads a hidden-size attribute (%s): kept as it was", e)
+        renamed = []
+    log.info("fxprune: hidden size %d -> %d (%d tensor dims, %d attributes)", size, keep,
+             sum(len(s.spaces) for s in streams), len(renamed))
+    return plan
+
+
+def _check_not_ignored(work: nn.Module, streams: list[Stream], ignore: tuple[str | type, ...]) -> None:
+    """``ArgumentError`` when ``ignore`` keeps a module the hidden size runs through (it cannot stay whole)."""
+    for stream in streams:
+        for name, _ in stream.spaces:
+            owner = name.rpartition(".")[0]
+            mod = work.get_submodule(owner)
+            hit = next((i for i in ignore if (isinstance(i, type) and isinstance(mod, i)) or
+                        (isinstance(i, str) and (owner == i or owner.startswith(i + ".")))), None)
+            if hit is not None:
+                raise ArgumentError(f"ignore={hit!r} keeps {owner} whole, but the hidden size runs through it "
+                                    f"({name}): drop it from ignore, or prune without hidden=")
+
+
+def keep_count(size: int, hidden: float, round_to: int | None, min_channels: int) -> int:
+    """How many hidden channels stay (the rounding of ``select.keep_counts``)."""
+    keep = max(size - math.floor(hidden * size + 1e-9), min_channels, 1)
+    if round_to and round_to > 1 and keep < size:
+        keep = min(size, max(round_to, round(keep / round_to) * round_to))
+    return min(keep, size)
+
+
+def _config_streams(work: nn.Module, residual: Stream, size: int, keep: int, inputs: tuple[Any, ...]) -> list[Stream]:
+    """Streams of projections whose output width the config derives from the hidden size (BERT's pooler and
+    masked-LM transform) but which do not write the residual; projections whose output cannot be followed
+    (an attention width split into heads) are left to head pruning."""
+    derived = derived_spaces(work, size, size - 1 if keep == size else keep) - set(residual.spaces)
+    names = {id(t): n for n, t in [*work.named_parameters(), *work.named_buffers()]}
+    found: list[Stream] = []
+    for mod in work.modules():
+        weight = getattr(mod, "weight", None)
+        out_dim = 1 if type(mod).__name__ == "Conv1D" else 0
+        if not isinstance(mod, nn.Linear) and out_dim == 0 or not isinstance(weight, torch.Tensor):
+            continue
+        seed = (names.get(id(weight), ""), out_dim)
+        if seed not in derived or any(seed in s.spaces for s in found):
+            continue
+        try:
+            found.append(find_stream(work, {seed}, size, inputs))
+        except HiddenSizeError as e:
+            log.debug("fxprune: %s is sized by the hidden size but is no stream of its own: %s", seed[0], e)
+    return found
+
+
+def _scores(tensors: dict[str, torch.Tensor], stream: Stream, acts: dict[Space, torch.Tensor] | None) -> torch.Tensor:
+    """One score per channel: the L2 norm of every weight touching it, or (with activations) the sum over
+    the stream's readers of |W[:, j]| * |x_j| (Wanda's score per channel)."""
+    score = torch.zeros(stream.size, dtype=torch.float64)
+    if acts:
+        for name, dim in stream.readers:
+            w = tensors[name].detach().double().movedim(dim, 0).reshape(stream.size, -1)
+            score += w.norm(dim=1) * acts.get((name, dim), torch.zeros(stream.size)).double().sqrt()
+        return score
+    for name, dim in stream.spaces:
+        t = tensors[name].detach().double().movedim(dim, 0).reshape(stream.size, -1)
+        score += t.pow(2).sum(1)
+    return score.sqrt()
+
+
+def _select(score: torch.Tensor, keep: int) -> tuple[int, ...]:
+    order = torch.argsort(-score, stable=True)[:keep]  # ties: the lower index stays
+    return tuple(sorted(order.tolist()))
+
+
+def _slice(work: nn.Module, plan: HiddenPlan) -> None:
+    """Slice every stream's dims to its kept channels; a tensor shared by several modules stays one tensor."""
+    tensors = dict([*work.named_parameters(), *work.named_buffers()])
+    dims: dict[str, dict[int, torch.Tensor]] = {}
+    for stream, kept in zip(plan.streams, plan.kept, strict=True):
+        index = torch.tensor(kept, dtype=torch.long)
+        for name, dim in stream.spaces:
+            dims.setdefault(name, {})[dim] = index
+    new: dict[int, torch.Tensor] = {}
+    for name, by_dim in dims.items():
+        old = tensors[name]
+        t = old.detach()
+        for dim, index in by_dim.items():
+            t = t.index_select(dim, index.to(t.device))
+        t = t.clone()
+        new[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+    for mod in work.modules():
+        touched = False
+        for table in (mod._parameters, mod._buffers):
+            for attr, value in table.items():
+                if value is not None and id(value) in new:
+                    table[attr] = new[id(value)]  # type: ignore[assignment]
+                    touched = True
+        if touched:
+            fix_attributes(mod, None)  # in_features, embedding_dim, normalized_shape, Conv1D's nx/nf
+
+
+def prune_with_hidden(model: nn.Module, options: Options,
+                      run_rest: Callable[[nn.Module, Options], PruneResult]) -> PruneResult:
+    """``pipeline.run`` with the ``hidden`` option: the hidden size first (on a private copy), then heads and
+    MLPs by ``run_rest`` (the pipeline, without ``hidden``) on its result, then the config.
+
+    The layers the config sizes with the hidden size (BERT's pooler and masked-LM transform) keep their new
+    width in the second pass (they are added to ``ignore``)."""
+    from fxprune.plan import PruningPlan
+    from fxprune.results import PruneResult
+
+    t0 = time.perf_counter()
+    inputs = _as_tuple(options.example_inputs) if options.example_inputs is not None else default_inputs(model)
+    calibration = options.calibration_batches()
+    work = private_copy(model)
+    params_before, macs_before = count_params(model), count_macs(work, inputs)
+    plan = _prune(work, options.hidden or 0.0, inputs, calibration, options.round_to, options.min_channels,
+                  options.ignore)
+    if options.ratio == 0 and options.onnx is None:  # nothing else to prune
+        if plan.new_size < plan.size:
+            sync_hidden_config(work, inputs, plan.size)
+        return PruneResult(work, PruningPlan(0.0, (), (), ()), plan.new_size < plan.size, params_before,
+                           count_params(work), macs_before, count_macs(work, inputs), None,
+                           time.perf_counter() - t0)
+    keep_width = [m for m in plan.config_modules if m not in options.ignore]
+    rest_options = replace(options, hidden=None, example_inputs=inputs, ignore=(*options.ignore, *keep_width))
+    with quiet("fxprune.hf_config"):
+        rest = run_rest(work, rest_options)
+    if rest.modified or plan.new_size < plan.size:
+        sync_hidden_config(rest.model, inputs, plan.size)
+    return replace(rest, modified=rest.modified or plan.new_size < plan.size, params_before=params_before,
+                   params_after=count_params(rest.model), macs_before=macs_before,
+                   macs_after=count_macs(rest.model, inputs), seconds=time.perf_counter() - t0)
