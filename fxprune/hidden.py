@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from fxprune.copying import private_copy
-from fxprune.errors import ArgumentError
+from fxprune.errors import ArgumentError, InvariantError
 from fxprune.hidden_config import derived_spaces, quiet, rename_hidden_attributes, sync_hidden_config
+from fxprune.hidden_oracle import both, hidden_oracle
 from fxprune.hidden_streams import HiddenSizeError, Space, Stream, find_stream
 from fxprune.metrics import count_macs, count_params
 from fxprune.rules.registry import fix_attributes
@@ -294,11 +295,17 @@ def prune_with_hidden(model: nn.Module, options: Options,
     params_before, macs_before = count_params(model), count_macs(work, inputs)
     plan = _prune(work, options.hidden or 0.0, inputs, calibration, options.round_to, options.min_channels,
                   options.ignore)
+    proof = None
+    if options.verify and plan.new_size < plan.size:  # this pass's own proof, before heads and MLPs change
+        proof = hidden_oracle(model, work, plan, inputs)
+        if proof.applicable and not proof.passed:
+            raise InvariantError(f"hidden-size oracle failed: max |pruned - masked original| = "
+                                 f"{proof.max_abs_diff:.3g}")
     if options.ratio == 0 and options.onnx is None:  # nothing else to prune
         if plan.new_size < plan.size:
             sync_hidden_config(work, inputs, plan.size)
         return PruneResult(work, PruningPlan(0.0, (), (), ()), plan.new_size < plan.size, params_before,
-                           count_params(work), macs_before, count_macs(work, inputs), None,
+                           count_params(work), macs_before, count_macs(work, inputs), proof,
                            time.perf_counter() - t0)
     keep_width = [m for m in plan.config_modules if m not in options.ignore]
     rest_options = replace(options, hidden=None, example_inputs=inputs, ignore=(*options.ignore, *keep_width))
@@ -306,6 +313,7 @@ def prune_with_hidden(model: nn.Module, options: Options,
         rest = run_rest(work, rest_options)
     if rest.modified or plan.new_size < plan.size:
         sync_hidden_config(rest.model, inputs, plan.size)
-    return replace(rest, modified=rest.modified or plan.new_size < plan.size, params_before=params_before,
+    return replace(rest, oracle=both(proof, rest.oracle),
+                   modified=rest.modified or plan.new_size < plan.size, params_before=params_before,
                    params_after=count_params(rest.model), macs_before=macs_before,
                    macs_after=count_macs(rest.model, inputs), seconds=time.perf_counter() - t0)

@@ -293,3 +293,30 @@ def test_a_config_that_cannot_describe_the_result_is_left_and_named() -> None:
     result = prune_hidden(gemma, 0.5)  # Gemma scales its embeddings by sqrt(hidden_size), fixed when built
     assert "scalar_embed_scale" in result.config
     assert result.model.config.hidden_size == 64 and result.model.get_input_embeddings().embedding_dim == 32
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_verify_proves_the_hidden_pass_with_fxprunes_own_oracle(family: str) -> None:
+    """``verify=True`` runs the hidden pass's oracle (found streams, norms over kept channels), which must
+    agree with the per-family reference written above."""
+    model = build(family)
+    result = fxprune.prune(model, 0.0, hidden=0.5, verify=True, output="module", example_inputs=(IDS,))
+    assert result.oracle is not None and result.oracle.applicable and result.oracle.passed, result.oracle
+    both = fxprune.prune(model, 0.5, hidden=0.5, prune_heads=True, verify=True, output="module",
+                         example_inputs=(IDS,))
+    assert both.oracle is not None and both.oracle.passed, both.oracle
+
+
+def test_the_hidden_oracle_catches_a_wrong_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxprune.hidden as hidden_mod
+
+    real = hidden_mod._slice
+
+    def off_by_one(work: nn.Module, plan: Any) -> None:  # slices the right dims, then spoils one norm weight
+        real(work, plan)
+        with torch.no_grad():
+            work.model.norm.weight[0] += 0.5
+
+    monkeypatch.setattr(hidden_mod, "_slice", off_by_one)
+    with pytest.raises(fxprune.InvariantError, match="hidden-size oracle failed"):
+        fxprune.prune(build("llama"), 0.0, hidden=0.5, verify=True, output="module", example_inputs=(IDS,))
