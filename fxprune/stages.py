@@ -139,11 +139,12 @@ def _prepare(
     shape_generic = not gm.meta.get("fxprune_example_values", True) and not lowered
     try:
         shapes, inputs = shapes_for(gm, given)  # 2. shapes, needed by every rule
-        # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
-        # (needs the inputs of step 2; restores every tensor of the copy that a run changed)
-        output_type = check_graph_matches_eager(gm, work, model, inputs, shape_generic)
-    finally:
-        restore_state(work, model)  # tracing with example values and the shape run may have updated buffers
+    finally:  # tracing with example values or a real shape run may have updated buffers: undone first
+        if gm.meta.get("fxprune_example_values", True) or gm.meta.get("fxprune_real_shape_run", True):
+            restore_state(work, model)
+    # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
+    # (needs the inputs of step 2; restores every tensor of the copy that its runs changed)
+    output_type = check_graph_matches_eager(gm, work, model, inputs, shape_generic)
     # the same opaque leaves as the eval graph: what their own forwards do in train mode is theirs to do
     train_differs = train_mode_difference(work, gm, list(opaque), inputs, specialize)
     deps = build_dependencies(gm, shapes, _by_name(work, ignore), opaque, prune_heads)  # 4. channel rules -> coupled classes

@@ -47,7 +47,7 @@ class FixedSize(Plain):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(8 * 32 * 32, 4)
+        self.fc = nn.Linear(8 * 64 * 64, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.c2(torch.relu(self.c1(x))).flatten(1))
@@ -69,41 +69,41 @@ class ShapeBranch(Plain):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.c1(x)
-        if x.shape[-1] > 32:
+        if x.shape[-1] > 64:
             y = y * 2
         return self.head(self.c2(y).mean((2, 3)))
 
 
 def _compile(model: nn.Module, output: str = "graph") -> nn.Module:
     torch.manual_seed(0)
-    return fxprune.compile(model.eval(), 0.5, example_inputs=(torch.randn(1, 3, 64, 64),), output=output)
+    return fxprune.compile(model.eval(), 0.5, example_inputs=(torch.randn(1, 3, 128, 128),), output=output)
 
 
 def test_shape_generic_graph_is_checked_once_at_the_smaller_size(sizes: list[tuple[int, ...]]) -> None:
     torch.manual_seed(0)
     _compile(Plain())
-    assert sizes == [(1, 3, 32, 32)]
+    assert sizes == [(1, 3, 64, 64)]
 
 
 def test_a_model_that_only_runs_at_its_size_is_checked_at_full_size(sizes: list[tuple[int, ...]]) -> None:
     torch.manual_seed(0)
     _compile(FixedSize())
-    assert sizes == [(1, 3, 32, 32), (1, 3, 64, 64)]
+    assert sizes == [(1, 3, 64, 64), (1, 3, 128, 128)]
 
 
 def test_a_difference_at_the_smaller_size_is_confirmed_at_full_size(sizes: list[tuple[int, ...]]) -> None:
     torch.manual_seed(0)
     with pytest.raises(TraceError, match="differs from eager PyTorch"):
         _compile(TracingAware())
-    assert sizes[:2] == [(1, 3, 32, 32), (1, 3, 64, 64)]  # then its parts, each on its own inputs
+    assert sizes[:2] == [(1, 3, 64, 64), (1, 3, 128, 128)]  # then its parts, each on its own inputs
 
 
 def test_a_graph_traced_with_example_values_is_checked_at_full_size_only(sizes: list[tuple[int, ...]]) -> None:
     torch.manual_seed(0)
     model = ShapeBranch().eval()
     small = _compile(model, output="module")
-    assert sizes == [(1, 3, 64, 64)]
-    x = torch.randn(1, 3, 64, 64)
+    assert sizes == [(1, 3, 128, 128)]
+    x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert small(x).shape == model(x).shape
 
@@ -112,8 +112,8 @@ def test_a_graph_traced_with_example_values_is_checked_at_full_size_only(sizes: 
     (torch.randint(0, 10, (1, 64, 64)),),  # not floating
     (torch.randn(1, 8, 64),),  # not an image
     (torch.randn(1, 3, 48, 64),),  # a side that is no multiple of 32
-    (torch.randn(1, 3, 32, 32),),  # already small
-    (torch.randn(1, 3, 64, 64), torch.randint(0, 3, (1, 64))),  # another input beside the image
+    (torch.randn(1, 3, 64, 64),),  # already small
+    (torch.randn(1, 3, 128, 128), torch.randint(0, 3, (1, 64))),  # another input beside the image
 ])
 def test_smaller_inputs_only_for_images_with_32_multiple_sides(inputs: tuple[Any, ...]) -> None:
     assert eager_check.smaller_inputs(inputs) is None
@@ -121,4 +121,6 @@ def test_smaller_inputs_only_for_images_with_32_multiple_sides(inputs: tuple[Any
 
 def test_smaller_inputs_quarter_the_side_to_a_multiple_of_32() -> None:
     (x,) = eager_check.smaller_inputs((torch.randn(2, 3, 640, 224),))
-    assert tuple(x.shape) == (2, 3, 160, 32)
+    assert tuple(x.shape) == (2, 3, 160, 64)
+    (y,) = eager_check.smaller_inputs((torch.randn(1, 3, 96, 128),))
+    assert tuple(y.shape) == (1, 3, 64, 64)

@@ -9,7 +9,7 @@ tensors, and every parameter and buffer the runs changed is restored from the ca
 
 The check costs two forward passes. When the graph is shape-generic (traced without concrete shapes, so no
 branch and no literal followed the example's size, and nothing lowered) and its inputs are images whose
-sides are multiples of 32, it first runs at a quarter of the side (at least 32): what it looks for (an
+sides are multiples of 32, it first runs at a quarter of the side (at least 64): what it looks for (an
 in-place write the graph missed, a hook, Python state, randomness) does not depend on the size, and a
 mismatch or failure at the small size only means the full-size check runs as before.
 """
@@ -56,20 +56,21 @@ def fresh_inputs(example_inputs: tuple[Any, ...], seed: int = 1234) -> tuple[Any
 
 
 def smaller_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """``inputs`` with every spatial side quartered (to a multiple of 32, at least 32); None when not images.
+    """``inputs`` with every spatial side quartered (to a multiple of 32, at least 64); None when not images.
 
     Only when every tensor input is a floating NCHW/NCDHW tensor whose spatial sides are multiples of 32, one
-    of them above 32 (the sides a strided backbone with skip connections accepts at any scale).
+    of them above 64 (sides a strided backbone with skip connections accepts at any scale; 64 leaves AlexNet's
+    strided stem and three pools something to pool).
     """
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     if not tensors or any(not t.is_floating_point() or t.dim() not in (4, 5) for t in tensors):
         return None
-    if any(d % 32 for t in tensors for d in t.shape[2:]) or all(d <= 32 for t in tensors for d in t.shape[2:]):
+    if any(d % 32 for t in tensors for d in t.shape[2:]) or all(d <= 64 for t in tensors for d in t.shape[2:]):
         return None
     out: list[Any] = []
     for x in inputs:
         if isinstance(x, torch.Tensor):
-            crop = tuple(slice(0, max(32, d // 4 // 32 * 32)) for d in x.shape[2:])
+            crop = tuple(slice(0, min(d, max(64, d // 4 // 32 * 32))) for d in x.shape[2:])
             x = x[(slice(None), slice(None), *crop)].clone()  # a corner of the example: its value range
         out.append(x)
     return tuple(out)

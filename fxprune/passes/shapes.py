@@ -186,7 +186,9 @@ def _record(gm: fx.GraphModule, example_inputs: tuple[Any, ...], meta: bool) -> 
             for n in gm.graph.nodes:
                 if n.name in shapes:
                     n.meta["fxprune_shape"] = shapes[n.name]
+            gm.meta.setdefault("fxprune_real_shape_run", False)
             return shapes, None
+    gm.meta["fxprune_real_shape_run"] = True  # the modules run on real tensors (stages undoes what they write)
     rec = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
