@@ -43,3 +43,47 @@ def test_bad_data_is_an_argument_error(tmp_path: Path, make: object, shape: tupl
     target = next(iter(sorted(tmp_path.iterdir())), tmp_path / "missing.npy")
     with pytest.raises(ArgumentError, match=needle):
         load_batches(target, shape)
+
+
+TINY_LM = '''
+import torch
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    """A byte-level language model: token ids in, N x L x 256 logits out."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 256)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+'''
+
+
+@pytest.mark.parametrize("importance", ["activation", "taylor", "l2"])
+def test_cli_prunes_a_language_model_on_token_ids_and_a_text_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], importance: str) -> None:
+    """The command line gives a model with a token embedding token ids (not floats), and --data reads a text
+    file as byte ids; activation and Taylor (next-token loss) importance score on it."""
+    from fxprune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lm.py").write_text(TINY_LM)
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    data = ["--data", "corpus.txt"] if importance != "l2" else []
+    code = main(["compile", "lm.py:TinyLM", "--ratio", "0.5", "--importance", importance, *data,
+                 "--save", "small.pt", "--runs", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "input 1x32" in out and "mask oracle: passed" in out
+    small = torch.load(tmp_path / "small.pt", weights_only=False)
+    assert small.up.out_features == 32
+    with torch.no_grad():
+        assert small(torch.randint(0, 256, (2, 7))).shape == (2, 7, 256)

@@ -27,6 +27,7 @@ from fxprune.model_loader import (
 )
 
 Inputs = tuple[torch.Tensor, ...]
+DEFAULT_TOKENS = (1, 32)  # a language model's default input: one sequence of 32 token ids
 
 
 class Steps:
@@ -83,11 +84,15 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     loaded = load_model(args.model, seed=args.seed, trust_pickle=args.trust_pickle)
     if args.checkpoint:
         load_checkpoint(loaded.model, args.checkpoint)
+    vocab = token_vocabulary(loaded.model)
     if args.input_shape:
         shapes = tuple(parse_shape(s) for s in args.input_shape)
     else:
-        shapes = loaded.input_shapes or (DEFAULT_INPUT_SHAPE,)
+        shapes = loaded.input_shapes or ((DEFAULT_TOKENS,) if vocab else (DEFAULT_INPUT_SHAPE,))
     inputs = random_inputs(shapes, args.seed)
+    if vocab:  # a language model takes token ids, not floats
+        gen = torch.Generator().manual_seed(args.seed)
+        inputs = tuple(torch.randint(0, vocab, tuple(x.shape), generator=gen) for x in inputs)
     try:
         with torch.no_grad():
             loaded.model(*inputs)
@@ -97,6 +102,17 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
             "set --input-shape"
         ) from e
     return loaded, inputs
+
+
+def token_vocabulary(model: nn.Module) -> int | None:
+    """The vocabulary size of a model that takes token ids (None for others): the ``nn.Embedding`` its
+    ``get_input_embeddings()`` returns (Hugging Face), or its first submodule when that is an embedding."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else next(model.children(), None)
+    except Exception:  # noqa: BLE001 - a model without an input embedding raises NotImplementedError
+        emb = None
+    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
 
 
 def check_ratio(args: argparse.Namespace) -> None:
@@ -166,9 +182,27 @@ def importance_from_args(args: argparse.Namespace, inputs: Inputs) -> Any:
         return fxprune.Activations(batches)
     if args.importance.lower() != "taylor":
         return args.importance
-    batches = data_batches(args, inputs)[:8] or [random_inputs(tuple(tuple(x.shape) for x in inputs), args.seed + k)
-                                          for k in range(4)]
+    batches = data_batches(args, inputs)[:8] or [_like(inputs, args.seed + k) for k in range(4)]
+    if not inputs[0].is_floating_point():  # token ids: the language model's own next-token loss
+        return fxprune.Taylor([(b, b[0]) for b in batches], loss_fn=next_token_loss)
     return fxprune.Taylor([(b, None) for b in batches], loss_fn=output_energy)
+
+
+def _like(inputs: Inputs, seed: int) -> Inputs:
+    """Seeded random inputs shaped like ``inputs``; token ids stay below the largest id seen."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else
+                 torch.randint(0, int(x.max()) + 1, tuple(x.shape), generator=gen) for x in inputs)
+
+
+def next_token_loss(out: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position's logits against the next token id (Taylor scores for a language model)."""
+    from fxprune.outputs import tensors_of
+
+    logits = next((t for t in tensors_of(out) if t.is_floating_point() and t.dim() == 3), None)
+    if logits is None:
+        raise FxPruneError("--importance taylor on token ids needs a model returning N x L x vocab logits")
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
 def data_batches(args: argparse.Namespace, inputs: Inputs) -> list[Inputs]:
