@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxprune.errors import TraceError
 from fxprune.outputs import tensors_of
@@ -76,6 +77,23 @@ def smaller_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     return tuple(out)
 
 
+def _watched(fn: Any, work: nn.Module, original: nn.Module, inputs: tuple[Any, ...], seed: int,
+             kinds: list[type] | None = None) -> tuple[list[torch.Tensor], set[str] | None]:
+    """``_run`` under a ``_WriteWatch`` of ``work``: (outputs, the tensors it wrote). A run the watch cannot
+    follow (an op Python dispatch does not support) runs again unwatched, after a full restore: (outputs,
+    None), and None means the next restore compares every tensor."""
+    watch = _WriteWatch(work)
+    try:
+        with watch:
+            out = _run(fn, inputs, seed, kinds)
+    except Exception:  # noqa: BLE001 - not only the model: dispatch may refuse an op; the plain run decides
+        restore_state(work, original)
+        if kinds:
+            kinds.clear()
+        return _run(fn, inputs, seed, kinds), None
+    return out, watch.changed()
+
+
 def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[type] | None = None) -> list[torch.Tensor]:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -85,11 +103,12 @@ def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[type] | None =
         return [t.detach().clone() for t in tensors_of(out)]
 
 
-def restore_state(work: nn.Module, original: nn.Module) -> None:
+def restore_state(work: nn.Module, original: nn.Module, only: set[str] | None = None) -> None:
     """Copy back every parameter and buffer of ``work`` whose value a run changed (read from ``original``).
 
     ``work`` is fxprune's private deep copy of ``original``; a forward may update buffers (running
     statistics, call counters) or even parameters (``Embedding(max_norm=...)`` renormalises its weight).
+    ``only``: the names a ``_WriteWatch`` saw written (the others are not compared).
     """
     mine = dict(work.named_parameters(remove_duplicate=False))
     mine.update(work.named_buffers(remove_duplicate=False))
@@ -98,10 +117,46 @@ def restore_state(work: nn.Module, original: nn.Module) -> None:
     with torch.no_grad():
         for name, t in mine.items():
             src = theirs.get(name)
+            if only is not None and name not in only:
+                continue
             if src is None or src.shape != t.shape or src.dtype != t.dtype or src.is_meta or t.is_meta:
                 continue
             if not torch.equal(t, src):
                 t.copy_(src)
+
+
+class _WriteWatch(TorchDispatchMode):
+    """Records which of a module's parameters and buffers a run writes: every aten op that writes its argument
+    (in-place ops, ``out=``, ``.data.clamp_()`` included: they all reach aten) is matched by storage, and a
+    tensor attribute replaced by another tensor is found by identity afterwards. Restoring then compares
+    those tensors only, not the whole model twice per check."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.tensors = dict(module.named_parameters(remove_duplicate=False))
+        self.tensors.update(module.named_buffers(remove_duplicate=False))
+        self.storages: dict[int, list[str]] = {}
+        for name, t in self.tensors.items():
+            if not t.is_meta:
+                self.storages.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+        self.written: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            for i, arg in enumerate(func._schema.arguments):
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor) \
+                        and not value.is_meta:
+                    self.written.update(self.storages.get(value.untyped_storage().data_ptr(), ()))
+        return func(*args, **kwargs)
+
+    def changed(self) -> set[str]:
+        """Names written by an op, or whose tensor was replaced (``self.count = self.count + 1``)."""
+        now = dict(self.module.named_parameters(remove_duplicate=False))
+        now.update(self.module.named_buffers(remove_duplicate=False))
+        return self.written | {n for n, t in now.items() if self.tensors.get(n) is not t}
 
 
 def check_graph_matches_eager(gm: fx.GraphModule, work: nn.Module, original: nn.Module,
@@ -165,13 +220,15 @@ def _compare(gm: fx.GraphModule, work: nn.Module, original: nn.Module, inputs: t
     seed = 4321  # the same random stream in both runs: a forward that draws noise draws the same noise
     try:
         try:
-            eager = _run(work, inputs, seed, kinds)
+            eager, written = _watched(work, work, original, inputs, seed, kinds)
         except Exception as e:  # noqa: BLE001 - reported to the caller, which decides
             raise _EagerFailed(str(e)) from e
-        restore_state(work, original)
-        graph = _run(fx.Interpreter(gm).run, inputs, seed)  # no code generation for one run
-    finally:
-        restore_state(work, original)
+        restore_state(work, original, written)
+        graph, written = _watched(fx.Interpreter(gm).run, work, original, inputs, seed)  # no codegen for one run
+    except BaseException:
+        restore_state(work, original)  # a failed run: whatever it wrote, compared in full
+        raise
+    restore_state(work, original, written)
     return kinds[0], _difference(graph, eager) or ("" if _finite(eager) else _NOTHING)
 
 
