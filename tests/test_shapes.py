@@ -67,3 +67,28 @@ def test_dtype_mismatch_falls_back_to_the_real_error(monkeypatch: pytest.MonkeyP
     with pytest.raises(fxprune.ShapeError, match="example inputs"):
         fxprune.compile(model, 0.5, example_inputs=(x[0].long(),))
     assert calls and calls[0] is None
+
+
+class _Norms(nn.Module):
+    """Layer norms as modules and as functions, over the last dim and over the last two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.ln2 = nn.LayerNorm((4, 4), elementwise_affine=False)
+        self.w = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = self.ln(y)
+        y = torch.nn.functional.layer_norm(y, (8,), self.w, None)
+        return self.ln2(y.permute(0, 3, 1, 2))
+
+
+def test_layer_norm_shortcut_gives_the_real_shapes_and_refuses_a_mismatch() -> None:
+    gm = fx.symbolic_trace(_Norms().eval())
+    x = torch.randn(1, 3, 4, 4)
+    assert record_shapes(gm, (x,), meta=True)[0] == record_shapes(gm, (x,))[0]
+    with pytest.raises(fxprune.ShapeError, match="ln2"):  # 5 x 5 is not the normalised (4, 4): named
+        record_shapes(gm, (torch.randn(1, 3, 5, 5),), meta=True)
