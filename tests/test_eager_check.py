@@ -124,3 +124,33 @@ def test_smaller_inputs_quarter_the_side_to_a_multiple_of_32() -> None:
     assert tuple(x.shape) == (2, 3, 160, 64)
     (y,) = eager_check.smaller_inputs((torch.randn(1, 3, 96, 128),))
     assert tuple(y.shape) == (1, 3, 64, 64)
+
+
+class _Writes(nn.Module):
+    """Writes state three ways in its forward: in place, through ``.data``, and by replacing a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.conv.weight.data.clamp_(-0.1, 0.1)
+        self.seen = self.seen + 1
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+def test_the_write_watch_sees_every_way_a_forward_writes_state() -> None:
+    model = _Writes()
+    watch = eager_check._WriteWatch(model)
+    with watch, torch.no_grad():
+        model(torch.randn(1, 3, 4, 4))
+    assert watch.changed() == {"calls", "seen", "conv.weight"}
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    quiet = eager_check._WriteWatch(plain)
+    with quiet, torch.no_grad():
+        plain(torch.randn(1, 3, 4, 4))
+    assert quiet.changed() == set()
