@@ -11,6 +11,7 @@ part's pruned graph), and the parts are put back into a private copy of the mode
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -207,6 +208,8 @@ def compile_parts(
                 reports.append(PartReport(full, skipped=f"{type(e).__name__}: {str(e)[:200]}"))
                 visit(child, name)  # the whole failed its proof: its children may still be pruned
                 continue
+            if not gc.isenabled():  # paused by the enclosing compile: this part's copy and graphs go now
+                gc.collect()
             pruned = result.model.inner  # type: ignore[union-attr]
             pruned.train(child.training)
             setattr(parent, child_name, pruned)
