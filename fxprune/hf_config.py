@@ -153,6 +153,12 @@ def _same_structure(model: nn.Module, config: Any) -> str:
             fresh = type(model)(config)
     except Exception as e:  # noqa: BLE001 - any construction failure means the config does not describe it
         return f"the new config does not build ({type(e).__name__}: {e})"
+    return built_mismatch(model, fresh)
+
+
+def built_mismatch(model: nn.Module, fresh: nn.Module) -> str:
+    """How ``fresh`` (built from a new config) differs from ``model``: a parameter shape or a numeric
+    attribute of a module ("" when it describes the model)."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     if want != got:

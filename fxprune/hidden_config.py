@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fxprune.hf_config import propose, sync_config
+from fxprune.hf_config import built_mismatch, propose, sync_config
 from fxprune.hidden_streams import Space
 from fxprune.outputs import tensors_of
 from fxprune.rules.attributes import int_attribute
@@ -123,19 +123,7 @@ def describes(model: nn.Module, config: Any) -> str:
     fresh = _build(model, config)
     if fresh is None:
         return "the config does not build"
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-    if bad:
-        return f"a model built from it differs in {bad[:3]}"
-    built = dict(fresh.named_modules())
-    for name, m in model.named_modules():
-        other = built.get(name)
-        for attr, value in vars(m).items():
-            if (isinstance(value, (int, float)) and not isinstance(value, bool) and other is not None
-                    and getattr(other, attr, value) != value):
-                return f"{name}.{attr} would be {getattr(other, attr)}, the pruned model has {value}"
-    return ""
+    return built_mismatch(model, fresh)
 
 
 def sync_hidden_config(model: nn.Module, example_inputs: tuple[Any, ...], size_before: int) -> str:
