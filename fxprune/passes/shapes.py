@@ -91,7 +91,8 @@ class _ShapeRecorder(fx.Interpreter):
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
-        norm = _layer_norm_shape(n, args, kwargs, self.fetch_attr(str(n.target)) if n.op == "call_module" else None)
+        mod = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
+        norm = _layer_norm_shape(n, args, kwargs, mod)
         if norm is not None:  # meta layer norm is a Python decomposition too (~1.2 ms a call)
             if tuple(x.shape[len(x.shape) - len(norm):]) != norm:
                 raise _NotOnMeta(n.format_node())  # the real run names the mismatch
@@ -99,7 +100,6 @@ class _ShapeRecorder(fx.Interpreter):
         if n.op == "call_function" and n.target in _BATCH_NORM_FNS:
             stats: list[Any] = [*args[1:], *kwargs.values()]
         elif n.op == "call_module" and len(args) == 1:
-            mod = self.fetch_attr(str(n.target))
             if type(mod) not in SHAPE_KEEPING_MODULES and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 return None
             stats = [*mod._parameters.values(), *mod._buffers.values()]
