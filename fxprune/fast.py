@@ -28,6 +28,7 @@ import copy
 import functools
 import inspect
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -231,3 +232,68 @@ def generated(gm: fx.GraphModule) -> fx.GraphModule:
 def meta_shape(op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mod: Any = None) -> torch.Tensor | None:
     """The meta result of one node from its registry entry's shape function, or None (run the kernel)."""
     return fast_meta(op, target, args, kwargs, mod) if ENABLED else None
+
+
+# ---- train mode ----------------------------------------------------------------------------------------
+
+class _TrainingReads(threading.local):
+    depth: int = 0  # nested watches in this thread
+    seen: bool = False
+
+
+_READS = _TrainingReads()
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0
+
+
+def _get_training(self: nn.Module) -> bool:
+    try:
+        value = self.__dict__["training"]
+    except KeyError:
+        raise AttributeError("training") from None  # as without the property: Module.__getattr__ decides
+    if _READS.depth:
+        _READS.seen = True
+    return value
+
+
+def _set_training(self: nn.Module, value: bool) -> None:
+    self.__dict__["training"] = value
+
+
+def _shadowed(classes: set[type]) -> bool:
+    return any("training" in vars(c) for k in classes for c in k.__mro__ if c is not nn.Module and c is not object)
+
+
+@contextlib.contextmanager
+def training_reads(model: nn.Module) -> Iterator[list[bool]]:
+    """Watch the block for reads of any module's ``training`` flag: yields ``[read]``, set when it ends.
+
+    Stands in for tracing the model a second time in train mode (``passes/train_mode.py``): the two traces
+    can differ only where the traced Python code reads a module's mode (``self.training``, ``getattr``,
+    ``F.dropout(x, p, self.training)``); the modes differ in nothing else, and leaf modules are not run by a
+    symbolic trace. While the block runs, ``nn.Module.training`` is a property that notes every read in this
+    thread (other threads read their flags as before). A model whose classes define ``training`` themselves
+    would shadow the property, and the switch being off, both answer "read".
+    """
+    result = [True]
+    if not ENABLED or _shadowed({type(m) for m in model.modules()}):
+        yield result
+        return
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            nn.Module.training = property(_get_training, _set_training)  # type: ignore[assignment]
+        _PATCH_USERS += 1
+    outer_seen = _READS.seen
+    _READS.depth += 1
+    _READS.seen = False
+    try:
+        yield result
+    finally:
+        result[0] = _READS.seen
+        _READS.depth -= 1
+        _READS.seen = outer_seen or _READS.seen
+        with _PATCH_LOCK:
+            _PATCH_USERS -= 1
+            if _PATCH_USERS == 0:
+                del nn.Module.training

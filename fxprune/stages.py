@@ -145,8 +145,12 @@ def _prepare(
     # 3. the graph must be the model: compared with eager PyTorch on a fresh input before it is trusted
     # (needs the inputs of step 2; restores every tensor of the copy that its runs changed)
     output_type = check_graph_matches_eager(gm, work, model, inputs, shape_generic)
-    # the same opaque leaves as the eval graph: what their own forwards do in train mode is theirs to do
-    train_differs = train_mode_difference(work, gm, list(opaque), inputs, specialize)
+    # the same opaque leaves as the eval graph: what their own forwards do in train mode is theirs to do.
+    # Skipped when no traced code read a module's mode and nothing was lowered (a lowering is decided by the
+    # mode): the train-mode trace would be this graph (fast.training_reads; always run with the switch off)
+    train_differs = ""
+    if gm.meta.get("fxprune_reads_training", True) or lowered:
+        train_differs = train_mode_difference(work, gm, list(opaque), inputs, specialize)
     deps = build_dependencies(gm, shapes, _by_name(work, ignore), opaque, prune_heads)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
     return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs,

@@ -66,3 +66,53 @@ def test_copy_is_deepcopy_when_off(monkeypatch) -> None:
     calls.clear()
     fast.copy_module(net, {})
     assert nn.Sequential not in calls  # the plain-module path copies the tree itself
+
+
+class _ReadsChild(nn.Module):
+    """Reads the mode of a child, not its own, from a helper function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return _scaled(y, self.bn)
+
+
+def _scaled(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    return y * 2 if getattr(m, "training") else y  # noqa: B009 - the read must be seen whatever its spelling
+
+
+class _ShadowsTraining(nn.Sequential):
+    training = False  # a class attribute of that name shadows the watch's property: always traced twice
+
+
+def test_the_train_mode_trace_is_skipped_only_when_no_mode_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxprune.passes import train_mode
+
+    calls: list[str] = []
+    real = train_mode.train_mode_difference
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append("retrace")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fxprune.stages.train_mode_difference", counted)
+    x = torch.randn(1, 3, 8, 8)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Conv2d(8, 4, 1)).eval()
+    fxprune.prune(plain, 0.5, example_inputs=(x,))
+    assert calls == []  # leaves read their own mode at run time: nothing traced reads it
+    with fast.disabled():
+        fxprune.prune(plain, 0.5, example_inputs=(x,))
+    assert calls == ["retrace"]  # the switch off: always traced in train mode too
+    calls.clear()
+    r = fxprune.prune(_ReadsChild().eval(), 0.5, example_inputs=(x,))
+    assert calls == ["retrace"] and r.model.eval()(x).shape == (1, 8, 8, 8)
+    with pytest.raises(fxprune.TrainModeError):
+        r.model.train()(x)
+    calls.clear()
+    fxprune.prune(_ShadowsTraining(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)).eval(), 0.5, example_inputs=(x,))
+    assert calls == ["retrace"]
+    assert "training" not in vars(nn.Module)  # the property is gone after each trace

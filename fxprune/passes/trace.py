@@ -339,14 +339,17 @@ def _trace_with_fallback(
     model: nn.Module, opaque: dict[str, str], name: str, inputs: tuple[Any, ...] | None, specialize: bool
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     with_values = False
+    reads_training = False  # whether any attempt's Python code read a module's mode (fast.training_reads)
     for _ in range(len(list(model.modules())) + 2):
         values = ExampleEvaluator(model, inputs) if with_values and inputs is not None else None
         tracer = _FallbackTracer(set(opaque), values, specialize)
         saved = [(m, dict(m.__dict__)) for m in model.modules()]
+        read = [True]  # until the watch below has run
         try:
-            with _functions_as_calls(tracer):
+            with _functions_as_calls(tracer), fast.training_reads(model) as read:
                 graph = tracer.trace(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the leaf fallback
+            reads_training = reads_training or read[0]
             _drop_function_calls(model, tracer)
             _restore(saved)
             if not with_values and inputs is not None:
@@ -378,6 +381,8 @@ def _trace_with_fallback(
         gm = fast.deferred_graph_module(tracer.root, graph, name)  # copies the constants the tracer put on the root
         # Shapes were concrete while tracing: branches may have followed them (read by the eager check).
         gm.meta["fxprune_example_values"] = tracer.values is not None
+        # No attempt read a module's mode: a train-mode trace would give this graph (passes/train_mode.py).
+        gm.meta["fxprune_reads_training"] = reads_training or read[0]
         _drop_function_calls(model, tracer)  # they live in the GraphModule only, not in the user's tree
         _restore(saved)
         _keep_state_dict_keys(model, gm)

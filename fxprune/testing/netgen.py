@@ -299,7 +299,7 @@ def propose_trust_op(d: _Draft) -> list[Step]:
     op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split", "tied_opaque"])
     attrs: dict[str, object] = {}
     if op == "dropout":
-        attrs = {"p": r.choice([0.1, 0.5])}
+        attrs = {"p": r.choice([0.1, 0.5]), "read": r.choice(["attr", "getattr", "modules"])}
     elif op == "fconv":
         attrs = {"out": r.randint(4, 32), "k": r.choice([1, 3]), "bias": r.random() < 0.5}
     elif op == "cl_norm":

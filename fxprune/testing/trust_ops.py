@@ -1,7 +1,7 @@
 """Fuzz ops for the classes of silent miscompilation: what tracing or a channel rule can get wrong.
 
 - ``inplace``: ``x += y`` on a value that other names still refer to (eager mutates every alias);
-- ``dropout``: ``F.dropout(x, p, self.training)``, train-mode behaviour an eval trace bakes away;
+- ``dropout``: ``F.dropout(x, p, self.training)`` (or ``getattr``, or any submodule's flag), train-mode behaviour an eval trace bakes away;
 - ``hooked``: a 1x1 conv whose forward hook reverses its channels (the conv rule no longer describes it);
 - ``fconv``: ``F.conv2d`` with the module's own weight and bias parameters;
 - ``tied``: two 1x1 convs sharing one weight (a tie that must stay a tie);
@@ -45,9 +45,15 @@ def emit_inplace(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: a}, [], [f"{st.ins[0]} {op} {st.ins[1]}", f"{st.name} = {st.ins[0]}"]
 
 
+_TRAINING_READS = {"attr": "self.training", "getattr": 'getattr(self, "training")',
+                   "modules": "any(m.training for m in self.modules())"}
+
+
 def emit_dropout(st: Any, xs: list[Shape]) -> Emitted:
-    """Functional dropout that follows the module's training flag."""
-    return {st.name: xs[0]}, [], [f"{st.name} = F.dropout({st.ins[0]}, {st.attrs['p']}, self.training)"]
+    """Functional dropout that follows the module's training flag, read as an attribute, with ``getattr``,
+    or over every submodule (the ways the eval trace's watch on mode reads must see: ``fast.training_reads``)."""
+    flag = _TRAINING_READS[str(st.attrs.get("read", "attr"))]
+    return {st.name: xs[0]}, [], [f"{st.name} = F.dropout({st.ins[0]}, {st.attrs['p']}, {flag})"]
 
 
 def emit_hooked(st: Any, xs: list[Shape]) -> Emitted:
