@@ -6,6 +6,9 @@ Specs, tried in this order:
 - ``torchvision:NAME`` — ``torchvision.models.get_model(NAME, weights=None)``.
 - ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False)`` (input shape from its config).
 - ``ultralytics:FILE.yaml`` — ``ultralytics.YOLO(FILE.yaml).model``; needs the optional ``ultralytics``.
+- ``hf:FOLDER`` — a Hugging Face model folder (what ``save_pretrained`` writes), read from disk only: its
+  weights when the folder has them (safetensors, or ``.bin`` read with ``weights_only``), else random init
+  from its ``config.json``; the Auto class follows ``config.architectures``. No remote code is run.
 - ``path/to/file.py:NAME`` — the file is imported and ``NAME()`` (a class or factory) is called.
 - ``path/to/file.pt`` — a whole model saved with ``torch.save(model)``. Unpickling a whole module runs
   code stored in the file, so it is refused unless the caller opts in with ``trust_pickle=True`` (the
@@ -120,6 +123,30 @@ def _from_ultralytics(name: str) -> LoadedModel:
     return LoadedModel(model, f"ultralytics:{name}", ((1, 3, size, size),))  # YOLO's own input size
 
 
+_HF_HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForMaskedLM", "AutoModelForMaskedLM"),
+             ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+             ("ForImageClassification", "AutoModelForImageClassification"))
+
+
+def _from_hf(folder: str) -> LoadedModel:
+    transformers = _import("transformers", "pip install transformers")
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"hf:{folder}: not a folder holding a config.json (what save_pretrained writes); "
+                             "fxprune never downloads models")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        arch = next(iter(getattr(config, "architectures", None) or ()), "")
+        auto = getattr(transformers, next((a for suffix, a in _HF_HEADS if arch.endswith(suffix)), "AutoModel"))
+        if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+            model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        else:  # a config only: random init, as every other source
+            model = auto.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"hf:{folder}: transformers cannot load it ({type(e).__name__}: {first_line(e)})") from e
+    return LoadedModel(model.eval(), f"hf:{folder}", None)
+
+
 def _from_python_file(file: str, name: str) -> LoadedModel:
     path = Path(file)
     if not path.is_file():
@@ -227,7 +254,8 @@ def load_model(spec: str, *, seed: int = 0, trust_pickle: bool = False) -> Loade
     """
     torch.manual_seed(seed)
     prefix, _, rest = spec.partition(":")
-    sources = {"models_zoo": _from_zoo, "torchvision": _from_torchvision, "timm": _from_timm, "ultralytics": _from_ultralytics}
+    sources = {"models_zoo": _from_zoo, "torchvision": _from_torchvision, "timm": _from_timm,
+               "ultralytics": _from_ultralytics, "hf": _from_hf}
     if prefix in sources and rest:
         loaded = sources[prefix](rest)
     elif match := _FILE_CLASS.match(spec):

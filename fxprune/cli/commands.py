@@ -86,6 +86,8 @@ def run_compile(args: argparse.Namespace) -> int:
                              ("--save", args.save), ("--save-plan", args.save_plan)):
             if target:
                 stage.check(target, flag)
+        if args.save_pretrained:
+            stage.check_folder(args.save_pretrained, "--save-pretrained")
         steps = 4 + bool(args.onnx) + bool(args.quantize) + bool(args.report)
         with progress(steps) as bar:
             bar.step("loading model")
@@ -140,6 +142,8 @@ def run_compile(args: argparse.Namespace) -> int:
                 _save_model(pruned, stage.path(args.save), ultralytics=is_ultralytics(args))
             if args.save_plan:
                 result.plan.save(stage.path(args.save_plan))
+            if args.save_pretrained:
+                _save_pretrained(pruned, stage.path(args.save_pretrained))
             written = stage.commit()
             bar.done()
     _print_compile(loaded.spec, inputs, result, before, after, export, quant, args, threads, written)
@@ -160,6 +164,15 @@ def _save_model(model: nn.Module, path: Path, *, ultralytics: bool = False) -> N
     if getattr(model, "_tracer_cls", None) is not None:
         model._tracer_cls = None  # type: ignore[assignment]
     torch.save(model, path)
+
+
+def _save_pretrained(model: nn.Module, folder: Path) -> None:
+    """``save_pretrained`` the pruned Hugging Face model; its config was rewritten to describe it."""
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise FxPruneError(f"--save-pretrained: {type(model).__name__} has no save_pretrained (not a Hugging Face "
+                           "model); use --save")
+    save(folder)
 
 
 def _print_compile(spec: str, inputs: Inputs, result: fxprune.PruneResult, before: dict[str, Any],

@@ -131,8 +131,11 @@ def prune_with_args(model: nn.Module, inputs: Inputs, args: argparse.Namespace, 
                               "target_macs": args.target_macs, "target_params": args.target_params,
                               "round_to": args.round_to, "global_ranking": args.global_ranking,
                               "prune_heads": args.prune_heads, "min_channels": args.min_channels,
-                              "leaves": tuple(args.leaf), "ratios": module_ratios(args.module_ratio) or None}
-    if is_ultralytics(args):  # Ultralytics' own DetectionModel, which YOLO(path) and `yolo train` load
+                              "leaves": tuple(args.leaf), "ratios": module_ratios(args.module_ratio) or None,
+                              "hidden": args.hidden}
+    # Ultralytics' own DetectionModel, which YOLO(path) and `yolo train` load; a Hugging Face model stays its
+    # own class, with its config, so that save_pretrained and from_pretrained work
+    if is_ultralytics(args) or str(args.model).startswith("hf:") or getattr(args, "save_pretrained", None):
         kwargs["output"] = "module"
     ratio = args.ratio if args.ratio is not None else 0.5
     return fxprune.prune(model, ratio, **kwargs)

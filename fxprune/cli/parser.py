@@ -85,6 +85,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "batches shaped like the inputs)")
     g.add_argument("--min-channels", type=_positive_int, default=1, metavar="N",
                    help="keep at least N channels in every group (default 1)")
+    g.add_argument("--hidden", type=float, metavar="F",
+                   help="language models: also remove this fraction of the hidden size (the residual stream: "
+                        "embeddings, every norm and projection, lm_head), e.g. 0.25")
     g.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of thinning every head")
     g.add_argument("--module-ratio", action="append", default=[], metavar="MODULE=R",
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Markdown report, and beside it PATH.json (same data), PATH_channels.png "
                         "and PATH_groups.dot (rendered to .svg when Graphviz is installed)")
     o.add_argument("--save", metavar="PATH.pt", help="torch.save the pruned GraphModule")
+    o.add_argument("--save-pretrained", metavar="FOLDER",
+                   help="Hugging Face models: save_pretrained the pruned model (its config rewritten) into a new "
+                        "folder; reload with from_pretrained")
     o.add_argument("--save-plan", metavar="PATH.json", help="save the pruning plan (replay with fxprune.apply)")
     o.add_argument("--no-verify", action="store_true", help="skip the mask-equivalence oracle")
     q = c.add_argument_group("int8 quantisation (onnxruntime; needs --onnx)")

@@ -36,13 +36,27 @@ class OutputStage:
             FxPruneError: If the folder does not exist, the path is a folder, or two outputs collide.
         """
         path = Path(target)
-        if not path.parent.resolve().is_dir():
-            raise FxPruneError(f"{flag} {target}: folder {path.parent} does not exist")
         if path.is_dir():
             raise FxPruneError(f"{flag} {target} is a folder; give a file name")
+        return self._target(path, flag)
+
+    def check_folder(self, target: str | os.PathLike[str], flag: str) -> Path:
+        """Validate an output folder (written whole, as ``save_pretrained`` does) before any work is done.
+
+        Raises:
+            FxPruneError: If its parent does not exist, or it exists and is not an empty folder.
+        """
+        path = Path(target)
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            raise FxPruneError(f"{flag} {target} exists; give a new (or empty) folder")
+        return self._target(path, flag)
+
+    def _target(self, path: Path, flag: str) -> Path:
+        if not path.parent.resolve().is_dir():
+            raise FxPruneError(f"{flag} {path}: folder {path.parent} does not exist")
         resolved = path.resolve()
         if resolved in self._targets.values():
-            raise FxPruneError(f"{flag} {target} names a file another option writes too")
+            raise FxPruneError(f"{flag} {path} names a file another option writes too")
         self._targets[path] = resolved
         return path
 
@@ -59,8 +73,8 @@ class OutputStage:
         moved = []
         for folder, stage in self._dirs.items():
             for f in sorted(stage.iterdir()):
-                if f.is_file():
-                    os.replace(f, folder / f.name)
+                if f.is_file() or (f.is_dir() and (folder / f.name) in self._targets.values()):
+                    os.replace(f, folder / f.name)  # a folder replaces only a checked, empty one
                     moved.append(folder / f.name)
         self.discard()
         return moved
