@@ -12,7 +12,7 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import PlanMismatchError
+from fxprune.errors import ArgumentError, PlanMismatchError
 from fxprune.metrics import count_params
 from fxprune.options import Options
 from fxprune.passes.budget import CostModel
@@ -162,11 +162,29 @@ def apply(
 
     Raises:
         PlanMismatchError: the model differs from the planned one; names the first differing group.
+        ArgumentError: the plan was made piecewise (``PruningPlan.pieces``): its parts' choices are not in it.
     """
     plan = plan_argument(plan)  # a PruningPlan, or loaded from a path (str or PathLike)
+    if plan.pieces:
+        more = f" and {len(plan.pieces) - 3} more" if len(plan.pieces) > 3 else ""
+        raise ArgumentError(
+            f"this plan was made piecewise: {', '.join(plan.pieces[:3])}{more} were pruned as separate parts, "
+            "whose channel choices a plan does not hold, so apply would return a model pruned less than the "
+            "plan's. Save the pruned model itself instead (save_pretrained for a Hugging Face model with "
+            "output='module', or its state_dict with torch.save(model))"
+        )
     if example_inputs is None:
         example_inputs = plan.example_inputs()  # the shapes and dtypes the plan was made with
+    ignore = tuple(ignore)
+    if plan.hidden:  # the hidden size first, on a private copy; the groups were planned on its result
+        from fxprune.hidden import replay_hidden
+
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        model, hidden_plan = replay_hidden(model, plan.hidden, inputs)
+        ignore = (*ignore, *hidden_plan.config_modules)  # as prune(hidden=...) kept them at their new width
     a = prepare(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
+    if plan.hidden and not plan.groups:  # prune(hidden=..., ratio=0): every group kept whole
+        plan = replace(plan, groups=a.groups, kept=tuple(tuple(range(g.size)) for g in a.groups))
     if len(a.groups) != len(plan.groups):
         raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
     for mine, theirs in zip(a.groups, plan.groups, strict=True):

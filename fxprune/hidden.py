@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.copying import private_copy
-from fxprune.errors import ArgumentError, InvariantError
+from fxprune.errors import ArgumentError, InvariantError, PlanMismatchError
 from fxprune.hidden_config import derived_spaces, quiet, rename_hidden_attributes, sync_hidden_config
 from fxprune.hidden_oracle import both, hidden_oracle
 from fxprune.hidden_streams import HiddenSizeError, Space, Stream, find_stream
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HiddenPlan", "HiddenResult", "HiddenSizeError", "prune_hidden", "prune_with_hidden"]
+__all__ = ["HiddenPlan", "HiddenResult", "HiddenSizeError", "prune_hidden", "prune_with_hidden", "replay_hidden"]
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,28 @@ def _as_tuple(x: Any) -> tuple[Any, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def replay_hidden(model: nn.Module, kept: tuple[tuple[int, ...], ...], inputs: tuple[Any, ...]) -> tuple[nn.Module, HiddenPlan]:
+    """A private copy of ``model`` with the hidden channels of a saved plan kept (``fxprune.apply``): the
+    streams are found again, the recorded selection sliced, the config rewritten.
+
+    Raises:
+        PlanMismatchError: the model's streams are not the planned ones (count or size).
+    """
+    work = private_copy(model)
+    plan = _prune(work, 0.0, inputs, None, None, 1, kept=kept)
+    if plan.new_size < plan.size:
+        sync_hidden_config(work, inputs, plan.size)
+    return work, plan
+
+
 def _prune(work: nn.Module, hidden: float, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]] | None,
-           round_to: int | None, min_channels: int, ignore: tuple[str | type, ...] = ()) -> HiddenPlan:
-    """Find the streams, score and select channels, slice ``work`` in place (a private copy)."""
+           round_to: int | None, min_channels: int, ignore: tuple[str | type, ...] = (),
+           kept: tuple[tuple[int, ...], ...] | None = None) -> HiddenPlan:
+    """Find the streams, score and select channels (or take ``kept``, a saved selection), slice ``work`` in
+    place (a private copy)."""
     emb = _input_embedding(work)
     size = emb.embedding_dim
-    keep = keep_count(size, hidden, round_to, min_channels)
+    keep = keep_count(size, hidden, round_to, min_channels) if kept is None else len(kept[0])
     seed = (next(n for n, p in work.named_parameters() if p is emb.weight), 1)
     acts: dict[Space, torch.Tensor] | None = {} if calibration else None
     residual = find_stream(work, {seed}, size, inputs, calibration, acts)
@@ -169,8 +185,13 @@ def _prune(work: nn.Module, hidden: float, inputs: tuple[Any, ...], calibration:
         norms = set(residual.norms).union(*(s.norms for s in merged))
         streams = [Stream(size, tuple(sorted(spaces)), tuple(sorted(readers)), tuple(sorted(norms))),
                    *(s for s in streams[1:] if s not in merged)]
-    tensors = dict([*work.named_parameters(), *work.named_buffers()])
-    kept = tuple(_select(_scores(tensors, s, acts if i == 0 else None), keep) for i, s in enumerate(streams))
+    if kept is None:
+        tensors = dict([*work.named_parameters(), *work.named_buffers()])
+        kept = tuple(_select(_scores(tensors, s, acts if i == 0 else None), keep) for i, s in enumerate(streams))
+    elif len(kept) != len(streams) or any(not k or len(set(k)) != len(k) or min(k) < 0 or max(k) >= s.size
+                                          for s, k in zip(streams, kept, strict=False)):
+        raise PlanMismatchError(f"the plan keeps hidden channels of {len(kept)} streams, this model has "
+                                f"{len(streams)} of sizes {[s.size for s in streams]}: not the planned model")
     plan = HiddenPlan(tuple(streams), kept, tuple(sorted(owners)))
     _slice(work, plan)
     renamed = rename_hidden_attributes(work, size, keep)
@@ -304,7 +325,10 @@ def prune_with_hidden(model: nn.Module, options: Options,
     if options.ratio == 0 and options.onnx is None:  # nothing else to prune
         if plan.new_size < plan.size:
             sync_hidden_config(work, inputs, plan.size)
-        return PruneResult(work, PruningPlan(0.0, (), (), ()), plan.new_size < plan.size, params_before,
+        from fxprune.pipeline import input_specs, versions
+
+        replay = PruningPlan(0.0, (), (), (), versions=versions(), inputs=input_specs(inputs), hidden=plan.kept)
+        return PruneResult(work, replay, plan.new_size < plan.size, params_before,
                            count_params(work), macs_before, count_macs(work, inputs), proof,
                            time.perf_counter() - t0)
     keep_width = [m for m in plan.config_modules if m not in options.ignore]
@@ -313,7 +337,7 @@ def prune_with_hidden(model: nn.Module, options: Options,
         rest = run_rest(work, rest_options)
     if rest.modified or plan.new_size < plan.size:
         sync_hidden_config(rest.model, inputs, plan.size)
-    return replace(rest, oracle=both(proof, rest.oracle),
+    return replace(rest, plan=replace(rest.plan, hidden=plan.kept), oracle=both(proof, rest.oracle),
                    modified=rest.modified or plan.new_size < plan.size, params_before=params_before,
                    params_after=count_params(rest.model), macs_before=macs_before,
                    macs_after=count_macs(rest.model, inputs), seconds=time.perf_counter() - t0)

@@ -147,6 +147,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     macs_after = count_macs(done.model, a.inputs) if changed else done.macs_after
     if opaque and options.onnx is not None:
         _export(done.model, a.inputs, options.onnx, options.onnx_opset)
+    plan = replace(plan, pieces=_pieces(parts))
     return PruneResult(done.model, plan, done.modified or changed, params_before, params_after, macs_before,
                        macs_after, done.oracle, 0.0, tuple(parts))
 
@@ -206,9 +207,14 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     restore_flags(root, {n: m.training for n, m in model.named_modules()})  # after the eval-mode runs above
     if options.onnx is not None:
         _export(root, inputs, options.onnx, options.onnx_opset)
-    empty = PruningPlan(options.ratio, (), (), (), versions=versions())
+    empty = PruningPlan(options.ratio, (), (), (), versions=versions(), pieces=_pieces(parts))
     return PruneResult(root, empty, modified, params_before, count_params(root), macs_before,
                        count_macs(root, inputs), None, 0.0, tuple(parts))
+
+
+def _pieces(parts: list[PartReport]) -> tuple[str, ...]:
+    """The parts that changed: their choices are not in the root's plan (``PruningPlan.pieces``)."""
+    return tuple(p.name for p in parts if p.params_after < p.params_before)
 
 
 def _part_compiler(options: Options) -> CompilePart:

@@ -67,6 +67,10 @@ class PruningPlan:
         prune_heads: the plan removes whole attention heads (replay analyses the model the same way).
         inputs: shape and dtype of every example input the plan was computed with; ``fxprune.apply`` makes
             inputs of these when it is given none (the fingerprint depends on the shapes).
+        hidden: with ``prune(hidden=...)``, the kept hidden channels of each stream (the residual stream
+            first); replayed before the groups, which were planned on the model of that hidden size.
+        pieces: submodules pruned as separate parts (piecewise compiles: inside opaque modules, or every part of
+            an untraceable root). Their choices are not in this plan, so ``fxprune.apply`` refuses it.
     """
 
     ratio: float
@@ -77,6 +81,8 @@ class PruningPlan:
     versions: dict[str, str] = field(default_factory=dict)
     prune_heads: bool = False
     inputs: tuple[tuple[tuple[int, ...], str], ...] = ()
+    hidden: tuple[tuple[int, ...], ...] = ()
+    pieces: tuple[str, ...] = ()
 
     @property
     def n_dropped(self) -> int:
@@ -98,6 +104,8 @@ class PruningPlan:
             "ratio": self.ratio,
             "prune_heads": self.prune_heads,
             "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self.inputs],
+            "hidden": [list(k) for k in self.hidden],
+            "pieces": list(self.pieces),
             "groups": [
                 {**asdict(g), "kept": list(k)} for g, k in zip(self.groups, self.kept, strict=True)
             ],
@@ -142,7 +150,9 @@ class PruningPlan:
         return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (),
                            str(data.get("fingerprint", "")), dict(data.get("versions", {})),
                            bool(data.get("prune_heads", False)),
-                           tuple((tuple(int(d) for d in i["shape"]), str(i["dtype"])) for i in data.get("inputs", [])))
+                           tuple((tuple(int(d) for d in i["shape"]), str(i["dtype"])) for i in data.get("inputs", [])),
+                           tuple(tuple(int(c) for c in k) for k in data.get("hidden", [])),
+                           tuple(str(n) for n in data.get("pieces", [])))
 
     def example_inputs(self) -> tuple[Any, ...] | None:
         """Seeded inputs of the recorded shapes and dtypes (None when the plan recorded none).
