@@ -5,7 +5,8 @@ models, the Detect head of Ultralytics), fxprune runs the model once, records ho
 called, and compiles the largest traceable submodules one by one: each is a separate graph whose inputs
 and outputs are pinned, so pruning inside it never changes what the rest of the model sees. Each part is
 proven on its own (the mask oracle on the part, and the write-back into the user's classes must equal the
-part's pruned graph), and the parts are put back into a private copy of the model.
+part's pruned graph), and the parts are put back into a private copy of the model. Fused mixture-of-experts
+modules (3D expert weights behind a data-dependent loop) are pruned expert by expert by ``fxprune.experts``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from fxprune import experts
 from fxprune.errors import FxPruneError, TraceError
 from fxprune.importance_taylor import PartGradients, WholeModelGradients
 
@@ -136,6 +138,31 @@ def _part_ignore(full: str, ignore: list[str | type]) -> list[str | type] | None
     return inside
 
 
+def _prune_experts(child: nn.Module, full: str, call: _Call, compile_fn: CompilePart, importance: Any,
+                   calibration: list[_Call] | None, gradients: WholeModelGradients | None, ignore: list[Any],
+                   ) -> tuple[nn.Module | None, PartReport]:
+    """A fused-experts part pruned by ``fxprune.experts`` (keep count from ``compile_fn``'s policy), with its
+    report; None and a skipped report when it is not (ignored by type, the criterion cannot score it, the
+    oracle failed)."""
+    if any(isinstance(t, type) and isinstance(child, t) for t in ignore):
+        return None, PartReport(full, skipped="ignored by the user")
+    before = sum(p.numel() for p in child.parameters())
+    try:
+        own = None if gradients is None else gradients.for_part(child, full)
+        k = experts.keep_count(compile_fn, experts.layout(child).inner, own)  # type: ignore[union-attr]
+        done = experts.prune_experts(child, k, [(call.args, call.kwargs)], importance if own is None else own,
+                                     None if own is None else own.grads,
+                                     None if calibration is None else [(c.args, c.kwargs) for c in calibration])
+    except FxPruneError as e:
+        return None, PartReport(full, skipped=f"{type(e).__name__}: {str(e)[:200]}")
+    assert done is not None  # the layout was checked by the caller
+    pruned, diff = done
+    pruned.train(child.training)
+    after = sum(p.numel() for p in pruned.parameters())
+    log.info("fxprune: experts %s %d -> %d parameters (oracle max diff %.3g)", full, before, after, diff)
+    return pruned, PartReport(full, before, after, "passed")
+
+
 def compile_parts(
     root: nn.Module,
     scope: nn.Module,
@@ -157,7 +184,9 @@ def compile_parts(
     given what arrived at it (``compile_fn``'s fourth argument; batches whose call differs are dropped).
     An ``importance`` that needs gradients (``fxprune.Taylor``) cannot run the user's batches and loss on a
     part: it is run once on the whole ``root``, before any part changes, and each part is scored by the
-    gradients of its own parameters (``compile_fn``'s fifth argument; None for other criteria).
+    gradients of its own parameters (``compile_fn``'s fifth argument; None for other criteria). A fused
+    mixture-of-experts module (``fxprune.experts.layout``) is never traced: each of its experts is pruned by
+    ``fxprune.experts`` to the count ``compile_fn``'s policy keeps of a plain MLP, and proven by its own oracle.
     """
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
@@ -192,6 +221,14 @@ def compile_parts(
             inside = _part_ignore(full, list(ignore or []))
             if inside is None:
                 reports.append(PartReport(full, skipped="ignored by the user"))
+                continue
+            if experts.layout(child) is not None:  # fused experts: never traceable, pruned expert by expert
+                cal = None if calibration is None else [c[name] for c in calibration_calls if name in c]
+                pruned_experts, report = _prune_experts(child, full, call, compile_fn, importance, cal, gradients,
+                                                        inside)
+                if pruned_experts is not None:
+                    setattr(parent, child_name, pruned_experts)
+                reports.append(report)
                 continue
             bound = _Bound(child, call)
             tensors = bound.tensors(call)

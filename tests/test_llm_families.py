@@ -81,11 +81,6 @@ FAMILIES: dict[str, Family] = {
 _DERIVED = ("{config} has no field for the attention width: {where}, so pruned attention ({what}) cannot be "
             "described and from_pretrained would refuse the checkpoint")
 _XFAIL: dict[tuple[str, bool], tuple[type[Exception], str]] = {
-    **{("qwen2_moe", h): (AssertionError, (
-        "experts not pruned: Qwen2MoeExperts keeps its experts as 3D parameters and loops over the experts hit "
-        "(data-dependent control flow), so fxprune/passes/trace.py keeps mlp.experts opaque and its part cannot "
-        "be traced either; moe_intermediate_size stays (the shared expert, attention and the rest of the chain pass)"
-    )) for h in (False, True)},
     ("phi3", True): (AssertionError, (
         "no head is pruned: Phi-3 splits its fused qkv_proj with qkv[..., :query_pos] and "
         "fxprune/rules/tensor_ops.py _index_tensor (the 'partial slice' pin, ~line 160) pins a partially sliced "
