@@ -40,7 +40,10 @@ def child_fx(spec: str, ratio: float) -> dict[str, Any]:
     model, x = build(spec)
     t0 = time.perf_counter()
     r = prune(model, ratio, example_inputs=x)
-    return {"s": time.perf_counter() - t0, "params_ratio": r.params_after / r.params_before}
+    import fxprune
+
+    return {"s": time.perf_counter() - t0, "params_ratio": r.params_after / r.params_before,
+            "src": os.path.dirname(os.path.dirname(os.path.abspath(fxprune.__file__)))}
 
 
 def child_tp(spec: str, ratio: float) -> dict[str, Any]:
@@ -51,9 +54,13 @@ def child_tp(spec: str, ratio: float) -> dict[str, Any]:
     return {"s": row["tp_s"], "params_ratio": row["tp_params_ratio"], "ok": row["tp_ok"]}
 
 
-def _run(tool: str, spec: str, ratio: float, timeout: int, plain: bool = False) -> dict[str, Any] | None:
+def _run(tool: str, spec: str, ratio: float, timeout: int, plain: bool = False,
+         src: str = "") -> dict[str, Any] | None:
+    """One child process; ``src``: the source tree fxprune is imported from (a checkout of another commit)."""
     cmd = [sys.executable, __file__, f"--child-{tool}", spec, "--ratio", str(ratio)]
     env = dict(os.environ, FXPRUNE_FAST="0" if plain else os.environ.get("FXPRUNE_FAST", "1"))
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(src), env.get("PYTHONPATH", "")) if p)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -64,12 +71,14 @@ def _run(tool: str, spec: str, ratio: float, timeout: int, plain: bool = False) 
     return None
 
 
-def race(spec: str, ratio: float, rounds: int, timeout: int, plain: bool = False) -> dict[str, Any]:
+def race(spec: str, ratio: float, rounds: int, timeout: int, plain: bool = False, base: str = "") -> dict[str, Any]:
     """``rounds`` interleaved fresh-process compiles of each tool on one model.
 
     With ``plain``, every round also runs fxprune with its speed shortcuts off (``FXPRUNE_FAST=0``), so
-    the table shows what the shortcuts buy, measured under the same load.
+    the table shows what the shortcuts buy, measured under the same load. With ``base`` (a source tree of
+    another commit), every round also runs that fxprune: an A/B of two versions under the same load.
     """
+    fx_base: list[float] = []
     fx: list[float] = []
     tp: list[float] = []
     fx_plain: list[float] = []
@@ -77,12 +86,16 @@ def race(spec: str, ratio: float, rounds: int, timeout: int, plain: bool = False
         a = _run("fx", spec, ratio, timeout)
         c = _run("fx", spec, ratio, timeout, plain=True) if plain else {"s": 0.0}
         b = _run("tp", spec, ratio, timeout)
+        d = _run("fx", spec, ratio, timeout, src=base) if base else {"s": 0.0, "src": ""}
         if a is None or c is None or b is None or not b.get("ok"):
             return {"model": spec, "error": "fxprune failed" if a is None or c is None
                     else "Torch-Pruning failed or timed out"}
+        if base and (d is None or os.path.abspath(d["src"]) != os.path.abspath(base)):
+            return {"model": spec, "error": f"fxprune at --base failed or was not imported from it ({d})"}
         fx.append(a["s"])
         tp.append(b["s"])
         fx_plain.append(c["s"])
+        fx_base.append(d["s"])
     wins = sum(f < t for f, t in zip(fx, tp, strict=True))
     row = {"model": spec, "fx_s": statistics.median(fx), "tp_s": statistics.median(tp),
            "ratio": statistics.median(tp) / statistics.median(fx), "wins": wins, "rounds": rounds,
@@ -90,6 +103,9 @@ def race(spec: str, ratio: float, rounds: int, timeout: int, plain: bool = False
     if plain:
         row.update(fx_plain_s=statistics.median(fx_plain), fx_plain_all=fx_plain,
                    plain_ratio=statistics.median(tp) / statistics.median(fx_plain))
+    if base:
+        row.update(fx_base_s=statistics.median(fx_base), fx_base_all=fx_base,
+                   base_ratio=statistics.median(fx_base) / statistics.median(fx))
     return row
 
 
@@ -103,6 +119,9 @@ def main() -> None:
     parser.add_argument("--out", default="", help="append rows to this JSONL")
     parser.add_argument("--plain", action="store_true",
                         help="also time fxprune with its speed shortcuts off (FXPRUNE_FAST=0) in every round")
+    parser.add_argument("--base", default="", metavar="SRC",
+                        help="also time the fxprune of this source tree (e.g. a git worktree of an older commit) "
+                             "in every round: base / fxprune above 1 means this tree is faster")
     parser.add_argument("--child-fx", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-tp", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,11 +140,16 @@ def main() -> None:
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.machine()} {os.cpu_count()} cores | "
           f"torch {torch.__version__} | ratio {args.ratio} | {args.rounds} rounds, fresh process each\n")
     extra = " fxprune FAST=0 median s | TP / fxprune FAST=0 |" if args.plain else ""
+    extra += " base median s | base / fxprune |" if args.base else ""
+    if args.base:
+        head = subprocess.run(["git", "-C", args.base, "log", "-1", "--format=%h %s"], capture_output=True,
+                              text=True).stdout.strip()[:80]
+        print(f"base: {args.base} ({head or 'not a git checkout'})\n")
     print("| model | fxprune median s | Torch-Pruning median s | TP / fxprune | fxprune faster in |" + extra)
-    print("|---|---|---|---|---|" + ("---|---|" if args.plain else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if args.plain else "") + ("---|---|" if args.base else ""))
     rows = []
     for spec in specs:
-        row = race(spec, args.ratio, args.rounds, args.timeout, args.plain)
+        row = race(spec, args.ratio, args.rounds, args.timeout, args.plain, args.base)
         rows.append(row)
         if args.out:
             with open(args.out, "a") as f:
@@ -134,6 +158,7 @@ def main() -> None:
             print(f"| {spec} | - | - | - | {row['error']} |", flush=True)
         else:
             cells = (f" {row['fx_plain_s']:.3f} | {row['plain_ratio']:.2f}x |" if args.plain else "")
+            cells += (f" {row['fx_base_s']:.3f} | {row['base_ratio']:.2f}x |" if args.base else "")
             print(f"| {spec} | {row['fx_s']:.3f} | {row['tp_s']:.3f} | {row['ratio']:.2f}x | "
                   f"{row['wins']}/{row['rounds']} |" + cells, flush=True)
     ratios = [r["ratio"] for r in rows if "ratio" in r]
@@ -141,6 +166,10 @@ def main() -> None:
         slower = [r["model"] for r in rows if r.get("ratio", 2) < 1]
         print(f"\nmedian TP / fxprune: {statistics.median(ratios):.2f}x over {len(ratios)} models; "
               f"fxprune slower (by median) on {len(slower)}: {', '.join(slower) or 'none'}")
+        if args.base:
+            ab = [r["base_ratio"] for r in rows if "base_ratio" in r]
+            print(f"median base / fxprune: {statistics.median(ab):.2f}x over {len(ab)} models "
+                  f"(this tree faster on {sum(x > 1 for x in ab)})")
         if args.plain:
             plain = [r["plain_ratio"] for r in rows if "plain_ratio" in r]
             print(f"median TP / fxprune with FXPRUNE_FAST=0: {statistics.median(plain):.2f}x; "
