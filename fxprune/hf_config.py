@@ -5,9 +5,9 @@ checkpoint that ``from_pretrained`` cannot load (every pruned weight has the wro
 config fields that can describe the pruned model: the MLP width (``intermediate_size``, GPT-2's ``n_inner``,
 OPT's ``ffn_dim``, half of Phi-3's fused ``gate_up_proj``), a MoE model's ``shared_expert_intermediate_size``
 and expert width (``moe_intermediate_size``) and, for attention with an explicit head dim (Llama, Mistral,
-Qwen, Gemma), ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``. BERT, ViT, GPT-2, GPT-NeoX
-and OPT derive the head size and the attention width from ``hidden_size``: their configs can only describe
-head counts when heads x head size equals the hidden size.
+Qwen, Gemma, Phi-3's fused ``qkv_proj``), ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``.
+BERT, ViT, GPT-2, GPT-NeoX and OPT derive the head size and the attention width from ``hidden_size``: their
+configs can only describe head counts when heads x head size equals the hidden size.
 
 A proposal is written only when it is proven three ways:
 
@@ -18,6 +18,9 @@ A proposal is written only when it is proven three ways:
 3. The pruned model gives the same outputs before and after the config change (some forwards read the
    config at run time).
 
+A forward that reads the config at run time (Phi-3) is written back with the new config already in place
+(``config_follows``): there the write-back's own proof, equal outputs to the pruned graph, is the third.
+
 Anything the config cannot describe is left as it was, and a warning says why. The model still works and
 saves with ``torch.save``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,15 +75,12 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
         elif width != fields[field]:
             changes[field] = width
 
-    explicit = [m for _, m in mods if isinstance(getattr(m, "head_dim", None), int)
-                and out_width(getattr(m, "q_proj", None)) is not None and out_width(getattr(m, "k_proj", None)) is not None]
+    explicit = [(m.head_dim, *h) for _, m in mods if (h := _explicit_heads(m)) is not None]
     derived = [m for _, m in mods if isinstance(getattr(m, "attention_head_size", None), int)]
     neox = [m for _, m in mods if isinstance(getattr(m, "head_size", None), int)
             and out_width(getattr(m, "query_key_value", None)) is not None]
     if explicit:
-        hd = _one([m.head_dim for m in explicit])
-        heads = _one([out_width(m.q_proj) // m.head_dim for m in explicit])
-        kv = _one([out_width(m.k_proj) // m.head_dim for m in explicit])
+        hd, heads, kv = (_one([e[i] for e in explicit]) for i in range(3))
         if None in (hd, heads, kv):
             why.append("attention heads differ between layers")
         else:
@@ -111,6 +112,21 @@ def propose(model: nn.Module) -> tuple[dict[str, int], list[str]]:
         if any(m.split_size != m.embed_dim for m in split):
             why.append("attention width differs from the hidden size, which the config derives it from")
     return changes, why
+
+
+def _explicit_heads(m: nn.Module) -> tuple[int, int] | None:
+    """(query heads, key/value heads) of an attention with an explicit ``head_dim``: separate q/k projections
+    (Llama), or Phi-3's fused ``qkv_proj`` (q as wide as ``o_proj``'s input, then k and v); else None."""
+    hd = getattr(m, "head_dim", None)
+    if not isinstance(hd, int) or hd <= 0:
+        return None
+    q, k = out_width(getattr(m, "q_proj", None)), out_width(getattr(m, "k_proj", None))
+    if q is not None and k is not None:
+        return q // hd, k // hd
+    qkv, o = out_width(getattr(m, "qkv_proj", None)), getattr(m, "o_proj", None)
+    if qkv is None or not isinstance(o, nn.Linear):
+        return None
+    return o.in_features // hd, (qkv - o.in_features) // (2 * hd)
 
 
 def _mlp_widths(mods: list[tuple[str, nn.Module]], fields: dict[str, Any]) -> dict[str, list[int]]:
@@ -197,11 +213,7 @@ def sync_config(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
                 except Exception:  # noqa: BLE001 - a forward that breaks on the new config: revert
                     same = False
             if not same:
-                for k, v in old.items():
-                    if v is _MISSING:
-                        delattr(cfg, k)
-                    else:
-                        setattr(cfg, k, v)
+                _restore(cfg, old)
                 problem = "the model's forward reads the config and changes with it"
         if problem:
             why.append(f"config changes {changes} not written: {problem}")
@@ -211,3 +223,39 @@ def sync_config(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
         log.warning("fxprune: the %s config cannot describe the pruned model: %s; save it with torch.save",
                     type(model).__name__, reason)
     return why
+
+
+def config_follows(work: nn.Module, prove: Callable[[], None]) -> bool:
+    """Write the pruned widths into the config of the Hugging Face model in ``work`` (``propose``, proven to
+    build the same parameters and module numbers), then run ``prove``; the config is restored, and False
+    returned, when no change applies or ``prove`` raises. For forwards that read the config at run time (Phi-3
+    slices its fused ``qkv_proj`` at ``config.num_attention_heads * head_dim``)."""
+    model = next((m for m in work.modules() if hasattr(getattr(m, "config", None), "to_dict")
+                  and hasattr(type(m), "config_class")), None)
+    if model is None:
+        return False
+    cfg = model.config  # type: ignore[union-attr]
+    changes, _ = propose(model)
+    new = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(new, k, v)
+    if not changes or _same_structure(model, new):
+        return False
+    old = {k: getattr(cfg, k, _MISSING) for k in changes}
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    try:
+        prove()
+    except Exception:  # noqa: BLE001 - any failure: the config stays as it was
+        _restore(cfg, old)
+        return False
+    log.info("fxprune: config updated for the model's own forward: %s", changes)
+    return True
+
+
+def _restore(cfg: Any, old: dict[str, Any]) -> None:
+    for k, v in old.items():
+        if v is _MISSING:
+            delattr(cfg, k)
+        else:
+            setattr(cfg, k, v)

@@ -44,6 +44,13 @@ class Family:
     auto: str = "AutoModelForCausalLM"
     shrinks: tuple[str, ...] = ("intermediate_size",)
     load: dict[str, Any] = field(default_factory=dict)
+    pixels: int = 0  # an image model: a 1x3xNxN input instead of token ids
+
+    def example(self) -> torch.Tensor:
+        """The example input: token ids, or a seeded image."""
+        if self.pixels:
+            return torch.randn(1, 3, self.pixels, self.pixels, generator=torch.Generator().manual_seed(0))
+        return _ids()
 
     @property
     def generates(self) -> bool:
@@ -68,6 +75,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(("Qwen3Config", {**_GQA, "head_dim": 16})),
     "gemma": Family(("GemmaConfig", {**_GQA, "head_dim": 16})),
     "gemma2": Family(("Gemma2Config", {**_GQA, "head_dim": 16})),
+    "gemma3": Family(("Gemma3TextConfig", {**_GQA, "head_dim": 16})),
+    "mixtral": Family(("MixtralConfig", {**_GQA, **_MOE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+                      load=_MOE),
     "phi3": Family(("Phi3Config", {**_GQA, "pad_token_id": 0})),
     "gpt2": Family(("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "vocab_size": VOCAB,
                                    "n_positions": 64}), shrinks=("n_inner",)),
@@ -76,16 +86,14 @@ FAMILIES: dict[str, Family] = {
     "bert": Family(("BertConfig", {**_MHA, "intermediate_size": 128, "num_labels": 3}),
                    auto="AutoModelForSequenceClassification"),
     "bert_mlm": Family(("BertConfig", {**_MHA, "intermediate_size": 128}), auto="AutoModelForMaskedLM"),
+    "vit": Family(("ViTConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "intermediate_size": 128, "image_size": 32, "patch_size": 8, "num_labels": 3}),
+                  auto="AutoModelForImageClassification", pixels=32),
 }
 
 _DERIVED = ("{config} has no field for the attention width: {where}, so pruned attention ({what}) cannot be "
             "described and from_pretrained would refuse the checkpoint")
 _XFAIL: dict[tuple[str, bool], tuple[type[Exception], str]] = {
-    ("phi3", True): (AssertionError, (
-        "no head is pruned: Phi-3 splits its fused qkv_proj with qkv[..., :query_pos] and "
-        "fxprune/rules/tensor_ops.py _index_tensor (the 'partial slice' pin, ~line 160) pins a partially sliced "
-        "dim; its forward also reads config.num_attention_heads at run time (the MLP is pruned, the chain passes)"
-    )),
     **{("gpt2", h): (AssertionError, _DERIVED.format(
         config="GPT2Config", where="GPT2Attention builds c_attn as Conv1D(3 * n_embd, n_embd) and head_dim as "
         "n_embd // n_head", what="32 of 64 wide")) for h in (False, True)},
@@ -106,6 +114,11 @@ _XFAIL: dict[tuple[str, bool], tuple[type[Exception], str]] = {
         config="BertConfig", where="BertSelfAttention builds query/key/value as Linear(hidden_size, hidden_size) "
         "and attention_head_size as hidden_size // num_attention_heads", what="32 of 64 wide"))
         for h in (False, True)},
+    ("vit", False): (AssertionError, (
+        "ViT traces whole, so its hidden size is pruned with the heads' width (64 -> 32, each of 4 heads 16 -> 8); "
+        "ViTAttention computes scaling = head_dim ** -0.5 when it is built: a model built from a config with "
+        "head_dim 8 would scale by 8 ** -0.5, the pruned one keeps 16 ** -0.5, so no config describes it "
+        "(whole heads pass: 2 heads of 16)")),
 }
 
 
@@ -155,7 +168,7 @@ def _quiet(one_thread: object) -> None:
 @pytest.mark.parametrize(("name", "prune_heads"), _cases())
 def test_family_prunes_reloads_and_generates(name: str, prune_heads: bool, tmp_path: Path) -> None:
     family = FAMILIES[name]
-    model, ids = family.build(), _ids()
+    model, ids = family.build(), family.example()
     r = fxprune.prune(model, 0.5, example_inputs=(ids,), verify=True, output="module", prune_heads=prune_heads)
     assert type(r.model) is type(model) and r.params_after < r.params_before
     assert _oracle_passed(r), (r.oracle, r.parts)
@@ -190,13 +203,14 @@ _KEEP_ATTENTION = {
     "gpt2": [f"transformer.h.{i}.attn" for i in range(2)],
     "bert": [f"bert.encoder.layer.{i}.attention" for i in range(2)] + ["bert.pooler"],
     "opt": [f"model.decoder.layers.{i}.self_attn" for i in range(2)],
+    "vit": [f"vit.layers.{i}.attention" for i in range(2)],
 }
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "opt"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "opt", "vit"])
 def test_family_with_attention_kept_saves_its_mlp_width(name: str, tmp_path: Path) -> None:
     family = FAMILIES[name]
-    model, ids = family.build(), _ids()
+    model, ids = family.build(), family.example()
     r = fxprune.prune(model, 0.5, example_inputs=(ids,), verify=True, output="module", ignore=_KEEP_ATTENTION[name])
     assert _oracle_passed(r) and r.params_after < r.params_before
     assert not _undescribed(r.model), f"the config does not describe {_undescribed(r.model)[:4]}"

@@ -166,7 +166,7 @@ class Interp(nn.Module):
 
 
 class Sliced(nn.Module):
-    """A partial channel slice pins what it touches; the untouched producer is still pruned."""
+    """A partial channel slice couples the channels it reads (a bound rewritten after pruning)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -279,10 +279,10 @@ def test_shuffle_couples_both_halves() -> None:
     assert r.model.get_submodule("a.0").out_channels == r.model.get_submodule("b.0").out_channels == 4
 
 
-def test_partial_slice_pins_only_the_sliced_producer() -> None:
+def test_partial_slice_couples_the_sliced_channels() -> None:
     torch.manual_seed(0)
     r = check_pruned(Sliced().eval(), (torch.randn(1, 3, 8, 8),), 0.5)
-    assert r.model.get_submodule("a.0").out_channels == 8
+    assert r.model.get_submodule("a.0").out_channels == 4  # channels 4-7 are read by no one, yet count
     assert r.model.get_submodule("b.0").out_channels == 4
 
 

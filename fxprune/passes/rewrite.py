@@ -76,6 +76,7 @@ class RewritePass(GraphPass):
         if not self.kept:
             return PassResult(gm, modified=False)
         changed = self._slice_parameters(gm)
+        self._mark_kept(gm, True)
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self._fix_module(gm, node, changed)
@@ -86,9 +87,20 @@ class RewritePass(GraphPass):
                     new = [self.shapes[v] for v in node_values(node, self.deps.value_shapes)]
                     if old:
                         rewrite(node, old, new)
+        self._mark_kept(gm, False)
         fix_attention_attributes(gm, self.deps.prune_heads)
         views_to_reshapes(gm)
         return PassResult(gm, modified=True)
+
+    def _mark_kept(self, gm: fx.GraphModule, on: bool) -> None:
+        """Record on each node its shape before pruning and the kept indices of its pruned dims, for the literal
+        rewriters of its users (``rules/literals.slice_bounds``); ``on=False`` removes the records."""
+        for node in gm.graph.nodes:
+            node.meta.pop("fxprune_kept", None)
+            shape = self.deps.value_shapes.get(node.name, ()) if on else ()
+            dims = {d: self.kept[(node.name, d)] for d in range(len(shape)) if (node.name, d) in self.kept}
+            if dims:
+                node.meta["fxprune_kept"] = (shape, dims)
 
     def _slice_parameters(self, gm: fx.GraphModule) -> set[str]:
         owners: dict[int, list[tuple[nn.Module, str, str]]] = {}

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.errors import InvariantError
+from fxprune.hf_config import config_follows
 from fxprune.outputs import tensors_of
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.registry import fix_attributes
@@ -86,6 +87,18 @@ def write_back(
         if id(mod) not in gm_modules and not (mod._parameters or mod._buffers):
             fix_attributes(mod, None)
     fix_attention_attributes(work, prune_heads)
+    try:
+        _prove_equal(work, gm, example_inputs)
+    except InvariantError:
+        # A forward that reads its Hugging Face config at run time (Phi-3's query width): retried once with
+        # the config describing the pruned widths, kept only when the forward then equals the graph.
+        if not config_follows(work, lambda: _prove_equal(work, gm, example_inputs)):
+            raise
+    return work
+
+
+def _prove_equal(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    """Raise unless ``work``'s own forward gives the pruned graph's outputs on the example inputs."""
     training = work.training
     work.eval()
     gm_training = gm.training
@@ -105,7 +118,6 @@ def write_back(
         gm.train(gm_training)
     if len(want) != len(got) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(want, got, strict=False)):
         raise InvariantError("the original forward disagrees with the pruned graph (a size in its Python code was not rewritten)")
-    return work
 
 
 def repeats_of(model: nn.Module, names: Sequence[str]) -> list[str]:

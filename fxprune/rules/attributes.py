@@ -55,7 +55,23 @@ def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list
                     setattr(mod, total_attr, head_dim * heads)
                 changed.append(name)
             break
-    return changed + fix_mlp_attributes(root)
+    return changed + fix_fused_kv_heads(root) + fix_mlp_attributes(root)
+
+
+def fix_fused_kv_heads(root: nn.Module) -> list[str]:
+    """Phi-3's attention: ``qkv_proj`` holds q (as wide as ``o_proj``'s input), then k and v, each
+    ``num_key_value_heads * head_dim`` wide; the head count follows the pruned projection."""
+    changed = []
+    for name, mod in root.named_modules():
+        kv, hd, o = int_attribute(mod, "num_key_value_heads"), int_attribute(mod, "head_dim"), getattr(mod, "o_proj", None)
+        qkv = out_width(getattr(mod, "qkv_proj", None))
+        if kv is None or not hd or qkv is None or not isinstance(o, nn.Linear):
+            continue
+        new, rest = divmod(qkv - o.in_features, 2 * hd)
+        if not rest and 0 < new != kv:
+            mod.num_key_value_heads = new
+            changed.append(name)
+    return changed
 
 
 # ``hidden_size`` only beside a Llama-style ``down_proj``: beside an ``fc2`` it may name the inner width.

@@ -52,6 +52,7 @@ def _functions() -> None:
     register(torch.reshape, OpSpec(rule=tensor_ops.reshape_like, literals=literals.shape_args))
     for fn in (torch.split, torch.chunk):
         register(fn, OpSpec(rule=tensor_ops.split, literals=literals.split_sizes))
+    register(operator.getitem, OpSpec(rule=tensor_ops.getitem, literals=literals.slice_bounds))  # x[..., a:b]
     for fn in (torch.matmul, operator.matmul, torch.mm, torch.bmm):
         register(fn, OpSpec(rule=attention.matmul, macs=macs.matmul))
     register(torch.baddbmm, macs=macs.baddbmm)

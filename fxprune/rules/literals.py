@@ -1,4 +1,5 @@
-"""Rewrite literal sizes in the graph (view/reshape/expand shapes, split sizes) after channels were removed.
+"""Rewrite literal sizes in the graph (view/reshape/expand shapes, split sizes, slice bounds) after channels
+were removed.
 
 Each rewriter is the ``literals`` field of a registry entry (``rules/builtin.py``). It takes the node, its old output shape(s) and its new output shape(s), and edits ``node.args``
 in place. Sizes that come from other nodes (``x.size(0)``) are computed at run time and left alone; the
@@ -11,10 +12,12 @@ import math
 import operator
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from fxprune.errors import InvariantError
+from fxprune.rules.tensor_ops import slice_range
 
 Shape = tuple[int, ...]
 Rewriter = Callable[[fx.Node, list[Shape], list[Shape]], None]
@@ -98,3 +101,28 @@ def normalized_shape(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
         node.args = (node.args[0], fixed, *node.args[2:])
     else:
         node.kwargs = {**node.kwargs, "normalized_shape": fixed}
+
+
+def slice_bounds(node: fx.Node, old: list[Shape], new: list[Shape]) -> None:
+    """``x[..., a:b]``: a bound on a pruned dim of ``x`` becomes the number of ``x``'s kept indices below it.
+
+    The rewrite pass records, on the node that produces ``x``, its shape before pruning and the kept indices
+    of each pruned dim (``meta["fxprune_kept"]``); only slices the rule coupled (step 1, int or open bounds)
+    can be on a pruned dim.
+    """
+    x, idx = node.args[0], node.args[1]
+    shape, kept = x.meta.get("fxprune_kept", ((), None)) if isinstance(x, fx.Node) else ((), None)
+    if not kept or isinstance(idx, fx.Node):
+        return
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    out: list[object] = []
+    xd = 0
+    for item in items:
+        if item is Ellipsis:
+            xd += len(shape) - sum(1 for i in items if i is not None and i is not Ellipsis)
+        elif isinstance(item, slice) and xd in kept and (bounds := slice_range(item, shape[xd])) is not None:
+            start, stop = (int(np.searchsorted(kept[xd], b)) for b in bounds)  # kept indices below each bound
+            item = slice(None if item.start is None else start, None if item.stop is None else stop, item.step)
+        out.append(item)
+        xd += int(item is not None and item is not Ellipsis)
+    node.args = (x, tuple(out) if isinstance(idx, tuple) else out[0], *node.args[2:])

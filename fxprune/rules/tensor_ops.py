@@ -157,14 +157,37 @@ def _index_tensor(node: fx.Node, ctx: RuleContext, x: str, y: str, idx: object) 
             xd += 1
             yd += 1
         elif isinstance(i, slice):
-            reason = f"{node.name}: partial slice {i}"
-            ctx.pin(x, reason, [xd])
-            ctx.pin(y, reason, [yd])
+            _slice_dim(node, ctx, (x, xd), (y, yd), i)
             xd += 1
             yd += 1
         else:
             ctx.pin(x, f"{node.name}: integer index", [xd])
             xd += 1
+
+
+def slice_range(s: slice, size: int) -> tuple[int, int] | None:
+    """``[start, stop)`` that slice ``s`` reads of a dim of ``size``; None unless its step is 1 and its bounds
+    are ints or None (negative bounds count from the end, out-of-range bounds are clipped)."""
+    if s.step not in (None, 1) or any(b is not None and type(b) is not int for b in (s.start, s.stop)):
+        return None
+    start, stop, _ = slice(s.start, s.stop).indices(size)
+    return start, max(start, stop)
+
+
+def _slice_dim(node: fx.Node, ctx: RuleContext, xs: tuple[str, int], ys: tuple[str, int], s: slice) -> None:
+    """``x[..., a:b]`` along one dim: output index ``j`` is input index ``a + j`` (a fused qkv projection
+    sliced into q, k and v); the rest of ``x`` is not read here. Other steps and computed bounds pin."""
+    (x, xd), (y, yd) = xs, ys
+    n, size = ctx.shape_of(y)[yd], ctx.shape_of(x)[xd]
+    bounds = slice_range(s, size)
+    if bounds is None or bounds[1] - bounds[0] != n:
+        ctx.pin(x, f"{node.name}: partial slice {s}", [xd])
+        ctx.pin(y, f"{node.name}: partial slice {s}", [yd])
+    elif n == size:
+        ctx.same(x, xd, y, yd)
+    elif n:
+        idx = np.arange(n)
+        ctx.mapped(x, xd, bounds[0] + idx, y, yd, idx)
 
 
 def permute(node: fx.Node, ctx: RuleContext) -> None:

@@ -2,7 +2,7 @@
 
 ``random_net(seed)`` draws a DAG of ops (see ``OP_WEIGHTS``): convs (dense, grouped, depthwise with a
 channel multiplier, strided, dilated), ConvTranspose2d, BatchNorm, activations, residual add and mul,
-broadcast gates, cat, split/chunk at random offsets, SE gates, pooling, interpolation, channel shuffle,
+broadcast gates, cat, split/chunk/slices at random offsets, SE gates, pooling, interpolation, channel shuffle,
 channels-last Linear, flatten/view into Linear, and several outputs. The same seed always gives the same network,
 weights and inputs. Ops are drawn one at a time; each reads the newest value most of the time (chains)
 and an older one otherwise (branches, skips); ops that need a partner of a matching shape (add, cat)
@@ -177,9 +177,9 @@ def propose_split(d: _Draft) -> list[Step]:
     if x is None:
         return []
     c = d.shapes[x][1]
-    mode = r.choice(["sizes", "sizes", "int", "chunk"])
-    attrs: dict[str, object] = {"mode": mode, "style": r.choice(["fn", "method"])}
-    if mode == "sizes":
+    mode = r.choice(["sizes", "sizes", "int", "chunk", "slice"])
+    attrs: dict[str, object] = {"mode": mode, "style": r.choice(["pos", "neg"] if mode == "slice" else ["fn", "method"])}
+    if mode in ("sizes", "slice"):
         cuts = sorted(r.sample(range(1, c), min(c - 1, r.choice([1, 1, 2]))))
         attrs["sizes"] = [b - a for a, b in zip([0, *cuts], [*cuts, c], strict=True)]
     elif mode == "int":

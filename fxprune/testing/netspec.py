@@ -160,7 +160,7 @@ def emit_cat(st: Step, xs: list[Shape]) -> Emitted:
 def split_sizes(c: int, attrs: dict[str, Any]) -> list[int]:
     """Section sizes of a split/chunk step on ``c`` channels (torch's own rules for int sizes and chunks)."""
     mode = attrs["mode"]
-    if mode == "sizes":
+    if mode in ("sizes", "slice"):
         sizes = list(attrs["sizes"])
         _need(sum(sizes) == c and min(sizes) > 0, f"split sizes {sizes} do not add up to {c}")
         return sizes
@@ -170,16 +170,20 @@ def split_sizes(c: int, attrs: dict[str, Any]) -> list[int]:
 
 
 def emit_split(st: Step, xs: list[Shape]) -> Emitted:
-    """torch.split / Tensor.split with sizes or an int, or chunk; defines ``<name>_<i>`` per section."""
+    """torch.split / Tensor.split with sizes or an int, chunk, or ``x[:, a:b]`` per section (``slice``: a fused
+    projection sliced, open at both ends, negative bounds with style ``neg``); defines ``<name>_<i>`` per section."""
     x = xs[0]
     _need(len(x) in (2, 4), "split needs rank 2 or 4")
     sizes = split_sizes(x[1], st.attrs)
-    mode = st.attrs["mode"]
+    mode, c, src = st.attrs["mode"], x[1], st.ins[0]
+    outs = {f"{st.name}_{i}": x[:1] + (s,) + x[2:] for i, s in enumerate(sizes)}
+    if mode == "slice":
+        ends, shift = [sum(sizes[: i + 1]) for i in range(len(sizes))], c if st.attrs["style"] == "neg" else 0
+        return outs, [], [f"{v} = {src}[:, {'' if b == n else b - n - shift}:{'' if b == c else b - shift}]"
+                          for v, n, b in zip(outs, sizes, ends, strict=True)]
     fn = "chunk" if mode == "chunk" else "split"
     arg = {"sizes": str(st.attrs.get("sizes")), "int": str(st.attrs.get("size")), "chunk": str(st.attrs.get("chunks"))}
-    src = st.ins[0]
     call = f"torch.{fn}({src}, {arg[mode]}, dim=1)" if st.attrs["style"] == "fn" else f"{src}.{fn}({arg[mode]}, 1)"
-    outs = {f"{st.name}_{i}": x[:1] + (s,) + x[2:] for i, s in enumerate(sizes)}
     return outs, [], [f"{', '.join(outs)}{',' if len(outs) == 1 else ''} = {call}"]
 
 
@@ -329,12 +333,6 @@ def emit_step(st: Step, shapes: dict[str, Shape]) -> Emitted:
     return outs, init, fwd
 
 
-def _shapes_comment(shapes: list[Shape]) -> str:
-    if len(shapes) > 3 and len(set(shapes)) == 1:
-        return f"{len(shapes)} x {shapes[0]}"
-    return ", ".join(str(s) for s in shapes)
-
-
 def to_source(spec: NetSpec, class_name: str = "Net") -> str:
     """The source of an ``nn.Module`` class computing ``spec`` (needs ``torch``, ``nn`` and ``F`` in scope)."""
     shapes = {f"x{i}": s for i, s in enumerate(spec.inputs)}
@@ -347,7 +345,9 @@ def to_source(spec: NetSpec, class_name: str = "Net") -> str:
         init += i_lines
         if st.op != "split" and st.name not in read:  # dead code stays in the graph, without a dead name
             f_lines[-1] = f_lines[-1].removeprefix(f"{st.name} = ")
-        fwd += f_lines[:-1] + [f"{f_lines[-1]}  # {_shapes_comment(list(outs.values()))}"]
+        out = list(outs.values())
+        comment = f"{len(out)} x {out[0]}" if len(out) > 3 and len(set(out)) == 1 else ", ".join(map(str, out))
+        fwd += f_lines[:-1] + [f"{f_lines[-1]}  # {comment}"]
     _need(bool(spec.outputs) and all(o in shapes for o in spec.outputs), f"undefined outputs {spec.outputs}")
     args = ", ".join(f"x{i}: torch.Tensor" for i in range(len(spec.inputs)))
     multi = len(spec.outputs) > 1
@@ -370,10 +370,8 @@ def load_class(source: str, class_name: str = "Net") -> type[nn.Module]:
 
 
 def instantiate(cls: type[nn.Module], seed: int) -> nn.Module:
-    """Build ``cls()`` with seeded weights, random BatchNorm statistics and random norm affines, in eval mode.
-
-    The global RNG is left as it was.
-    """
+    """Build ``cls()`` with seeded weights, random BatchNorm statistics and norm affines, in eval mode (the
+    global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls()
