@@ -6,23 +6,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
-import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import ArgumentError, PlanMismatchError
-from fxprune.metrics import count_params
 from fxprune.options import Options
-from fxprune.passes.budget import CostModel
 from fxprune.passes.importance import Criterion
-from fxprune.passes.select import plan_from_kept
 from fxprune.pipeline import run
 from fxprune.plan import PruningPlan
+from fxprune.replay import replay
 from fxprune.results import Analysis, PruneResult
 from fxprune.rules import registry
-from fxprune.stages import prepare, rewrite_and_prove
+from fxprune.stages import prepare
 from fxprune.validate import plan_argument
 
 __all__ = ["Analysis", "PruneResult", "analyze", "apply", "compile", "prune"]
@@ -154,58 +149,22 @@ def apply(
     ignore: Iterable[str | type] = (),
     leaves: Sequence[str] = (),
     verify: bool = False,
-) -> fx.GraphModule:
-    """Replay a saved plan on a fresh instance of the model it was made for.
+) -> nn.Module:
+    """Replay a saved plan on a fresh instance of the model it was made for (``fxprune/replay.py``).
 
-    The result has exactly the pruned shapes, so ``load_state_dict`` accepts the pruned weights. Without
+    The result has exactly the pruned shapes, so ``load_state_dict`` accepts the pruned weights: a
+    ``GraphModule`` of the root, with the parts pruned piecewise (a Hugging Face model's layers) replayed by
+    their own recorded plans, or the model's own class when its root could not be traced. Without
     ``example_inputs``, inputs of the shapes and dtypes recorded in the plan are used.
 
     Raises:
         PlanMismatchError: the model differs from the planned one; names the first differing group.
-        ArgumentError: the plan was made piecewise (``PruningPlan.pieces``): its parts' choices are not in it.
+        ArgumentError: the plan holds choices a replay cannot make again (``PruningPlan.pieces``: fused experts).
     """
     plan = plan_argument(plan)  # a PruningPlan, or loaded from a path (str or PathLike)
-    if plan.pieces:
-        more = f" and {len(plan.pieces) - 3} more" if len(plan.pieces) > 3 else ""
-        raise ArgumentError(
-            f"this plan was made piecewise: {', '.join(plan.pieces[:3])}{more} were pruned as separate parts, "
-            "whose channel choices a plan does not hold, so apply would return a model pruned less than the "
-            "plan's. Save the pruned model itself instead (save_pretrained for a Hugging Face model with "
-            "output='module', or its state_dict with torch.save(model))"
-        )
     if example_inputs is None:
         example_inputs = plan.example_inputs()  # the shapes and dtypes the plan was made with
-    ignore = tuple(ignore)
-    if plan.hidden:  # the hidden size first, on a private copy; the groups were planned on its result
-        from fxprune.hidden import replay_hidden
-
-        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        model, hidden_plan = replay_hidden(model, plan.hidden, inputs)
-        ignore = (*ignore, *hidden_plan.config_modules)  # as prune(hidden=...) kept them at their new width
-    a = prepare(model, example_inputs, ignore, leaves, prune_heads=plan.prune_heads)
-    if plan.hidden and not plan.groups:  # prune(hidden=..., ratio=0): every group kept whole
-        plan = replace(plan, groups=a.groups, kept=tuple(tuple(range(g.size)) for g in a.groups))
-    if len(a.groups) != len(plan.groups):
-        raise PlanMismatchError(f"the plan has {len(plan.groups)} channel groups, this model {len(a.groups)}")
-    for mine, theirs in zip(a.groups, plan.groups, strict=True):
-        if (mine.size, mine.producers) != (theirs.size, theirs.producers):
-            raise PlanMismatchError(
-                f"group {mine.id} differs: the plan has {theirs.size} channels from {list(theirs.producers)[:3]}, "
-                f"this model {mine.size} from {list(mine.producers)[:3]}"
-            )
-    if plan.fingerprint and plan.fingerprint != a.fingerprint:
-        raise PlanMismatchError(
-            f"graph fingerprint {a.fingerprint} differs from the plan's {plan.fingerprint} (same groups, other ops "
-            "or shapes: check example_inputs and the model version)"
-        )
-    for g, kept in zip(a.groups, plan.kept, strict=True):
-        if any(k < 0 or k >= g.size for k in kept) or len(set(kept)) != len(kept) or not kept:
-            raise PlanMismatchError(f"group {g.id}: kept positions {list(kept)[:8]} do not fit its {g.size} channels")
-    replay = plan_from_kept(a.deps, a.groups, list(plan.kept), plan.ratio)
-    replay = replace(replay, fingerprint=a.fingerprint, versions=plan.versions, prune_heads=plan.prune_heads,
-                     inputs=plan.inputs)
-    cost = CostModel(a.gm, a.deps, count_params(model))
-    return rewrite_and_prove(a, replay, cost, verify=verify, onnx=None, onnx_opset=18).model
+    return replay(model, plan, example_inputs, tuple(ignore), tuple(leaves), verify)
 
 
 def analyze(

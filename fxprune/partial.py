@@ -173,6 +173,7 @@ def compile_parts(
     only: str | None = None,
     calibration: list[tuple[Any, ...]] | None = None,
     importance: Any = None,
+    experts_too: bool = True,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
@@ -186,7 +187,8 @@ def compile_parts(
     part: it is run once on the whole ``root``, before any part changes, and each part is scored by the
     gradients of its own parameters (``compile_fn``'s fifth argument; None for other criteria). A fused
     mixture-of-experts module (``fxprune.experts.layout``) is never traced: each of its experts is pruned by
-    ``fxprune.experts`` to the count ``compile_fn``'s policy keeps of a plain MLP, and proven by its own oracle.
+    ``fxprune.experts`` to the count ``compile_fn``'s policy keeps of a plain MLP, and proven by its own oracle
+    (``experts_too=False``: left to ``compile_fn``, as a replay does).
     """
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
@@ -222,7 +224,7 @@ def compile_parts(
             if inside is None:
                 reports.append(PartReport(full, skipped="ignored by the user"))
                 continue
-            if experts.layout(child) is not None:  # fused experts: never traceable, pruned expert by expert
+            if experts_too and experts.layout(child) is not None:  # fused experts: pruned expert by expert
                 cal = None if calibration is None else [c[name] for c in calibration_calls if name in c]
                 pruned_experts, report = _prune_experts(child, full, call, compile_fn, importance, cal, gradients,
                                                         inside)

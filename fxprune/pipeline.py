@@ -77,9 +77,10 @@ def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult
     """Step 1, retried while a write-back names modules whose own forward takes a size fxprune cannot
     rewrite (an attribute, another tensor): those are kept whole, so ``output="module"`` still gives the
     user's classes."""
+    given = set(options.ignore)
     for _ in range(MAX_WRITE_BACK_RETRIES):
         try:
-            return _compile(model, options)
+            result = _compile(model, options)
         except WriteBackError as e:
             found = tuple(c for c in e.culprits if c and c not in options.ignore)
             if not found:
@@ -91,6 +92,11 @@ def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult
             options = replace(options, ignore=(*options.ignore, *new))
             del e
             gc.collect()  # the failed attempt's copy and graphs (cycles) before the next copy is made
+            continue
+        if result is not None:  # a replay keeps the same modules whole (it must trace the same groups)
+            kept = tuple(n for n in options.ignore if isinstance(n, str) and n not in given)
+            result = replace(result, plan=replace(result.plan, kept_whole=kept))
+        return result
     raise FxPruneError(f"the write-back still fails after keeping {len(options.ignore)} modules whole "
                        f"({MAX_WRITE_BACK_RETRIES} attempts); use output='graph'")
 
@@ -128,11 +134,12 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
                              onnx_opset=options.onnx_opset, output=options.output)
     parts: list[PartReport] = []
+    compile_part, part_plans = _part_compiler(options, done.model)
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
-        parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs,
-                               _part_compiler(options), list(options.ignore), only=child,
-                               calibration=options.calibration_batches(), importance=options.importance)
+        parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
+                               list(options.ignore), only=child, calibration=options.calibration_batches(),
+                               importance=options.importance)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0)
@@ -147,7 +154,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     macs_after = count_macs(done.model, a.inputs) if changed else done.macs_after
     if opaque and options.onnx is not None:
         _export(done.model, a.inputs, options.onnx, options.onnx_opset)
-    plan = replace(plan, pieces=_pieces(parts))
+    plan = replace(plan, pieces=_pieces(parts, part_plans), parts=tuple(part_plans.items()))
     return PruneResult(done.model, plan, done.modified or changed, params_before, params_after, macs_before,
                        macs_after, done.oracle, 0.0, tuple(parts))
 
@@ -161,7 +168,7 @@ def _select(a: Prepared, options: Options, scores: list[Any], cost: CostModel) -
     else:
         plan = select_channels(a.deps, a.groups, scores, policy)
     return replace(plan, fingerprint=a.fingerprint, versions=versions(), prune_heads=options.prune_heads,
-                   inputs=input_specs(a.inputs))
+                   inputs=input_specs(a.inputs), specialize=options.output == "module")
 
 
 def _search_uniform_ratio(model: nn.Module, options: Options) -> PruneResult:
@@ -196,7 +203,8 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     check_forward_runs(root, model, inputs)  # a forward that raises: ShapeError, naming it
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
-    parts = compile_parts(root, root, "", inputs, _part_compiler(options), list(options.ignore),
+    compile_part, part_plans = _part_compiler(options, root)
+    parts = compile_parts(root, root, "", inputs, compile_part, list(options.ignore),
                           calibration=options.calibration_batches(), importance=options.importance)
     _settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
@@ -207,20 +215,27 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     restore_flags(root, {n: m.training for n, m in model.named_modules()})  # after the eval-mode runs above
     if options.onnx is not None:
         _export(root, inputs, options.onnx, options.onnx_opset)
-    empty = PruningPlan(options.ratio, (), (), (), versions=versions(), pieces=_pieces(parts))
+    empty = PruningPlan(options.ratio, (), (), (), versions=versions(), pieces=_pieces(parts, part_plans),
+                        parts=tuple(part_plans.items()), specialize=options.output == "module")  # no fingerprint:
+    # the root was not traced (``replay`` goes straight to the parts)
     return PruneResult(root, empty, modified, params_before, count_params(root), macs_before,
                        count_macs(root, inputs), None, 0.0, tuple(parts))
 
 
-def _pieces(parts: list[PartReport]) -> tuple[str, ...]:
-    """The parts that changed: their choices are not in the root's plan (``PruningPlan.pieces``)."""
-    return tuple(p.name for p in parts if p.params_after < p.params_before)
+def _pieces(parts: list[PartReport], plans: dict[str, PruningPlan]) -> tuple[str, ...]:
+    """Parts that changed with no plan of their own (fused experts), here or inside a part: a replay cannot
+    make their choices."""
+    own = [p.name for p in parts if p.params_after < p.params_before and p.name not in plans]
+    return (*own, *(f"{name}: {piece}" for name, plan in plans.items() for piece in plan.pieces))
 
 
-def _part_compiler(options: Options) -> CompilePart:
-    """How ``compile_parts`` prunes one part: this pipeline's step 1 on the part, as the user's own classes."""
+def _part_compiler(options: Options, root: nn.Module) -> tuple[CompilePart, dict[str, PruningPlan]]:
+    """How ``compile_parts`` prunes one part: this pipeline's step 1 on the part, as the user's own classes;
+    and the plan of every part it compiles, by the part's name in ``root`` (filled as it goes)."""
     part = options.part_options()
     activation = options.calibration_batches() is not None
+    names = {id(m): n for n, m in root.named_modules()}  # before any part is replaced
+    plans: dict[str, PruningPlan] = {}
 
     def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
                      calibration: list[tuple[Any, ...]] | None, importance: Any) -> PruneResult:
@@ -229,9 +244,13 @@ def _part_compiler(options: Options) -> CompilePart:
             own = replace(own, importance="activation", calibration=calibration or [inputs])
         if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it
             own = replace(own, importance=importance)
-        return run(module, own)
+        result = run(module, own)
+        name = names.get(id(getattr(module, "inner", module)))
+        if name is not None:
+            plans[name] = result.plan
+        return result
 
-    return compile_part
+    return compile_part, plans
 
 
 def _settle_parts(result: nn.Module, original: nn.Module) -> None:

@@ -69,8 +69,14 @@ class PruningPlan:
             inputs of these when it is given none (the fingerprint depends on the shapes).
         hidden: with ``prune(hidden=...)``, the kept hidden channels of each stream (the residual stream
             first); replayed before the groups, which were planned on the model of that hidden size.
-        pieces: submodules pruned as separate parts (piecewise compiles: inside opaque modules, or every part of
-            an untraceable root). Their choices are not in this plan, so ``fxprune.apply`` refuses it.
+        pieces: submodules pruned by choices this plan does not hold (fused mixture-of-experts modules, expert
+            by expert): ``fxprune.apply`` refuses the plan.
+        parts: the plan of every part compiled on its own (piecewise: inside opaque modules, or every part of an
+            untraceable root), by the part's qualified name; ``fxprune.apply`` replays each on its part.
+        kept_whole: modules a write-back kept whole (their own forward reads a size fxprune cannot rewrite):
+            a replay keeps them whole too, so it traces the same groups.
+        specialize: the graph was traced with branches on shapes following the example inputs (as
+            ``output="module"`` does); a replay traces the same way.
     """
 
     ratio: float
@@ -83,6 +89,9 @@ class PruningPlan:
     inputs: tuple[tuple[tuple[int, ...], str], ...] = ()
     hidden: tuple[tuple[int, ...], ...] = ()
     pieces: tuple[str, ...] = ()
+    parts: tuple[tuple[str, PruningPlan], ...] = ()
+    kept_whole: tuple[str, ...] = ()
+    specialize: bool = False
 
     @property
     def n_dropped(self) -> int:
@@ -106,6 +115,9 @@ class PruningPlan:
             "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self.inputs],
             "hidden": [list(k) for k in self.hidden],
             "pieces": list(self.pieces),
+            "parts": [{"name": n, "plan": p.to_dict()} for n, p in self.parts],
+            "kept_whole": list(self.kept_whole),
+            "specialize": self.specialize,
             "groups": [
                 {**asdict(g), "kept": list(k)} for g, k in zip(self.groups, self.kept, strict=True)
             ],
@@ -152,7 +164,9 @@ class PruningPlan:
                            bool(data.get("prune_heads", False)),
                            tuple((tuple(int(d) for d in i["shape"]), str(i["dtype"])) for i in data.get("inputs", [])),
                            tuple(tuple(int(c) for c in k) for k in data.get("hidden", [])),
-                           tuple(str(n) for n in data.get("pieces", [])))
+                           tuple(str(n) for n in data.get("pieces", [])),
+                           tuple((str(p["name"]), PruningPlan._from_dict(p["plan"])) for p in data.get("parts", [])),
+                           tuple(str(n) for n in data.get("kept_whole", [])), bool(data.get("specialize", False)))
 
     def example_inputs(self) -> tuple[Any, ...] | None:
         """Seeded inputs of the recorded shapes and dtypes (None when the plan recorded none).

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.rules.common import pin_all, values_of
+from fxprune.rules.common import pin_all, tensor_io, values_of
 from fxprune.rules.context import RuleContext
 
 
@@ -125,11 +125,10 @@ def unbind(node: fx.Node, ctx: RuleContext) -> None:
 
 def expand(node: fx.Node, ctx: RuleContext) -> None:
     """x.expand(sizes): kept dims pass through; expanded (size-1) dims are new."""
-    x = ctx.tensor(node.args[0]) if node.args else None
-    y = ctx.out()
-    if x is None or y is None:
-        pin_all(node, ctx, f"{node.name}: expand of a non-tensor")
+    io = tensor_io(node, ctx, "expand of a non-tensor")
+    if io is None:
         return
+    x, y = io
     xs, ys = ctx.shape_of(x), ctx.shape_of(y)
     for i, s in enumerate(xs):
         od = len(ys) - len(xs) + i

@@ -40,6 +40,17 @@ def pin_all(node: fx.Node, ctx: RuleContext, reason: str) -> None:
         ctx.pin(v, reason)
 
 
+def tensor_io(node: fx.Node, ctx: RuleContext, what: str) -> tuple[str, str] | None:
+    """The value names of ``node``'s first tensor argument and of its single tensor result; None, with every
+    dim pinned ("<node>: <what>"), when either is missing."""
+    x = ctx.tensor(node.args[0]) if node.args else None
+    y = ctx.out()
+    if x is None or y is None:
+        pin_all(node, ctx, f"{node.name}: {what}")
+        return None
+    return x, y
+
+
 def broadcast(node: fx.Node, ctx: RuleContext) -> None:
     """Elementwise op with numpy broadcasting: aligned dims of equal size are coupled, size-1 dims are not."""
     y = ctx.out()

@@ -8,17 +8,12 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.rules.common import linear_couplings, pin_all, pooling_like, reshape_like, unary
+from fxprune.rules.common import linear_couplings, pin_all, pooling_like, reshape_like, tensor_io, unary
 from fxprune.rules.context import RuleContext
 
 
 def _io(node: fx.Node, ctx: RuleContext) -> tuple[str, str] | None:
-    x = ctx.tensor(node.args[0]) if node.args else None
-    y = ctx.out()
-    if x is None or y is None:
-        pin_all(node, ctx, f"{node.name}: unexpected inputs")
-        return None
-    return x, y
+    return tensor_io(node, ctx, "unexpected inputs")
 
 
 def _conv_layout(

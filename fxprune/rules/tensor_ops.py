@@ -17,6 +17,7 @@ from fxprune.rules.common import (
     pin_all,
     pooling_like,
     reshape_like,
+    tensor_io,
     unary,
     values_of,
 )
@@ -192,11 +193,10 @@ def _slice_dim(node: fx.Node, ctx: RuleContext, xs: tuple[str, int], ys: tuple[s
 
 def permute(node: fx.Node, ctx: RuleContext) -> None:
     """permute/transpose/t: output dim ``i`` is input dim ``perm[i]``."""
-    x = ctx.tensor(node.args[0]) if node.args else None
-    y = ctx.out()
-    if x is None or y is None:
-        pin_all(node, ctx, f"{node.name}: permute of a non-tensor")
+    io = tensor_io(node, ctx, "permute of a non-tensor")
+    if io is None:
         return
+    x, y = io
     n = ctx.ndim(x)
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name in ("transpose", "swapaxes", "swapdims"):
@@ -218,11 +218,10 @@ def reduction(keeps_exact: bool) -> Rule:
     """sum (exact under zeroed channels) or mean/amax/var (divisor or statistic changes: reduced dims pinned)."""
 
     def rule(node: fx.Node, ctx: RuleContext) -> None:
-        x = ctx.tensor(node.args[0]) if node.args else None
-        y = ctx.out()
-        if x is None or y is None:
-            pin_all(node, ctx, f"{node.name}: reduction without a single tensor result")
+        io = tensor_io(node, ctx, "reduction without a single tensor result")
+        if io is None:
             return
+        x, y = io
         n = ctx.ndim(x)
         dims = call_arg(node, 1, "dim")
         if dims is None:
@@ -260,11 +259,10 @@ def pool_fn(n_spatial: int) -> Rule:
     """Functional pooling / interpolation over ``n_spatial`` trailing dims."""
 
     def rule(node: fx.Node, ctx: RuleContext) -> None:
-        x = ctx.tensor(node.args[0]) if node.args else None
-        y = ctx.out()
-        if x is None or y is None:
-            pin_all(node, ctx, f"{node.name}: pooling without a single tensor result")
+        io = tensor_io(node, ctx, "pooling without a single tensor result")
+        if io is None:
             return
+        x, y = io
         pooling_like(ctx, x, y, n_spatial, node.name)
 
     return rule
@@ -272,11 +270,10 @@ def pool_fn(n_spatial: int) -> Rule:
 
 def interpolate(node: fx.Node, ctx: RuleContext) -> None:
     """F.interpolate: resamples every dim after the channel dim."""
-    x = ctx.tensor(node.args[0]) if node.args else None
-    y = ctx.out()
-    if x is None or y is None:
-        pin_all(node, ctx, f"{node.name}: interpolate without a tensor")
+    io = tensor_io(node, ctx, "interpolate without a tensor")
+    if io is None:
         return
+    x, y = io
     pooling_like(ctx, x, y, ctx.ndim(x) - 2, node.name)
 
 

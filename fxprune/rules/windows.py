@@ -11,17 +11,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxprune.passes.window_ops import window_mask, window_partition, window_reverse
-from fxprune.rules.common import pin_all, unary
+from fxprune.rules.common import pin_all, tensor_io, unary
 from fxprune.rules.context import RuleContext
 
 
 def _channels_last(node: fx.Node, ctx: RuleContext, what: str) -> None:
     """Last dim passes through; every other dim of input and output is a position (pinned)."""
-    x = ctx.tensor(node.args[0]) if node.args else None
-    y = ctx.out()
-    if x is None or y is None:
-        pin_all(node, ctx, f"{node.name}: {what} without a tensor input")
+    io = tensor_io(node, ctx, f"{what} without a tensor input")
+    if io is None:
         return
+    x, y = io
     ctx.same(x, -1, y, -1)
     ctx.pin(x, f"{node.name}: {what} moves positions", list(range(ctx.ndim(x) - 1)))
     ctx.pin(y, f"{node.name}: {what} moves positions", list(range(ctx.ndim(y) - 1)))

@@ -1,5 +1,6 @@
-"""``fxprune.apply`` replays a plan made with ``prune(hidden=...)`` (the hidden channels, then the groups) and
-refuses a plan made piecewise, whose parts' choices it does not hold."""
+"""``fxprune.apply`` replays a saved plan: the hidden channels of ``prune(hidden=...)``, the root's groups, and
+every part pruned piecewise (a Hugging Face model's layers) by its own recorded plan; a plan holding choices
+it cannot make again (fused experts) is refused."""
 
 from __future__ import annotations
 
@@ -65,14 +66,42 @@ def test_a_hidden_plan_refuses_another_width() -> None:
         fxprune.apply(_tiny(width=16), plan, (IDS,))
 
 
-def test_a_piecewise_plan_is_refused_not_replayed_short(tmp_path: Path, one_thread: object) -> None:
+def _llama() -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128, vocab_size=100,
                                       max_position_embeddings=64)
-    ids = torch.randint(1, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-    r = fxprune.prune(transformers.LlamaForCausalLM(config).eval(), 0.5, example_inputs=(ids,))
-    assert r.plan.pieces == ("model",)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+TOKENS = torch.randint(1, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("hidden", "output"), [(None, "graph"), (0.25, "graph"), (None, "module")])
+def test_a_piecewise_plan_replays_part_by_part(hidden: float | None, output: str, tmp_path: Path,
+                                               one_thread: object) -> None:
+    r = fxprune.prune(_llama(), 0.5, example_inputs=(TOKENS,), hidden=hidden, output=output)
+    assert r.plan.parts and not r.plan.pieces  # Llama's root is pruned piecewise
     r.plan.save(tmp_path / "plan.json")
-    with pytest.raises(fxprune.ArgumentError, match="piecewise: model"):
-        fxprune.apply(transformers.LlamaForCausalLM(config).eval(), str(tmp_path / "plan.json"), (ids,))
+    replayed = fxprune.apply(_llama(), str(tmp_path / "plan.json"), (TOKENS,))
+    want = {k: v for k, v in r.model.state_dict().items()}
+    got = replayed.state_dict()
+    shared = want.keys() & got.keys()
+    assert any("mlp.up_proj" in k for k in shared)
+    assert all(torch.equal(want[k], got[k]) for k in shared)  # the same channels, as the plan recorded
+    assert r.params_after == sum(p.numel() for p in replayed.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(tensors_of(replayed(TOKENS))[0], tensors_of(r.model(TOKENS))[0])
+
+
+def test_a_plan_with_experts_is_refused(tmp_path: Path, one_thread: object) -> None:
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, experts_implementation="eager")
+    build = lambda: transformers.Qwen2MoeForCausalLM(config).eval()  # noqa: E731
+    r = fxprune.prune(build(), 0.5, example_inputs=(TOKENS,))
+    assert r.plan.pieces
+    with pytest.raises(fxprune.ArgumentError, match="experts"):
+        fxprune.apply(build(), r.plan, (TOKENS,))
