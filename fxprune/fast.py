@@ -17,6 +17,8 @@ and off. The shortcuts, and what each stands in for (measured gains in docs/benc
 - ``copy_module``: ``copy.deepcopy`` of a plain ``nn.Module`` tree (about 5x faster on a ResNet-50).
 - ``deferred_graph_module``: torch's lazy GraphModule, whose Python code is generated on first use, not
   after every pass (~30 ms a recompile on a 700-node graph).
+- ``meta_copy``: ``count_macs`` runs a copy whose tensors are on the meta device instead of a full deep copy
+  (no second copy of a 1B-parameter model's memory, no arithmetic); a forward that needs values falls back.
 - ``training_reads``: the train-mode trace (``passes/train_mode.py``) is skipped when the eval trace read no
   module's ``training`` flag and nothing was lowered: the two traces could not differ (15-30 ms a small net).
 - Shape functions of the meta shape run (``meta_shape``, the ``shape`` field of registry entries, and
@@ -299,3 +301,18 @@ def training_reads(model: nn.Module) -> Iterator[list[bool]]:
             _PATCH_USERS -= 1
             if _PATCH_USERS == 0:
                 del nn.Module.training
+
+
+# ---- counting ------------------------------------------------------------------------------------------
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors of the same shapes (no data).
+
+    Stands in for ``copy.deepcopy`` where only shapes matter (``metrics.count_macs``: torch's flop formulas
+    read shapes alone). Ties stay ties; tensors held as plain attributes are copied as they are.
+    """
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        m = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(model, memo)

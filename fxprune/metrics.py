@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,8 +138,11 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.
     ``flops // 2``.
 
     Args:
-        model: The module to measure. It is never run itself: a private deep copy runs in eval mode under
+        model: The module to measure. It is never run itself: a private copy runs in eval mode under
             ``torch.no_grad`` (a forward may update buffers or even parameters, ``Embedding(max_norm=...)``).
+            The copy's tensors are on the meta device (shapes only: no memory, no arithmetic, as the counts
+            depend on shapes alone); a forward that needs values (data-dependent routing, ``.item()``) runs
+            on a full copy instead.
         example_inputs: Positional inputs of one forward call.
 
     Returns:
@@ -146,9 +150,20 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.
     """
     import copy
 
+    from fxprune import fast
+
     inputs = _as_tuple(example_inputs)
+    if fast.ENABLED and not _uses_cuda(inputs, model):
+        try:
+            meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+            return _count(fast.meta_copy(model), meta_inputs)
+        except Exception as e:  # noqa: BLE001 - a forward that reads values: counted on real tensors below
+            logger.debug("count_macs: the shape-only run failed (%s: %s); counting on a full copy", type(e).__name__, e)
+    return _count(copy.deepcopy(model), inputs)
+
+
+def _count(private: nn.Module, inputs: tuple[Any, ...]) -> int:
     counter = FlopCounterMode(display=False, custom_mapping=_missing_formulas())
-    private = copy.deepcopy(model)
     # nn.MultiheadAttention's eval fast path is one fused kernel that FlopCounterMode has no formula for
     # (its MACs would count as 0); the standard path computes the same with counted ops.
     fastpath = torch.backends.mha.get_fastpath_enabled()
