@@ -45,12 +45,13 @@ from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError, repeats_of
 from fxprune.plan import PruningPlan
 from fxprune.results import PruneResult
-from fxprune.stages import Prepared, as_inputs, gc_paused, prepare, rewrite_and_prove
+from fxprune.stages import Prepared, as_inputs, fork, gc_paused, prepare, reanalysed, rewrite_and_prove
 from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE_BACK_RETRIES = 8  # compiles a write-back may ask for, each keeping more modules whole
+MAX_KEPT_WHOLE = 4096  # modules kept whole on one trace (each retry keeps at least one more)
 
 
 def run(model: nn.Module, options: Options) -> PruneResult:
@@ -95,7 +96,7 @@ def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult
             continue
         if result is not None:  # a replay keeps the same modules whole (it must trace the same groups)
             kept = tuple(n for n in options.ignore if isinstance(n, str) and n not in given)
-            result = replace(result, plan=replace(result.plan, kept_whole=kept))
+            result = replace(result, plan=replace(result.plan, kept_whole=(*kept, *result.plan.kept_whole)))
         return result
     raise FxPruneError(f"the write-back still fails after keeping {len(options.ignore)} modules whole "
                        f"({MAX_WRITE_BACK_RETRIES} attempts); use output='graph'")
@@ -127,12 +128,29 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     if opaque and options.budget:
         return None  # the graph's search would see each opaque part as fixed
     params_before = count_params(model)
-    scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration))  # b. importance
-    cost = CostModel(a.gm, a.deps, params_before)
-    plan = _select(a, options, scores, cost)  # c. which channels stay
-    # d. rewrite and prove; the ONNX waits for the parts when there are some
-    done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
-                             onnx_opset=options.onnx_opset, output=options.output)
+    kept_whole: tuple[str, ...] = ()
+    while True:
+        scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration))  # b. importance
+        cost = CostModel(a.gm, a.deps, params_before)
+        plan = _select(a, options, scores, cost)  # c. which channels stay
+        # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
+        # write-back may name modules whose own forward cannot take the plan: they are kept whole and c-d
+        # run again on an untouched fork of the same trace (``stages.fork``), not after a second trace
+        fresh = fork(a) if options.output == "module" and len(kept_whole) < MAX_KEPT_WHOLE else None
+        try:
+            done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
+                                     onnx_opset=options.onnx_opset, output=options.output)
+            break
+        except WriteBackError as e:
+            new = tuple(n for n in repeats_of(model, [c for c in e.culprits if c]) if n not in options.ignore)
+            if fresh is None or not new:
+                raise
+            log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
+        kept_whole += new
+        options = replace(options, ignore=(*options.ignore, *new))
+        restore_state(fresh.work, model)  # what the failed attempt's runs wrote into the shared tensors
+        a = reanalysed(fresh, list(options.ignore))
+    plan = replace(plan, kept_whole=kept_whole)
     parts: list[PartReport] = []
     compile_part, part_plans = _part_compiler(options, done.model)
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate

@@ -13,7 +13,7 @@ import copy
 import gc
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -70,6 +70,24 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
     raise ArgumentError(example_inputs_message(example_inputs))
+
+
+def fork(a: Prepared) -> Prepared:
+    """``a`` with its own copy of the private model's and the graph's structure (modules, attributes, graph,
+    config), sharing every tensor: a rewrite of ``a`` replaces tensors and edits structure, so the fork stays
+    as traced. Costs no tensor memory."""
+    memo: dict[int, Any] = {}
+    for t in [*a.work.parameters(), *a.work.buffers(), *a.gm.parameters(), *a.gm.buffers()]:
+        memo[id(t)] = t
+    work, gm = copy.deepcopy((a.work, a.gm), memo)
+    return replace(a, work=work, gm=gm)
+
+
+def reanalysed(a: Prepared, ignore: list[str | type]) -> Prepared:
+    """``a`` with its channel dependencies solved again for another ``ignore`` (the trace, its checks and its
+    shapes do not depend on it)."""
+    deps = build_dependencies(a.gm, a.deps.value_shapes, _by_name(a.work, ignore), a.opaque, a.deps.prune_heads)
+    return replace(a, deps=deps, groups=describe_groups(deps), fingerprint=graph_fingerprint(a.gm, deps))
 
 
 def _by_name(work: nn.Module, ignore: list[str | type]) -> list[str | type]:

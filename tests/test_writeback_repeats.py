@@ -47,7 +47,7 @@ def test_repeats_of_every_enclosing_list() -> None:
     assert repeats_of(net, ["head", "layers.0.out"]) == ["head", "layers.0.out", "layers.1.out", "layers.3.out"]
 
 
-def test_llama_attention_kept_whole_in_every_layer_with_one_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llama_attention_kept_whole_in_every_layer_on_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2, use_cache=False)
@@ -63,8 +63,11 @@ def test_llama_attention_kept_whole_in_every_layer_with_one_retry(monkeypatch: p
 
     monkeypatch.setattr(pipeline, "prepare", counted)
     result = fxprune.prune(model, 0.5, example_inputs=(ids,), output="module", verify=True)
-    assert len(calls) == 2  # the first attempt names layer 0's o_proj; the retry keeps every layer's
-    assert set(calls[1]) == {f"model.layers.{i}.self_attn.o_proj" for i in range(3)}
+    # The first rewrite's write-back names layer 0's o_proj; every layer's is kept whole and the plan made
+    # again on a fork of the same trace (no second trace), and the plan records them for a replay.
+    assert len(calls) == 1
+    assert set(result.plan.kept_whole) == {f"model.layers.{i}.self_attn.o_proj" for i in range(3)}
+    assert result.oracle is not None and result.oracle.passed
     assert result.params_after < result.params_before
     assert result.model.model.layers[2].mlp.down_proj.in_features == 64
     with torch.no_grad():
