@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import copy
 import dataclasses
+import json
 import random
 import re
 import tempfile
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.metrics import count_params
+from fxprune.outputs import tensors_of
 from fxprune.passes.importance import random_importance
 from fxprune.testing.netgen import random_spec
 from fxprune.testing.netspec import InvalidNet, NetSpec, Step, build, to_source
@@ -100,11 +102,12 @@ def _expect(ok: bool, what: str) -> None:
 
 def check_case(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: float, importance: Any, *,
-    onnx_path: str | None = None, dynamic_batch: bool = True,
+    onnx_path: str | None = None, dynamic_batch: bool = True, replay: bool = False,
 ) -> fxprune.PruneResult:
     """Prune ``model`` with ``verify=True`` and assert the fuzz invariants.
 
-    With ``dynamic_batch`` (the model does not spell its batch size), both models also run at batch 1.
+    With ``dynamic_batch`` (the model does not spell its batch size), both models also run at batch 1. With
+    ``replay``, the plan, saved to JSON and read back, must replay with ``fxprune.apply`` to the same weights.
 
     Raises:
         FuzzCheckError: when output structure, the parameter count, the ``modified`` flag or the caller's
@@ -153,11 +156,26 @@ def check_case(
         _expect(_structure(got) == _structure(ref), "in train mode the pruned model's outputs differ in structure")
     except fxprune.TrainModeError:
         _expect(bool(getattr(train, "_fxprune_train_differs", "")), "TrainModeError from a model without the guard")
+    if replay:
+        _check_replay(model, inputs, result)
     if onnx_path is not None:
         from fxprune.passes.export import export_onnx
 
         export_onnx(result.model, inputs, onnx_path, dynamic_batch=dynamic_batch)
     return result
+
+
+def _check_replay(model: nn.Module, inputs: tuple[torch.Tensor, ...], result: fxprune.PruneResult) -> None:
+    """The plan read back from its JSON replays on ``model``: the same parameters, the same outputs."""
+    plan = fxprune.PruningPlan.from_dict(json.loads(json.dumps(result.plan.to_dict())))
+    again = fxprune.apply(model, plan, inputs)
+    _expect(count_params(again) == result.params_after,
+            f"the replayed plan has {count_params(again)} parameters, the pruned model {result.params_after}")
+    with torch.no_grad():
+        want, got = tensors_of(result.model(*inputs)), tensors_of(again(*inputs))
+    _expect(len(want) == len(got) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                                          for a, b in zip(want, got, strict=True)),
+            "the replayed plan computes other outputs than the pruned model")
 
 
 def describe(e: BaseException) -> str:
@@ -183,7 +201,7 @@ def run_spec(spec: NetSpec, run: Run) -> fxprune.PruneResult:
     with tempfile.TemporaryDirectory(prefix="fxprune-fuzz-") as tmp:
         path = str(Path(tmp) / "m.onnx") if run.onnx else None
         return check_case(model, inputs, run.ratio, run.scorer(spec.seed), onnx_path=path,
-                          dynamic_batch=not spec.literal_batch)
+                          dynamic_batch=not spec.literal_batch, replay=spec.seed % 4 == 0)
 
 
 def _original_exports(spec: NetSpec) -> bool:
