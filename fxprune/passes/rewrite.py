@@ -103,13 +103,20 @@ class RewritePass(GraphPass):
                 node.meta["fxprune_kept"] = (shape, dims)
 
     def _slice_parameters(self, gm: fx.GraphModule) -> set[str]:
+        """Replace every pruned parameter and buffer by its kept slice, in every module that holds it. Each
+        old tensor is let go as soon as its slice replaces it (this pass holds no reference to it after), so
+        a large model's peak is its size plus one tensor's slice, not twice its size."""
         owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
         by_name: dict[str, torch.Tensor] = {}
+        names: dict[int, list[str]] = {}
         for m in module_tensors(gm):
             owners.setdefault(id(m.tensor), []).append((m.module, m.attr, m.module_name))
+            names.setdefault(id(m.tensor), []).append(m.name)
             by_name[m.name] = m.tensor
         changed: set[str] = set()
         for value, qual in self.deps.params.items():
+            if qual not in by_name:  # an alias of a tensor already replaced under another name
+                continue
             t = by_name[qual]
             dims = [(d, self.kept[(value, d)]) for d in range(t.dim()) if (value, d) in self.kept]
             if not dims:
@@ -123,12 +130,15 @@ class RewritePass(GraphPass):
                 new: torch.Tensor = nn.Parameter(data, requires_grad=t.requires_grad)
             else:
                 new = data
-            for mod, attr, mod_name in owners[id(t)]:
+            for mod, attr, mod_name in owners.pop(id(t)):
                 if isinstance(t, nn.Parameter):
                     mod._parameters[attr] = new  # type: ignore[assignment]
                 else:
                     mod._buffers[attr] = new
                 changed.add(mod_name)
+            for name in names.pop(id(t)):
+                del by_name[name]
+            del t, data, new
         return changed
 
     def _fix_module(self, gm: fx.GraphModule, node: fx.Node, changed: set[str]) -> None:
