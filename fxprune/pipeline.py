@@ -45,16 +45,7 @@ from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError, repeats_of
 from fxprune.plan import PruningPlan
 from fxprune.results import PruneResult
-from fxprune.stages import (
-    Prepared,
-    as_inputs,
-    fork,
-    gc_paused,
-    prepare,
-    reanalysed,
-    refilled,
-    rewrite_and_prove,
-)
+from fxprune.stages import Prepared, as_inputs, fork, gc_paused, prepare, reanalysed, rewrite_and_prove
 from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
@@ -144,8 +135,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         plan = _select(a, options, scores, cost)  # c. which channels stay
         # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
         # write-back may name modules whose own forward cannot take the plan: they are kept whole and c-d
-        # run again on a fork of the same trace given the caller's tensors again (``stages.fork``), not
-        # after a second trace and eager check
+        # run again on an untouched fork of the same trace (``stages.fork``), not after a second trace
         fresh = fork(a) if options.output == "module" and len(kept_whole) < MAX_KEPT_WHOLE else None
         try:
             done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
@@ -156,12 +146,9 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
             if fresh is None or not new:
                 raise
             log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
-            try:
-                fresh = refilled(fresh, model)  # the caller's tensors, copied again
-            except KeyError:  # a tensor the caller's model does not name: a whole compile again (step 1)
-                raise e from None
         kept_whole += new
         options = replace(options, ignore=(*options.ignore, *new))
+        restore_state(fresh.work, model)  # what the failed attempt's runs wrote into the shared tensors
         a = reanalysed(fresh, list(options.ignore))
     plan = replace(plan, kept_whole=kept_whole)
     parts: list[PartReport] = []

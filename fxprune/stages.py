@@ -73,37 +73,14 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def fork(a: Prepared) -> Prepared:
-    """``a``'s structure (modules, attributes, graph, config) copied as traced, every parameter and buffer of
-    the private model a meta tensor of its shape: no tensor memory, and no reference that would keep ``a``'s
-    tensors alive while a rewrite replaces them. ``refilled`` gives the fork its tensors back."""
+    """``a`` with its own copy of the private model's and the graph's structure (modules, attributes, graph,
+    config), sharing every tensor: a rewrite of ``a`` replaces tensors and edits structure, so the fork stays
+    as traced. Costs no tensor memory of its own, but keeps ``a``'s tensors alive while it is held."""
     memo: dict[int, Any] = {}
-    for t in [*a.work.parameters(), *a.work.buffers()]:
-        m = t.detach().to("meta")
-        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-    for t in [*a.gm.parameters(), *a.gm.buffers()]:  # the graph's own constants stay (small, never sliced in place)
-        memo.setdefault(id(t), t)
+    for t in [*a.work.parameters(), *a.work.buffers(), *a.gm.parameters(), *a.gm.buffers()]:
+        memo[id(t)] = t
     work, gm = copy.deepcopy((a.work, a.gm), memo)
     return replace(a, work=work, gm=gm)
-
-
-def refilled(a: Prepared, model: nn.Module) -> Prepared:
-    """A ``fork`` with a private copy of ``model``'s tensors in place of its meta ones (ties kept as ties)."""
-    theirs = dict(model.named_parameters(remove_duplicate=False))
-    theirs.update(model.named_buffers(remove_duplicate=False))
-    copies: dict[int, torch.Tensor] = {}
-    walk = [*a.work.named_modules(remove_duplicate=False), *a.gm.named_modules(remove_duplicate=False)]
-    for mod_name, mod in walk:  # the graph holds some tensors in modules of its own (a get_attr's owner)
-        for table in (mod._parameters, mod._buffers):
-            for attr, t in table.items():
-                if t is None or not t.is_meta:
-                    continue
-                src = theirs[f"{mod_name}.{attr}" if mod_name else attr]
-                if id(src) not in copies:
-                    data = src.detach().clone()
-                    copies[id(src)] = nn.Parameter(data, requires_grad=t.requires_grad) \
-                        if isinstance(t, nn.Parameter) else data
-                table[attr] = copies[id(src)]
-    return a
 
 
 def reanalysed(a: Prepared, ignore: list[str | type]) -> Prepared:
