@@ -296,5 +296,5 @@ def keep_count(compile_fn: Callable[..., Any], width: int, gradients: Any = None
     if gradients is not None:
         own = copy.copy(gradients)
         own.grads = {n: torch.zeros_like(p) for n, p in probe.named_parameters()}
-    result = compile_fn(probe, (torch.ones(2, 1),), [], None, own)
+    result = compile_fn(probe, (torch.ones(2, 1),), [], None, own, "")  # no part of the model: no name
     return int(result.model.gate.weight.shape[0])

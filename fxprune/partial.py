@@ -24,13 +24,16 @@ import torch.nn as nn
 from fxprune import experts
 from fxprune.errors import FxPruneError, TraceError
 from fxprune.importance_taylor import PartGradients, WholeModelGradients
+from fxprune.passes.eager_check import restore_state
+from fxprune.passes.ties import retie
 
 log = logging.getLogger(__name__)
 
-# (part, inputs, ignore, calibration, importance) -> PruneResult; calibration: the part's own inputs per
-# calibration batch; importance: the part's own criterion when its scores need the whole model (else None)
+# (part, inputs, ignore, calibration, importance, name) -> PruneResult; calibration: the part's own inputs per
+# calibration batch; importance: the part's own criterion when its scores need the whole model (else None);
+# name: the part's qualified name in the root ("" for a module that is no part of it)
 CompilePart = Callable[
-    [nn.Module, tuple[Any, ...], list[Any], list[tuple[Any, ...]] | None, PartGradients | None], Any
+    [nn.Module, tuple[Any, ...], list[Any], list[tuple[Any, ...]] | None, PartGradients | None, str], Any
 ]
 
 
@@ -177,7 +180,7 @@ def compile_parts(
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
-    Each part is pruned by ``compile_fn(part, its_inputs, its_ignore)``, which returns the part's
+    Each part is pruned by ``compile_fn(part, its_inputs, its_ignore, ..., its_name)``, which returns the part's
     ``PruneResult`` with ``output="module"`` (the pipeline passes its own per-part compile). Returns one report
     per part tried. Parts called more than once, with no tensor input, or named in ``ignore`` (full module
     names, or types) are left alone. With ``only``, just that child of ``scope`` (tried whole first, then its
@@ -239,7 +242,7 @@ def compile_parts(
                 continue
             try:
                 own = None if gradients is None else gradients.for_part(bound, full)
-                result = compile_fn(bound, tensors, inside, part_calibration(name, bound), own)
+                result = compile_fn(bound, tensors, inside, part_calibration(name, bound), own, full)
             except TraceError:
                 visit(child, name)  # not traceable as a whole: try its children
                 continue
@@ -268,3 +271,10 @@ def compile_parts(
         gradients = WholeModelGradients.of(root, importance)  # before the first part is replaced
         visit(scope, "")
     return reports
+
+
+def settle_parts(result: nn.Module, original: nn.Module) -> None:
+    """Each part was copied privately: ties into it and state (a recording run may update buffers) come
+    from the caller's model again. (Training flags are restored by the caller, after its last eval run.)"""
+    retie(result, original)
+    restore_state(result, original)

@@ -2,13 +2,13 @@
 
     run(model, options)
       0. check the model and every option (output paths included) before any work
-      1. compile once at the requested policy (``_compile``), retrying with the modules a write-back
-         refuses kept whole (``_compile_keeping_culprits``)
+      1. compile once at the requested policy (``_compile``)
            a. prepare: private copy, trace, eager check, train-mode check, channel dependencies
               (``stages.prepare``); a root that cannot be traced goes to the piecewise strategy (1e)
            b. importance of every channel, per group
            c. which channels stay: by ratio, or searched to a MAC/parameter budget on the graph
-           d. rewrite and prove (``stages.rewrite_and_prove``): shapes, parameter count, oracle, write-back, ONNX
+           d. rewrite and prove (``stages.rewrite_and_prove``): shapes, parameter count, oracle, write-back, ONNX;
+              modules a write-back refuses are kept whole and c-d run again on a fork of the same trace
            e. parts: the insides of opaque modules, or every part of an untraceable root, pruned one by one
               with ``compile_parts`` and this module's per-part compile (``_part_compiler``)
       2. a budget over a model with parts cannot be searched inside each part (0.3 of 0.3 compounds): the
@@ -35,12 +35,11 @@ from fxprune.errors import FxPruneError, TraceError
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_macs, count_params
 from fxprune.options import Options
-from fxprune.partial import CompilePart, PartReport, compile_parts
+from fxprune.partial import CompilePart, PartReport, compile_parts, settle_parts
 from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.importance import resolve, score_groups
 from fxprune.passes.select import Policy, select_channels
-from fxprune.passes.ties import retie
 from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError, repeats_of
 from fxprune.plan import PruningPlan
@@ -50,8 +49,7 @@ from fxprune.validate import check_forward_runs
 
 log = logging.getLogger(__name__)
 
-MAX_WRITE_BACK_RETRIES = 8  # compiles a write-back may ask for, each keeping more modules whole
-MAX_KEPT_WHOLE = 4096  # modules kept whole on one trace (each retry keeps at least one more)
+MAX_WRITE_BACK_RETRIES = 8  # rewrites a write-back may ask for, each keeping more modules whole
 
 
 def run(model: nn.Module, options: Options) -> PruneResult:
@@ -66,40 +64,12 @@ def run(model: nn.Module, options: Options) -> PruneResult:
             return prune_with_hidden(model, options, run)
     t0 = time.perf_counter()
     with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
-        result = _compile_keeping_culprits(model, options)  # 1. the requested policy
+        result = _compile(model, options)  # 1. the requested policy
         if result is None:  # 2. a budget over parts: one uniform ratio, searched over the whole model
             result = _search_uniform_ratio(model, options)
     result = replace(result, seconds=time.perf_counter() - t0)
     log.info("fxprune: %d -> %d parameters in %.2fs", result.params_before, result.params_after, result.seconds)
     return result
-
-
-def _compile_keeping_culprits(model: nn.Module, options: Options) -> PruneResult | None:
-    """Step 1, retried while a write-back names modules whose own forward takes a size fxprune cannot
-    rewrite (an attribute, another tensor): those are kept whole, so ``output="module"`` still gives the
-    user's classes."""
-    given = set(options.ignore)
-    for _ in range(MAX_WRITE_BACK_RETRIES):
-        try:
-            result = _compile(model, options)
-        except WriteBackError as e:
-            found = tuple(c for c in e.culprits if c and c not in options.ignore)
-            if not found:
-                raise
-            # The same module in every repeat of its block (each decoder layer's o_proj) fails the same way:
-            # keep them all whole now, not one compile per layer.
-            new = tuple(n for n in repeats_of(model, found) if n not in options.ignore)
-            log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
-            options = replace(options, ignore=(*options.ignore, *new))
-            del e
-            gc.collect()  # the failed attempt's copy and graphs (cycles) before the next copy is made
-            continue
-        if result is not None:  # a replay keeps the same modules whole (it must trace the same groups)
-            kept = tuple(n for n in options.ignore if isinstance(n, str) and n not in given)
-            result = replace(result, plan=replace(result.plan, kept_whole=(*kept, *result.plan.kept_whole)))
-        return result
-    raise FxPruneError(f"the write-back still fails after keeping {len(options.ignore)} modules whole "
-                       f"({MAX_WRITE_BACK_RETRIES} attempts); use output='graph'")
 
 
 def _compile(model: nn.Module, options: Options) -> PruneResult | None:
@@ -128,31 +98,36 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     if opaque and options.budget:
         return None  # the graph's search would see each opaque part as fixed
     params_before = count_params(model)
-    kept_whole: tuple[str, ...] = ()
-    while True:
+    kept_whole: tuple[str, ...] = ()  # by the write-back, recorded in the plan: a replay keeps them whole too
+    for attempt in range(MAX_WRITE_BACK_RETRIES + 1):
         scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration))  # b. importance
         cost = CostModel(a.gm, a.deps, params_before)
         plan = _select(a, options, scores, cost)  # c. which channels stay
         # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
-        # write-back may name modules whose own forward cannot take the plan: they are kept whole and c-d
-        # run again on an untouched fork of the same trace (``stages.fork``), not after a second trace
-        fresh = fork(a) if options.output == "module" and len(kept_whole) < MAX_KEPT_WHOLE else None
+        # write-back may name modules whose own forward cannot take the plan (an attribute, another tensor):
+        # they are kept whole, and c-d run again on an untouched fork of the same trace (``stages.fork``)
+        fresh = fork(a) if options.output == "module" else None
         try:
             done = rewrite_and_prove(a, plan, cost, verify=options.verify, onnx=None if opaque else options.onnx,
                                      onnx_opset=options.onnx_opset, output=options.output)
             break
         except WriteBackError as e:
+            # The same module in every repeat of its block (each decoder layer's o_proj) fails the same way
             new = tuple(n for n in repeats_of(model, [c for c in e.culprits if c]) if n not in options.ignore)
             if fresh is None or not new:
                 raise
+            if attempt == MAX_WRITE_BACK_RETRIES:
+                raise FxPruneError(f"the write-back still fails after keeping {len(kept_whole)} modules whole "
+                                   f"({MAX_WRITE_BACK_RETRIES} retries); use output='graph'") from e
             log.info("fxprune: keeping %s whole so your own forward stays valid (%s)", ", ".join(new), e)
         kept_whole += new
         options = replace(options, ignore=(*options.ignore, *new))
         restore_state(fresh.work, model)  # what the failed attempt's runs wrote into the shared tensors
         a = reanalysed(fresh, list(options.ignore))
+        gc.collect()  # the failed attempt's graphs (cycles) and slices, before the next rewrite
     plan = replace(plan, kept_whole=kept_whole)
     parts: list[PartReport] = []
-    compile_part, part_plans = _part_compiler(options, done.model)
+    compile_part, part_plans = _part_compiler(options)
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
@@ -161,7 +136,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0)
-    _settle_parts(done.model, model)
+    settle_parts(done.model, model)
     if options.output == "module":  # the parts changed widths after the graph's config sync
         sync_config(done.model, a.inputs)
     restore_flags(done.model, {n: m.training for n, m in model.named_modules()})
@@ -197,7 +172,7 @@ def _search_uniform_ratio(model: nn.Module, options: Options) -> PruneResult:
     lo, hi, best = 0.0, 0.95, None
     for _ in range(8):  # the ratio to within 0.004: the fraction to within about 1%
         mid = (lo + hi) / 2
-        r = _compile_keeping_culprits(model, replace(probe, ratio=mid))
+        r = _compile(model, replace(probe, ratio=mid))
         assert r is not None  # a compile without a budget never declines
         frac = r.macs_after / r.macs_before if options.target_macs is not None else r.params_after / r.params_before
         if frac <= target:  # type: ignore[operator]
@@ -207,7 +182,7 @@ def _search_uniform_ratio(model: nn.Module, options: Options) -> PruneResult:
     if best is None:
         raise FxPruneError(f"the budget {target} cannot be met even at ratio 0.95 (too much is pinned)")
     log.info("fxprune: ratio %.3f meets the budget over the whole model, parts included", best)
-    result = _compile_keeping_culprits(model, replace(by_ratio, ratio=best))
+    result = _compile(model, replace(by_ratio, ratio=best))
     assert result is not None
     return result
 
@@ -221,10 +196,10 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     check_forward_runs(root, model, inputs)  # a forward that raises: ShapeError, naming it
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
-    compile_part, part_plans = _part_compiler(options, root)
+    compile_part, part_plans = _part_compiler(options)
     parts = compile_parts(root, root, "", inputs, compile_part, list(options.ignore),
                           calibration=options.calibration_batches(), importance=options.importance)
-    _settle_parts(root, model)
+    settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
     modified = any(p.params_after < p.params_before for p in parts)
     if not modified and (options.ratio > 0 or all(p.skipped for p in parts)):  # at ratio 0 parts stay whole
@@ -247,35 +222,26 @@ def _pieces(parts: list[PartReport], plans: dict[str, PruningPlan]) -> tuple[str
     return (*own, *(f"{name}: {piece}" for name, plan in plans.items() for piece in plan.pieces))
 
 
-def _part_compiler(options: Options, root: nn.Module) -> tuple[CompilePart, dict[str, PruningPlan]]:
+def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan]]:
     """How ``compile_parts`` prunes one part: this pipeline's step 1 on the part, as the user's own classes;
-    and the plan of every part it compiles, by the part's name in ``root`` (filled as it goes)."""
+    and the plan of every part it compiles, by the part's name (filled as it goes)."""
     part = options.part_options()
     activation = options.calibration_batches() is not None
-    names = {id(m): n for n, m in root.named_modules()}  # before any part is replaced
     plans: dict[str, PruningPlan] = {}
 
     def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
-                     calibration: list[tuple[Any, ...]] | None, importance: Any) -> PruneResult:
+                     calibration: list[tuple[Any, ...]] | None, importance: Any, name: str) -> PruneResult:
         own = replace(part, example_inputs=inputs, ignore=tuple(ignore))
         if activation:  # activation-aware: measured on what arrives at this part, not at the root
             own = replace(own, importance="activation", calibration=calibration or [inputs])
         if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it
             own = replace(own, importance=importance)
         result = run(module, own)
-        name = names.get(id(getattr(module, "inner", module)))
-        if name is not None:
+        if name:
             plans[name] = result.plan
         return result
 
     return compile_part, plans
-
-
-def _settle_parts(result: nn.Module, original: nn.Module) -> None:
-    """Each part was copied privately: ties into it and state (a recording run may update buffers) come
-    from the caller's model again. (Training flags are restored by the caller, after its last eval run.)"""
-    retie(result, original)
-    restore_state(result, original)
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int) -> None:

@@ -2,8 +2,9 @@
 
     replay(model, plan, inputs)
       1. the hidden size, when the plan has one (``hidden.replay_hidden``, on a private copy)
-      2. the root graph (unless the plan's root was not traced: no fingerprint): traced as the plan's was (same modules kept whole, same specialisation), checked
-         group by group and by fingerprint, rewritten with the recorded kept channels and proven
+      2. the root graph, unless the plan's root was not traced (no fingerprint): traced as the plan's was
+         (same modules kept whole, same specialisation), checked group by group and by fingerprint,
+         rewritten with the recorded kept channels and proven
       3. the parts pruned piecewise (inside opaque modules, or every part of an untraceable root): each part
          found by the same ``compile_parts`` walk, and given its own recorded plan by this function (a part
          with no plan of its own was not compiled whole: its children are tried, as they were)
@@ -22,11 +23,9 @@ import torch.nn as nn
 from fxprune.copying import private_copy
 from fxprune.errors import ArgumentError, PlanMismatchError, TraceError
 from fxprune.metrics import count_params
-from fxprune.partial import compile_parts
+from fxprune.partial import compile_parts, settle_parts
 from fxprune.passes.budget import CostModel
-from fxprune.passes.eager_check import restore_state
 from fxprune.passes.select import plan_from_kept
-from fxprune.passes.ties import retie
 from fxprune.passes.train_mode import restore_flags
 from fxprune.plan import PruningPlan
 from fxprune.results import PruneResult
@@ -88,8 +87,7 @@ def _replay_root_parts(model: nn.Module, plan: PruningPlan, example_inputs: Any,
 
 def _settle(result: nn.Module, original: nn.Module) -> None:
     """As after a piecewise prune: ties into the parts and their state from ``original``, and its flags."""
-    retie(result, original)
-    restore_state(result, original)
+    settle_parts(result, original)
     restore_flags(result, {n: m.training for n, m in original.named_modules()})
 
 
@@ -107,7 +105,6 @@ class _PartReplayer:
 
     def __init__(self, root: nn.Module, plan: PruningPlan, verify: bool) -> None:
         self.root = root
-        self.names = {id(m): n for n, m in root.named_modules()}  # before any part is replaced
         self.plans = dict(plan.parts)
         self.verify = verify
         self.done: set[str] = set()
@@ -127,8 +124,7 @@ class _PartReplayer:
             raise PlanMismatchError(f"the plan has parts this model does not call as planned: {missing[:3]}")
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any], _calibration: Any,
-                 _importance: Any) -> PruneResult:
-        name = self.names.get(id(getattr(module, "inner", module)), "")
+                 _importance: Any, name: str) -> PruneResult:
         own = self.plans.get(name)
         if own is None:
             raise TraceError(f"{name}: no plan of its own")
