@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from fxprune import honoured
 from fxprune.options import Options
 from fxprune.passes.importance import Criterion
 from fxprune.pipeline import run
@@ -94,13 +95,16 @@ def prune(
         ShapeError: the model does not run on the example inputs.
         InvariantError: a proof failed (a bug in fxprune: the message names the node).
     """
-    return run(model, Options(
+    options = Options(
         ratio=ratio, example_inputs=example_inputs, ignore=tuple(ignore), importance=importance,
         calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
-        target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
-        leaves=tuple(leaves), verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output, partial=partial,
-        hidden=hidden,
-    ))
+        target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to,
+        min_channels=min_channels, prune_heads=prune_heads, leaves=tuple(leaves), verify=verify, onnx=onnx,
+        onnx_opset=onnx_opset, output=output, partial=partial, hidden=hidden,
+    )
+    heads = honoured.snapshot(model)
+    result = run(model, options)
+    return honoured.report(model, options, result, heads)  # a request that did nothing is said, by default
 
 
 def compile(  # noqa: A001 - the public name users expect

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
+from fxprune.calibration import checked_batches
 from fxprune.errors import ArgumentError
 from fxprune.passes.importance import resolve
 from fxprune.validate import check_output_path
+
+log = logging.getLogger(__name__)
 
 
 def check_ratio(ratio: Any, what: str = "ratio") -> float:
@@ -66,7 +72,15 @@ class Options:
         if self.output not in ("graph", "module"):
             raise ArgumentError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), "
                                 f"got {self.output!r}")
-        resolve(self.importance, self.calibration)  # an unknown criterion name, or one without its data, fails here
+        calibration = self.calibration
+        if calibration is not None:  # read once (a generator), checked against the example inputs
+            example = self.example_inputs
+            example = (example,) if isinstance(example, torch.Tensor) else example
+            calibration = checked_batches(calibration, tuple(example) if isinstance(example, (list, tuple)) else None)
+        criterion = resolve(self.importance, calibration)  # an unknown name, or one without its data, fails here
+        if calibration is not None and not getattr(criterion, "needs_activations", False):
+            log.warning("fxprune: calibration= is not used by importance=%r; pass importance='activation' to "
+                        "choose channels by what the batches carry", getattr(criterion, "__name__", self.importance))
         if isinstance(self.ignore, (str, type)) or isinstance(self.leaves, str):
             raise ArgumentError("ignore and leaves take a list of module names (or types), not a single one")
         hidden = None
@@ -77,7 +91,7 @@ class Options:
             if self.budget:
                 raise ArgumentError("hidden cannot be combined with target_macs or target_params: give a ratio")
         return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves),
-                       hidden=hidden)
+                       hidden=hidden, calibration=calibration)
 
     def part_options(self) -> Options:
         """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven

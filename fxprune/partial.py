@@ -53,7 +53,7 @@ class _Bound(nn.Module):
         self.train(inner.training)
         flat, self._spec = torch.utils._pytree.tree_flatten((call.args, call.kwargs))
         self._slots = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
-        self._consts = [None if isinstance(v, torch.Tensor) else v for v in flat]
+        self._consts = [None if isinstance(v, torch.Tensor) else v for v in flat]  # tensor slots: filled at call
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         flat = list(self._consts)
@@ -69,10 +69,24 @@ class _Bound(nn.Module):
     def fits(self, call: _Call) -> bool:
         """Whether ``call`` has this binding's structure and non-tensor arguments (its tensors can be fed)."""
         flat, spec = torch.utils._pytree.tree_flatten((call.args, call.kwargs))
-        return spec == self._spec and all(
-            isinstance(v, torch.Tensor) if c is None else (not isinstance(v, torch.Tensor) and v == c)
-            for v, c in zip(flat, self._consts, strict=True)
+        if spec != self._spec:
+            return False
+        slots = set(self._slots)  # by position: a recorded ``None`` argument is a constant, not a tensor slot
+        return all(
+            isinstance(v, torch.Tensor) if i in slots else (not isinstance(v, torch.Tensor) and _same(v, c))
+            for i, (v, c) in enumerate(zip(flat, self._consts, strict=True))
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two recorded non-tensor arguments are the same constant (identity first: objects whose ``==``
+    is not a bool, such as arrays, count as different unless they are the same object)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an ``==`` that cannot answer means "not known to be equal"
+        return False
 
 
 @dataclass
@@ -202,9 +216,10 @@ def compile_parts(
         if calibration is None:
             return None
         got = [bound.tensors(c[name]) for c in calibration_calls if name in c and bound.fits(c[name])]
-        if len(got) < len(calibration_calls):
-            log.info("fxprune: part %s: %d of %d calibration batches call it as the example does",
-                     name, len(got), len(calibration_calls))
+        if len(got) < len(calibration_calls):  # the user's data is not all used: said by default
+            log.warning("fxprune: part %s: only %d of %d calibration batches call it with the example's "
+                        "non-tensor arguments; the others are not used for this part",
+                        name, len(got), len(calibration_calls))
         return got
 
     def visit(parent: nn.Module, prefix: str) -> None:

@@ -94,13 +94,15 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         return None if options.budget else _compile_root_parts(model, options, e)  # e. piecewise, the root
     # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
     opaque = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
-    opaque = opaque if options.partial and not options.leaves else []
+    # A module the user named in ``leaves`` is kept whole, insides included; the other opaque ones are not.
+    opaque = [n for n in opaque if options.partial and not any(n == x or n.startswith(x + ".") for x in options.leaves)]
     if opaque and options.budget:
         return None  # the graph's search would see each opaque part as fixed
     params_before = count_params(model)
     kept_whole: tuple[str, ...] = ()  # by the write-back, recorded in the plan: a replay keeps them whole too
     for attempt in range(MAX_WRITE_BACK_RETRIES + 1):
-        scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration))  # b. importance
+        eager = a.work if a.gm.meta.get("fxprune_example_values", True) else None  # a graph specialised to the example
+        scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration), eager)  # b.
         cost = CostModel(a.gm, a.deps, params_before)
         plan = _select(a, options, scores, cost)  # c. which channels stay
         # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
@@ -131,7 +133,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
-                               list(options.ignore), only=child, calibration=options.calibration_batches(),
+                               [*options.ignore, *options.leaves], only=child,  # a leaf inside stays whole calibration=options.calibration_batches(),
                                importance=options.importance)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
@@ -197,7 +199,7 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
     compile_part, part_plans = _part_compiler(options)
-    parts = compile_parts(root, root, "", inputs, compile_part, list(options.ignore),
+    parts = compile_parts(root, root, "", inputs, compile_part, [*options.ignore, *options.leaves],
                           calibration=options.calibration_batches(), importance=options.importance)
     settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)

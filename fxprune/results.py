@@ -75,6 +75,8 @@ class PruneResult:
         seconds: wall time of analysis and rewrite.
         parts: submodules pruned piecewise (inside opaque modules, or all of them when the root forward
             cannot be traced), each with its own counts and oracle verdict.
+        unhonoured: requests that ended up doing nothing (nothing pruned, no head removed), one sentence
+            each; also logged as warnings (``fxprune.honoured``).
     """
 
     model: nn.Module
@@ -87,3 +89,4 @@ class PruneResult:
     oracle: OracleReport | None
     seconds: float
     parts: tuple[PartReport, ...] = ()
+    unhonoured: tuple[str, ...] = ()

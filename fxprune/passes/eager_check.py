@@ -223,13 +223,46 @@ def _compare(gm: fx.GraphModule, work: nn.Module, original: nn.Module, inputs: t
             eager, written = _watched(work, work, original, inputs, seed, kinds)
         except Exception as e:  # noqa: BLE001 - reported to the caller, which decides
             raise _EagerFailed(str(e)) from e
+        eager_state = _state_left(work, original, written)
         restore_state(work, original, written)
         graph, written = _watched(fx.Interpreter(gm).run, work, original, inputs, seed)  # no codegen for one run
+        graph_state = _state_left(work, original, written)
     except BaseException:
         restore_state(work, original)  # a failed run: whatever it wrote, compared in full
         raise
     restore_state(work, original, written)
-    return kinds[0], _difference(graph, eager) or ("" if _finite(eager) else _NOTHING)
+    problem = _state_difference(graph_state, eager_state) or _difference(graph, eager)  # a lost update first
+    return kinds[0], problem or ("" if _finite(eager) else _NOTHING)
+
+
+def _state_left(work: nn.Module, original: nn.Module, written: set[str] | None) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of ``work`` a run left different from ``original``, by name (a copy).
+
+    The state a forward updates (a running average, a call counter) is an output too: a graph that drops
+    the update computes the same output on the first call and a different one on the next."""
+    mine = dict(work.named_parameters(remove_duplicate=False))
+    mine.update(work.named_buffers(remove_duplicate=False))
+    theirs = dict(original.named_parameters(remove_duplicate=False))
+    theirs.update(original.named_buffers(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in mine.items():
+        src = theirs.get(name)
+        if (written is not None and name not in written) or src is None or t.is_meta or src.is_meta:
+            continue
+        if src.shape != t.shape or src.dtype != t.dtype or not torch.equal(t, src):
+            out[name] = t.detach().clone()
+    return out
+
+
+def _state_difference(graph: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> str:
+    """How the state left by the graph's run differs from the eager run's ("" when the same)."""
+    for name in sorted(eager.keys() - graph.keys()):
+        return f"the forward updates {name!r} and the graph does not (state it writes, lost by tracing)"
+    for name in sorted(graph.keys() - eager.keys()):
+        return f"the graph updates {name!r} and the eager forward does not"
+    names = sorted(eager)
+    problem = _difference([graph[n] for n in names], [eager[n] for n in names])
+    return f"the state a call leaves differs: {problem.replace('output ', 'tensor ')}" if problem else ""
 
 
 def _finite(outputs: list[torch.Tensor]) -> bool:

@@ -274,9 +274,12 @@ class Activations:
         if not self.batches:
             raise ArgumentError("activation importance needs at least one calibration batch")
 
-    def activations(self, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, torch.Tensor]:
-        """Per input channel of every Linear and conv weight (by canonical name), the L2 norm of its input
-        over the batches; runs the private copy in eval mode under ``no_grad``."""
+    def activations(
+        self, gm: fx.GraphModule, canonical: dict[int, str], runner: torch.nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per input channel of every Linear and conv weight of ``gm`` (by canonical name), the L2 norm of
+        its input over the batches, under ``no_grad``. The batches run through ``runner`` (default ``gm``):
+        the eager private copy whose modules ``gm`` shares, when the graph is specialised to the example."""
         sums: dict[str, torch.Tensor] = {}
         handles = []
 
@@ -301,7 +304,7 @@ class Activations:
         try:
             with torch.no_grad():
                 for inputs in self.batches:
-                    gm(*inputs)
+                    (gm if runner is None else runner)(*inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -350,13 +353,26 @@ def random_importance(seed: int = 0) -> Criterion:
 
 
 def score_groups(
-    gm: fx.GraphModule, deps: DependencyResult, groups: tuple[ChannelGroup, ...], criterion: Criterion
+    gm: fx.GraphModule, deps: DependencyResult, groups: tuple[ChannelGroup, ...], criterion: Criterion,
+    eager: torch.nn.Module | None = None,
 ) -> list[np.ndarray]:
-    """Score every group with ``criterion``; unprunable groups get zeros without calling it."""
-    grads = criterion.gradients(gm) if getattr(criterion, "needs_grad", False) else None  # type: ignore[attr-defined]
+    """Score every group with ``criterion``; unprunable groups get zeros without calling it.
+
+    ``eager``: the private copy the graph was traced from, run instead of the graph by data-driven criteria
+    (gradients, activations). Given when the graph was traced with the example's values: it may hold the
+    example's shapes as constants and fail on, or silently mis-handle, batches of other shapes, while the
+    eager copy runs any batch the model takes. The graph's modules and parameters are the copy's own
+    objects, so hooks and gradients land on the same tensors.
+    """
+    runner = gm if eager is None else eager
+    grads = None
+    if getattr(criterion, "needs_grad", False):
+        grads = criterion.gradients(runner)  # type: ignore[attr-defined]
+        if eager is not None:  # by the graph's names (a lowered module's parameters keep their names)
+            grads = {n: grads[n] for n, _ in gm.named_parameters() if n in grads}
     acts = None
     if getattr(criterion, "needs_activations", False):
-        acts = criterion.activations(gm, canonical_names(gm))  # type: ignore[attr-defined]
+        acts = criterion.activations(gm, canonical_names(gm), runner)  # type: ignore[attr-defined]
     out: list[np.ndarray] = []
     for gt in group_tensors(gm, deps, groups, grads, acts):
         if not gt.group.prunable:

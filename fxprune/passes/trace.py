@@ -58,6 +58,9 @@ class _FallbackTracer(fx.Tracer):
         self, extra_leaves: set[str] | None = None, values: ExampleEvaluator | None = None, specialize: bool = False
     ) -> None:
         super().__init__()  # no required arguments: torch.load re-creates the tracer class
+        # Buffers read by the code become get_attr nodes, so ops on them alone (``self.ema.mul_(0.9)``, a
+        # counter's ``add_(1)``, ``self.ema.view(...)``) are recorded, not run once at trace time as constants.
+        self.proxy_buffer_attributes = True
         self.extra_leaves = extra_leaves or set()
         self.stack: list[str] = []
         self.values = values  # values of traced nodes (``example_values.py``), when the inputs are known
@@ -152,7 +155,15 @@ class _FallbackTracer(fx.Tracer):
         return iter([obj[i] for i in range(n)])
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise
+            # A stateless module that no submodule path reaches: a function wrapped as a module object
+            # (transformers >= 5.25 turns ``apply_rotary_pos_emb`` into one when ``kernels`` is installed).
+            # It holds no channels, so its code is traced inline, as the function it stands for.
+            return forward(*args, **kwargs)
         self.stack.append(name)
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()

@@ -33,6 +33,7 @@ from fxprune.outputs import tensors_of
 from fxprune.passes.importance import random_importance
 from fxprune.testing.netgen import random_spec
 from fxprune.testing.netspec import InvalidNet, NetSpec, Step, build, to_source
+from fxprune.testing.trust_ops import STATE_REFUSAL
 
 
 class FuzzCheckError(AssertionError):
@@ -220,6 +221,9 @@ def classify(spec: NetSpec, run: Run, e: BaseException) -> str:
     """"unsupported" for a clean refusal (or an ONNX export the unpruned model fails too), else "fail"."""
     if isinstance(e, fxprune.ExportError) and run.onnx and not _original_exports(spec):
         return "unsupported"
+    lost_state = any(st.op == "state" and st.attrs["kind"] != "copy" for st in spec.steps)
+    if isinstance(e, fxprune.TraceError) and lost_state and STATE_REFUSAL in str(e):
+        return "unsupported"  # a state update fx runs at trace time: refused, as it must be
     return "fail"
 
 

@@ -297,8 +297,12 @@ def propose_trust_op(d: _Draft) -> list[Step]:
     if x is None:
         return []
     op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split", "tied_opaque"])
+    if random.Random(hash(r.getstate())).random() < 0.1:  # its own draw: r's stream is the same as before
+        op = "state"
     attrs: dict[str, object] = {}
-    if op == "dropout":
+    if op == "state":
+        attrs = {"kind": r.choice(["ema", "count", "copy"])}
+    elif op == "dropout":
         attrs = {"p": r.choice([0.1, 0.5]), "read": r.choice(["attr", "getattr", "modules"])}
     elif op == "fconv":
         attrs = {"out": r.randint(4, 32), "k": r.choice([1, 3]), "bias": r.random() < 0.5}

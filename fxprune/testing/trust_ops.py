@@ -8,6 +8,8 @@
 - ``cl_norm``: LayerNorm or RMSNorm over the channels (channels-last), pruned and proven exactly;
 - ``tied_opaque``: a 1x1 conv tied to the conv inside an untraceable (opaque) submodule: the shared weight
   must stay whole, since the opaque forward reads it whole;
+- ``state``: a buffer updated in forward from zero (an average, a counter, a copy), read into the output;
+  a graph that loses the update is refused by the eager check, one that keeps it must stay exact over calls;
 - ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
   in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
@@ -137,6 +139,26 @@ def emit_spatial_split(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: xs[0]}, [], lines
 
 
-TRUST_EMITTERS = {"inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
+def emit_state(st: Any, xs: list[Shape]) -> Emitted:
+    """A buffer the forward updates, starting at zero, and reads back into the output: an average updated
+    with ``mul_`` then ``add_`` (``ema``), a counter (``count``: ``add_(1)``, no traced input, so fx runs it at
+    trace time), or a copy of the batch mean (``copy``: every write takes a traced value). The first two
+    leave a graph that misses the update: the eager check compares the state a call leaves and refuses it."""
+    _need(len(xs[0]) == 4, "a per-channel state needs NCHW")
+    c, x, kind = xs[0][1], st.ins[0], st.attrs["kind"]
+    buf = f"self.{st.name}_s"
+    init = [f"self.register_buffer('{st.name}_s', torch.zeros({c}))"]
+    if kind == "ema":
+        update = f"{buf}.mul_(0.9).add_({x}.mean((0, 2, 3)), alpha=0.1)"
+    elif kind == "count":
+        update = f"{buf}.add_(1.0)"
+    else:
+        update = f"{buf}.copy_({x}.mean((0, 2, 3)))"
+    return {st.name: xs[0]}, init, [update, f"{st.name} = {x} + {buf}.view(1, {c}, 1, 1)"]
+
+
+STATE_REFUSAL = "the forward updates"  # the eager check's words for a lost state update (passes/eager_check)
+
+TRUST_EMITTERS = {"state": emit_state, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
                   "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split,
                   "tied_opaque": emit_tied_opaque}

@@ -1,0 +1,87 @@
+"""Say when a request ended up doing nothing: a compile that removed nothing, heads asked for and none
+removed, a hidden size that stayed, calibration that reached no part.
+
+An option that silently does nothing is as serious as a wrong output, so these are warnings printed by
+default (``logging.WARNING``) and kept on the result (``PruneResult.unhonoured``); the command line's
+``--strict`` turns them into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import torch.nn as nn
+
+from fxprune.options import Options
+from fxprune.results import PruneResult
+
+log = logging.getLogger(__name__)
+
+# Attributes that count attention heads, on modules and on Hugging Face configs.
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads")
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """``owner.attribute -> value`` of every integer head count on ``model``'s modules and their configs."""
+    out: dict[str, int] = {}
+    for name, m in model.named_modules():
+        for owner, obj in ((name, m), (f"{name}.config" if name else "config", getattr(m, "config", None))):
+            for attr in _HEAD_COUNTS:
+                v = getattr(obj, attr, None) if obj is not None else None
+                if isinstance(v, int) and not isinstance(v, bool):
+                    out[f"{owner}.{attr}"] = v
+    return out
+
+
+def pin_summary(result: PruneResult, top: int = 3) -> str:
+    """The most common reasons channels were kept, across the plan's groups and the skipped parts."""
+    reasons: Counter[str] = Counter(g.reason for g in result.plan.groups if not g.prunable)
+    reasons.update(f"part {p.name}: {p.skipped}" for p in result.parts if p.skipped)
+    if not reasons:
+        return "no group could lose a channel at this ratio"
+    return "; ".join(f"{r} ({n}x)" if n > 1 else r for r, n in reasons.most_common(top))
+
+
+def unhonoured(model: nn.Module, options: Options, result: PruneResult, heads_before: dict[str, int]) -> tuple[str, ...]:
+    """What was asked for and not done, one sentence each (empty when everything was honoured)."""
+    notes: list[str] = []
+    asked = options.ratio > 0 or options.budget or bool(options.ratios) or bool(options.group_ratios)
+    if (asked or options.hidden) and result.params_after >= result.params_before:
+        notes.append(f"nothing was pruned: {pin_summary(result)}; fxprune.analyze(model, inputs) lists every group")
+    if options.prune_heads and asked and heads_before and result.params_after < result.params_before:
+        after = head_counts(result.model)
+        if not any(after.get(k, v) < v for k, v in heads_before.items()):
+            opaque = [r for r in pin_summary(result, top=10).split("; ") if "attn" in r or "attention" in r]
+            why = opaque[0] if opaque else "no attention reshape could be traced into heads, or too few heads"
+            notes.append(f"prune_heads=True removed no attention head ({why})")
+    if options.hidden and result.params_after < result.params_before:
+        before, after = hidden_size(model), hidden_size(result.model)
+        if before is not None and after == before:
+            notes.append(f"hidden={options.hidden} left the hidden size at {before}")
+    return tuple(notes)
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """A Hugging Face model's hidden size from its config (None for other models)."""
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def report(model: nn.Module, options: Options, result: PruneResult, heads_before: dict[str, int]) -> PruneResult:
+    """``result`` with its unhonoured requests recorded, each logged as a warning."""
+    notes = unhonoured(model, options, result, heads_before)
+    for note in notes:
+        log.warning("fxprune: %s", note)
+    return replace(result, unhonoured=notes) if notes else result
+
+
+def snapshot(model: Any) -> dict[str, int]:
+    """The head counts to compare against after the compile (read-only on the caller's model)."""
+    return head_counts(model) if isinstance(model, nn.Module) else {}
