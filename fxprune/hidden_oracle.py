@@ -121,7 +121,8 @@ def _normalise_over_kept(module: nn.Module, name: str, spaces: tuple[Any, ...], 
 
 def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
     run = copy.deepcopy(model).double() if next(model.parameters()).dtype != torch.float64 else model
-    args = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+    args = torch.utils._pytree.tree_map_only(torch.Tensor, lambda x: x.double() if x.is_floating_point() else x,
+                                             tuple(inputs))  # dicts and nested inputs too
     with torch.no_grad():
         return [t.detach() for t in tensors_of(run(*args))]
 

@@ -293,3 +293,23 @@ def settle_parts(result: nn.Module, original: nn.Module) -> None:
     from the caller's model again. (Training flags are restored by the caller, after its last eval run.)"""
     retie(result, original)
     restore_state(result, original)
+    share_configs(result, original)
+
+
+def share_configs(result: nn.Module, original: nn.Module) -> None:
+    """Modules that shared one ``config`` object in the caller's model share one again: the outermost one's.
+
+    A part compiled on its own holds a private copy of the shared Hugging Face config, taken while the
+    key/value cache was switched off for recording (``no_kv_cache``); left apart, the pruned model's inner
+    model would return no cache while its root's config says ``use_cache=True``. Widths are written into
+    the shared config afterwards (``hf_config.sync_config`` on the whole model)."""
+    mine = dict(result.named_modules())
+    first: dict[int, Any] = {}
+    for name, m in original.named_modules():
+        config, twin = getattr(m, "config", None), mine.get(name)
+        if config is None or twin is None or not hasattr(config, "to_dict") or not hasattr(twin, "config"):
+            continue
+        if id(config) not in first:
+            first[id(config)] = twin.config
+        elif twin.config is not first[id(config)]:
+            twin.config = first[id(config)]

@@ -154,19 +154,27 @@ class PruningPlan:
         if not isinstance(data["groups"], list):
             raise TypeError(f"'groups' must be a list, got {type(data['groups']).__name__}")
         for g in data["groups"]:
-            kept.append(tuple(int(k) for k in g["kept"]))
+            size = _integer(g["size"], "group size", low=0)
+            kept.append(_indices(g["kept"], f"kept channels of group {g.get('id')!r}", size))
             groups.append(ChannelGroup(
-                id=int(g["id"]), size=int(g["size"]), producers=tuple(g["producers"]), members=tuple(g["members"]),
-                n_pinned=int(g["n_pinned"]), pin_reasons=tuple(g["pin_reasons"]),
+                id=_integer(g["id"], "group id", low=0), size=size, producers=tuple(g["producers"]),
+                members=tuple(g["members"]), n_pinned=_integer(g["n_pinned"], "n_pinned", low=0),
+                pin_reasons=tuple(g["pin_reasons"]),
             ))
-        return PruningPlan(float(data["ratio"]), tuple(groups), tuple(kept), (),
+        ratio = data["ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+        return PruningPlan(float(ratio), tuple(groups), tuple(kept), (),
                            str(data.get("fingerprint", "")), dict(data.get("versions", {})),
-                           bool(data.get("prune_heads", False)),
-                           tuple((tuple(int(d) for d in i["shape"]), str(i["dtype"])) for i in data.get("inputs", [])),
-                           tuple(tuple(int(c) for c in k) for k in data.get("hidden", [])),
+                           _flag(data.get("prune_heads", False), "prune_heads"),
+                           tuple((tuple(_integer(d, "input size", low=0) for d in i["shape"]), str(i["dtype"]))
+                                 for i in data.get("inputs", [])),
+                           tuple(_indices(k, f"kept hidden channels of stream {j}", None)
+                                 for j, k in enumerate(data.get("hidden", []))),
                            tuple(str(n) for n in data.get("pieces", [])),
                            tuple((str(p["name"]), PruningPlan._from_dict(p["plan"])) for p in data.get("parts", [])),
-                           tuple(str(n) for n in data.get("kept_whole", [])), bool(data.get("specialize", False)))
+                           tuple(str(n) for n in data.get("kept_whole", [])),
+                           _flag(data.get("specialize", False), "specialize"))
 
     def example_inputs(self) -> tuple[Any, ...] | None:
         """Seeded inputs of the recorded shapes and dtypes (None when the plan recorded none).
@@ -216,3 +224,30 @@ class PruningPlan:
             raise PlanMismatchError(f"{os.fspath(path)} is not a JSON file ({e}); pass the file written by "
                                     "plan.save(path)") from e
         return PruningPlan.from_dict(data)
+
+
+def _integer(value: Any, what: str, low: int | None = None) -> int:
+    """``value`` if it is a JSON integer (not a bool, not 4.5, not "4") of at least ``low``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{what} must be at least {low}, got {value}")
+    return value
+
+
+def _indices(values: Any, what: str, size: int | None) -> tuple[int, ...]:
+    """Distinct integer channel indices in ``[0, size)`` (any non-negative bound when ``size`` is None)."""
+    if not isinstance(values, list):
+        raise ValueError(f"{what} must be a list of integers, got {type(values).__name__}")
+    out = tuple(_integer(v, what, low=0) for v in values)
+    if size is not None and any(v >= size for v in out):
+        raise ValueError(f"{what} must be below the group size {size}, got {max(out)}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} repeat a channel")
+    return out
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value

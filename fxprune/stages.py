@@ -40,6 +40,7 @@ from fxprune.passes.train_mode import guard_train_mode, restore_flags, train_mod
 from fxprune.passes.verify import OracleReport, mask_oracle
 from fxprune.passes.writeback import write_back
 from fxprune.plan import ChannelGroup, PruningPlan
+from fxprune.state import kept_buffers
 from fxprune.validate import check_example_inputs, check_model, example_inputs_message
 
 log = logging.getLogger(__name__)
@@ -210,9 +211,22 @@ def rewrite_and_prove(
         if output == "graph":
             restore_output_class(pruned, a.output_type)  # a ModelOutput, not the plain dict fx traced
         pruned = generated(pruned)  # its Python code, generated once, now that the graph is final
+    with kept_buffers(pruned, a.work):  # the proofs' runs leave no state behind (a counter, an average)
+        return _prove(a, plan, pruned, result.modified, reference, params_after_of(pruned, predicted), macs_after,
+                      verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output)
+
+
+def params_after_of(pruned: nn.Module, predicted: int) -> int:
+    """The pruned parameter count, which must equal the plan's prediction."""
     params_after = count_params(pruned)
     if params_after != predicted:
         raise InvariantError(f"pruned model has {params_after} parameters, the plan predicted {predicted}")
+    return params_after
+
+
+def _prove(a: Prepared, plan: PruningPlan, pruned: nn.Module, modified: bool, reference: nn.Module | None,
+           params_after: int, macs_after: int, *, verify: bool, onnx: str | None, onnx_opset: int,
+           output: str) -> Proven:
     oracle = None
     if reference is not None:
         oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
@@ -229,4 +243,4 @@ def rewrite_and_prove(
     restore_flags(model, a.flags)  # each module's own training flag, as in the caller's model
     if output == "graph" and a.train_differs:
         guard_train_mode(model, a.train_differs)
-    return Proven(model, result.modified, params_after, macs_after, oracle)
+    return Proven(model, modified, params_after, macs_after, oracle)

@@ -78,7 +78,7 @@ def smaller_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
 
 
 def _watched(fn: Any, work: nn.Module, original: nn.Module, inputs: tuple[Any, ...], seed: int,
-             kinds: list[type] | None = None) -> tuple[list[torch.Tensor], set[str] | None]:
+             kinds: list[Any] | None = None) -> tuple[list[torch.Tensor], set[str] | None]:
     """``_run`` under a ``_WriteWatch`` of ``work``: (outputs, the tensors it wrote). A run the watch cannot
     follow (an op Python dispatch does not support) runs again unwatched, after a full restore: (outputs,
     None), and None means the next restore compares every tensor."""
@@ -94,12 +94,12 @@ def _watched(fn: Any, work: nn.Module, original: nn.Module, inputs: tuple[Any, .
     return out, watch.changed()
 
 
-def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[type] | None = None) -> list[torch.Tensor]:
+def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[Any] | None = None) -> list[torch.Tensor]:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         out = fn(*inputs)
         if kinds is not None:
-            kinds.append(type(out))
+            kinds.append((type(out), structure(out)))
         return [t.detach().clone() for t in tensors_of(out)]
 
 
@@ -216,7 +216,7 @@ def _compare(gm: fx.GraphModule, work: nn.Module, original: nn.Module, inputs: t
     Raises:
         _EagerFailed: the eager model raised. An exception of the graph's run propagates as it is.
     """
-    kinds: list[type] = []
+    kinds: list[Any] = []  # (output class, structure)
     seed = 4321  # the same random stream in both runs: a forward that draws noise draws the same noise
     try:
         try:
@@ -225,14 +225,54 @@ def _compare(gm: fx.GraphModule, work: nn.Module, original: nn.Module, inputs: t
             raise _EagerFailed(str(e)) from e
         eager_state = _state_left(work, original, written)
         restore_state(work, original, written)
-        graph, written = _watched(fx.Interpreter(gm).run, work, original, inputs, seed)  # no codegen for one run
+        graph_kinds: list[Any] = []
+        graph, written = _watched(fx.Interpreter(gm).run, work, original, inputs, seed, graph_kinds)  # no codegen
         graph_state = _state_left(work, original, written)
     except BaseException:
         restore_state(work, original)  # a failed run: whatever it wrote, compared in full
         raise
     restore_state(work, original, written)
-    problem = _state_difference(graph_state, eager_state) or _difference(graph, eager)  # a lost update first
-    return kinds[0], problem or ("" if _finite(eager) else _NOTHING)
+    problem = (_state_difference(graph_state, eager_state)  # a lost update explains the outputs that follow
+               or (structure_difference(graph_kinds[0][1], kinds[0][1]) if graph_kinds else "")
+               or _difference(graph, eager))
+    return kinds[0][0], problem or ("" if _finite(eager) else _NOTHING)
+
+
+def structure(out: Any) -> Any:
+    """The shape of an output as nested plain values: "tensor" for a tensor, dicts by key (a Hugging Face
+    ``ModelOutput`` holds its non-None fields), lists for tuples and lists, and the type name of anything
+    else (a cache object, None, a number). Two outputs a caller can use the same way have equal structures."""
+    if isinstance(out, torch.Tensor):
+        return "tensor"
+    if isinstance(out, dict):
+        return {k: structure(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [structure(v) for v in out]
+    return type(out).__name__
+
+
+def structure_difference(graph: Any, eager: Any, where: str = "output") -> str:
+    """The first place where the graph's output structure differs from the eager model's ("" when none)."""
+    if isinstance(eager, dict) and isinstance(graph, dict):
+        for k in eager:
+            if k not in graph:
+                return f"{where} field {k!r} ({_kind(eager[k])}) is missing from the graph's output"
+        for k in graph:
+            if k not in eager:
+                return f"{where} field {k!r} is in the graph's output, not in the model's"
+        return next((d for k in eager if (d := structure_difference(graph[k], eager[k], f"{where}.{k}"))), "")
+    if isinstance(eager, list) and isinstance(graph, list):
+        if len(eager) != len(graph):
+            return f"{where} has {len(graph)} items in the graph, {len(eager)} in the model"
+        return next((d for i, (g, e) in enumerate(zip(graph, eager, strict=True))
+                     if (d := structure_difference(g, e, f"{where}[{i}]"))), "")
+    if graph != eager:
+        return f"{where} is {_kind(graph)} in the graph, {_kind(eager)} in the model"
+    return ""
+
+
+def _kind(s: Any) -> str:
+    return "a dict" if isinstance(s, dict) else "a sequence" if isinstance(s, list) else str(s)
 
 
 def _state_left(work: nn.Module, original: nn.Module, written: set[str] | None) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from fxprune.errors import ArgumentError, FxPruneError
 from fxprune.passes.base import module_tensors
 from fxprune.passes.dependency import DependencyResult, canonical_names
 from fxprune.plan import ChannelGroup
+from fxprune.state import kept_buffers
 from fxprune.validate import check_scores
 
 
@@ -366,13 +367,14 @@ def score_groups(
     """
     runner = gm if eager is None else eager
     grads = None
-    if getattr(criterion, "needs_grad", False):
-        grads = criterion.gradients(runner)  # type: ignore[attr-defined]
-        if eager is not None:  # by the graph's names (a lowered module's parameters keep their names)
-            grads = {n: grads[n] for n, _ in gm.named_parameters() if n in grads}
     acts = None
-    if getattr(criterion, "needs_activations", False):
-        acts = criterion.activations(gm, canonical_names(gm), runner)  # type: ignore[attr-defined]
+    with kept_buffers(runner, gm):  # the batches' runs leave no state behind (a counter, an average)
+        if getattr(criterion, "needs_grad", False):
+            grads = criterion.gradients(runner)  # type: ignore[attr-defined]
+            if eager is not None:  # by the graph's names (a lowered module's parameters keep their names)
+                grads = {n: grads[n] for n, _ in gm.named_parameters() if n in grads}
+        if getattr(criterion, "needs_activations", False):
+            acts = criterion.activations(gm, canonical_names(gm), runner)  # type: ignore[attr-defined]
     out: list[np.ndarray] = []
     for gt in group_tensors(gm, deps, groups, grads, acts):
         if not gt.group.prunable:

@@ -19,6 +19,7 @@ from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.common import node_values
 from fxprune.rules.registry import call_spec, fix_attributes
+from fxprune.state import kept_buffers
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class RewritePass(GraphPass):
     def ensures(self, result: PassResult) -> None:
         super().ensures(result)
         if self.inputs is not None:
-            check_shapes(result.model, self.inputs, self.shapes)  # a stale literal names its node
+            with kept_buffers(result.model):  # a forward's state updates are not the check's to keep
+                check_shapes(result.model, self.inputs, self.shapes)  # a stale literal names its node
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if not self.kept:

@@ -257,6 +257,8 @@ def _keep_state_dict_keys(model: nn.Module, gm: fx.GraphModule) -> None:
                 child = nn.Module()
                 owner.add_module(part, child)
             owner = child
+        if attr in owner.__dict__:  # a plain attribute of that name (a forward assigned to its buffer)
+            delattr(owner, attr)
         if isinstance(t, nn.Parameter):
             owner.register_parameter(attr, t)
         else:
@@ -295,12 +297,21 @@ def _fixed_arity(model: nn.Module, n_inputs: int) -> type | None:
     return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
 
 
-def _restore(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
-    """Undo attribute writes made while tracing (a forward that caches ``self.anchors = ...`` stores Proxies)."""
-    for mod, state in saved:
+def _saved(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
+    """Each module's attributes and buffers, to undo what tracing its forward assigned (see ``_restore``)."""
+    return [(m, dict(m.__dict__), dict(m._buffers)) for m in model.modules()]
+
+
+def _restore(saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -> None:
+    """Undo attribute writes made while tracing (a forward that caches ``self.anchors = ...`` or updates
+    ``self.seen = self.seen + x`` stores Proxies, in ``__dict__`` or in the module's buffers)."""
+    for mod, state, buffers in saved:
         if mod.__dict__.keys() != state.keys() or any(mod.__dict__[k] is not v for k, v in state.items()):
             mod.__dict__.clear()
             mod.__dict__.update(state)
+        if mod._buffers.keys() != buffers.keys() or any(mod._buffers[k] is not v for k, v in buffers.items()):
+            mod._buffers.clear()
+            mod._buffers.update(buffers)
 
 
 def _needs_specialising(e: Exception) -> bool:
@@ -354,7 +365,7 @@ def _trace_with_fallback(
     for _ in range(len(list(model.modules())) + 2):
         values = ExampleEvaluator(model, inputs) if with_values and inputs is not None else None
         tracer = _FallbackTracer(set(opaque), values, specialize)
-        saved = [(m, dict(m.__dict__)) for m in model.modules()]
+        saved = _saved(model)
         read = [True]  # until the watch below has run
         try:
             with _functions_as_calls(tracer), fast.training_reads(model) as read:

@@ -170,7 +170,9 @@ def norm_spec(n: fx.Node, module_of: Any) -> NormSpec | None:
 
 
 def _double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+    """Every floating tensor in ``inputs`` in float64, at any depth (dicts, nested tuples and lists)."""
+    return torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, tuple(inputs))
 
 
 def mask_oracle(

@@ -19,6 +19,7 @@ from fxprune.hf_config import config_follows
 from fxprune.outputs import tensors_of
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.registry import fix_attributes
+from fxprune.state import kept_buffers
 
 
 class WriteBackError(InvariantError):
@@ -104,8 +105,11 @@ def _prove_equal(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any,
     gm_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
-            want, got = tensors_of(gm(*example_inputs)), tensors_of(work(*example_inputs))
+        with torch.no_grad():  # each run from the same state: the graph's updates must not reach the forward's
+            with kept_buffers(gm, work):
+                want = tensors_of(gm(*example_inputs))
+            with kept_buffers(gm, work):
+                got = tensors_of(work(*example_inputs))
     except Exception as e:
         culprit = _failing_module(work, e.__traceback__)
         raise WriteBackError(
