@@ -18,6 +18,7 @@ gives back the pruned model (``hidden_config``). ``pipeline.run`` calls ``prune_
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -30,8 +31,14 @@ import torch.nn as nn
 
 from fxprune.copying import private_copy
 from fxprune.errors import ArgumentError, InvariantError, PlanMismatchError
-from fxprune.hidden_config import derived_spaces, quiet, rename_hidden_attributes, sync_hidden_config
-from fxprune.hidden_oracle import both, hidden_oracle
+from fxprune.hidden_config import (
+    HIDDEN_FIELDS,
+    derived_spaces,
+    quiet,
+    rename_hidden_attributes,
+    sync_hidden_config,
+)
+from fxprune.hidden_oracle import both, hidden_oracle, resize_normalized_shape
 from fxprune.hidden_streams import HiddenSizeError, Space, Stream, find_stream
 from fxprune.metrics import count_macs, count_params
 from fxprune.rules.registry import fix_attributes
@@ -170,6 +177,8 @@ def _prune(work: nn.Module, hidden: float, inputs: tuple[Any, ...], calibration:
     emb = _input_embedding(work)
     size = emb.embedding_dim
     keep = keep_count(size, hidden, round_to, min_channels) if kept is None else len(kept[0])
+    if kept is None:
+        keep = config_valid_keep(work, size, keep)
     seed = (next(n for n, p in work.named_parameters() if p is emb.weight), 1)
     acts: dict[Space, torch.Tensor] | None = {} if calibration else None
     residual = find_stream(work, {seed}, size, inputs, calibration, acts)
@@ -204,9 +213,36 @@ def _prune(work: nn.Module, hidden: float, inputs: tuple[Any, ...], calibration:
             setattr(work.get_submodule(mod_name), name, size)
         log.info("fxprune: the forward reads a hidden-size attribute (%s): kept as it was", e)
         renamed = []
+        _run_at_new_size(work, inputs, size, keep)
     log.info("fxprune: hidden size %d -> %d (%d tensor dims, %d attributes)", size, keep,
              sum(len(s.spaces) for s in streams), len(renamed))
     return plan
+
+
+def _run_at_new_size(work: nn.Module, inputs: tuple[Any, ...], size: int, keep: int) -> None:
+    """Make the pruned copy's forward run: one that reads ``config.hidden_size`` at run time (a reshape to
+    it) runs once the private copy's config says the new size; else a ``HiddenSizeError`` names the failure.
+    """
+    try:
+        with torch.no_grad():
+            work(*inputs)
+        return
+    except Exception as e:  # noqa: BLE001 - any failure of the forward at the new width
+        first = e
+    config = getattr(work, "config", None)
+    fields = [f for f in HIDDEN_FIELDS if getattr(config, f, None) == size]
+    for f in fields:
+        setattr(config, f, keep)  # the copy's own config: synced for good at the end anyway
+    try:
+        with torch.no_grad():
+            work(*inputs)
+    except Exception as e:  # noqa: BLE001 - still failing: the model sizes something else from the width
+        for f in fields:
+            setattr(config, f, size)
+        raise HiddenSizeError(f"{type(work).__name__}'s forward does not run at hidden size {keep} "
+                              f"({type(first).__name__}: {str(first).splitlines()[0][:200]}): a size in its code "
+                              "follows the hidden size and fxprune cannot rewrite it; prune without hidden=") from e
+    log.info("fxprune: the forward reads config.%s at run time: set to %d", fields[0] if fields else "?", keep)
 
 
 def _check_not_ignored(work: nn.Module, streams: list[Stream], ignore: tuple[str | type, ...]) -> None:
@@ -220,6 +256,30 @@ def _check_not_ignored(work: nn.Module, streams: list[Stream], ignore: tuple[str
             if hit is not None:
                 raise ArgumentError(f"ignore={hit!r} keeps {owner} whole, but the hidden size runs through it "
                                     f"({name}): drop it from ignore, or prune without hidden=")
+
+
+def config_valid_keep(model: nn.Module, size: int, keep: int) -> int:
+    """The smallest hidden size of at least ``keep`` that the model's Hugging Face config accepts.
+
+    A config validates its architecture when it is saved (Llama: the hidden size must be a multiple of the
+    head count); a width it rejects would make ``save_pretrained`` fail after the work, so the count goes up
+    to the next width it accepts, with a warning. Models without a validating config keep ``keep``."""
+    config = getattr(model, "config", None)
+    field = next((f for f in HIDDEN_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    if field is None or not callable(getattr(config, "validate", None)):
+        return keep
+    trial = copy.deepcopy(config)
+    for n in range(keep, size + 1):
+        setattr(trial, field, n)
+        try:
+            trial.validate()
+        except Exception:  # noqa: BLE001 - any refusal of the config's own validation
+            continue
+        if n != keep:
+            log.warning("fxprune: hidden size %d is refused by %s (its own validation); keeping %d channels",
+                        keep, type(config).__name__, n)
+        return n
+    return keep
 
 
 def keep_count(size: int, hidden: float, round_to: int | None, min_channels: int) -> int:
@@ -297,6 +357,9 @@ def _slice(work: nn.Module, plan: HiddenPlan) -> None:
                     touched = True
         if touched:
             fix_attributes(mod, None)  # in_features, embedding_dim, normalized_shape, Conv1D's nx/nf
+    for stream, kept in zip(plan.streams, plan.kept, strict=True):  # norms with no weight to slice (OLMo's)
+        for name in stream.norms:
+            resize_normalized_shape(work.get_submodule(name) if name else work, stream.size, len(kept))
 
 
 def prune_with_hidden(model: nn.Module, options: Options,
@@ -332,7 +395,11 @@ def prune_with_hidden(model: nn.Module, options: Options,
                            count_params(work), macs_before, count_macs(work, inputs), proof,
                            time.perf_counter() - t0)
     keep_width = [m for m in plan.config_modules if m not in options.ignore]
-    rest_options = replace(options, hidden=None, example_inputs=inputs, ignore=(*options.ignore, *keep_width))
+    # hidden= alone decides the residual stream's width: a graph of the whole model would otherwise see it as
+    # one more coupled group and prune it again by ratio= (the table in docs/hidden-size.md)
+    pinned = tuple((name, dim, "hidden size set by hidden=") for s in plan.streams for name, dim in s.spaces)
+    rest_options = replace(options, hidden=None, example_inputs=inputs, ignore=(*options.ignore, *keep_width),
+                           pinned=pinned)
     with quiet("fxprune.hf_config"):
         rest = run_rest(work, rest_options)
     if rest.modified or plan.new_size < plan.size:

@@ -109,6 +109,7 @@ def _normalise_over_kept(module: nn.Module, name: str, spaces: tuple[Any, ...], 
             else:
                 kept._buffers[attr] = sliced
     fix_attributes(kept, None)  # LayerNorm's normalized_shape
+    resize_normalized_shape(kept, -1, len(index))  # a norm with no weight (OLMo's)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = kept(x.index_select(-1, index), *args, **kwargs)
@@ -140,3 +141,11 @@ def _kept_part(pruned: torch.Tensor, reference: torch.Tensor, plan: Any) -> torc
                 return None
             return reference.index_select(-1, index)
     return None
+
+
+def resize_normalized_shape(module: nn.Module, size: int, new_size: int) -> None:
+    """Set a norm's ``normalized_shape`` that ends in ``size`` (-1: any size) to end in ``new_size``: a norm
+    with no weight (OLMo's ``F.layer_norm(x, self.normalized_shape)``) has nothing else that says its width."""
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, (tuple, list, torch.Size)) and shape and (size == -1 or tuple(shape)[-1] == size):
+        module.normalized_shape = (*tuple(shape)[:-1], new_size)

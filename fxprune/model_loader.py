@@ -131,20 +131,69 @@ _HF_HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForMaskedLM", "AutoModel
 def _from_hf(folder: str) -> LoadedModel:
     transformers = _import("transformers", "pip install transformers")
     path = Path(folder)
+    if not path.is_dir():
+        raise ModelLoadError(f"hf:{folder}: no such folder; give a folder that save_pretrained wrote "
+                             "(fxprune never downloads models)")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"hf:{folder}: not a folder holding a config.json (what save_pretrained writes); "
                              "fxprune never downloads models")
+    _check_hf_folder(path, folder)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         arch = next(iter(getattr(config, "architectures", None) or ()), "")
         auto = getattr(transformers, next((a for suffix, a in _HF_HEADS if arch.endswith(suffix)), "AutoModel"))
-        if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+        if _hf_weights(path):
             model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         else:  # a config only: random init, as every other source
+            log.warning("hf:%s holds a config.json and no weights: the model is randomly initialised", folder)
             model = auto.from_config(config)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (OSError, ValueError, SafetensorError)
         raise ModelLoadError(f"hf:{folder}: transformers cannot load it ({type(e).__name__}: {first_line(e)})") from e
     return LoadedModel(model.eval(), f"hf:{folder}", None)
+
+
+def _hf_weights(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder (safetensors, ``.bin``, and their shard indexes)."""
+    return sorted(f for pattern in ("*.safetensors", "*.bin", "*.index.json") for f in path.glob(pattern))
+
+
+def _check_hf_folder(path: Path, folder: str) -> None:
+    """Refuse what transformers would not load cleanly, naming the file: a config that asks for remote code
+    (``auto_map``), an unreadable config, a corrupt safetensors file, a shard index naming missing files.
+
+    Raises:
+        ModelLoadError: naming the file and what to do.
+    """
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"hf:{folder}: {path / 'config.json'} is not valid JSON ({first_line(e)})") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"hf:{folder}: {path / 'config.json'} does not hold a JSON object")
+    if "auto_map" in config:
+        raise ModelLoadError(f"hf:{folder}: {path / 'config.json'} has an auto_map: the model's classes are code "
+                             "stored with it (trust_remote_code), and fxprune never runs remote code; load it in "
+                             "Python yourself and call fxprune.prune")
+    for index in path.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"hf:{folder}: cannot read the shard index {index} ({first_line(e)})") from e
+        missing = sorted(str(s) for s in shards if not (path / str(s)).is_file())
+        if missing:
+            raise ModelLoadError(f"hf:{folder}: {index.name} names weight files that are not there: "
+                                 f"{', '.join(missing[:3])}; copy the whole folder")
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+            raise ModelLoadError(f"hf:{folder}: {f} is not a readable safetensors file ({first_line(e)}); "
+                                 "save the model again with save_pretrained") from e
 
 
 def _from_python_file(file: str, name: str) -> LoadedModel:
@@ -159,7 +208,7 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
     sys.path.insert(0, str(path.resolve().parent))  # sibling imports of the user's file
     sys.modules[module_name] = module  # dataclasses and pickling look the module up here
     try:
-        with _as_script(file, f"importing {file}"):
+        with _as_script(file, f"the model file {file}", "while being imported"):
             spec.loader.exec_module(module)
     except ModelLoadError:
         raise
@@ -172,7 +221,7 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
         found = sorted(k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module))
         raise ModelLoadError(f"{file} has no class or function {name!r}; nn.Module classes there: {found or 'none'}")
     try:
-        with _as_script(file, f"{name}()"):
+        with _as_script(file, f"{file}:{name}()", "when called"):
             model = factory()
     except ModelLoadError:
         raise
@@ -184,7 +233,7 @@ def _from_python_file(file: str, name: str) -> LoadedModel:
 
 
 @contextlib.contextmanager
-def _as_script(file: str, what: str) -> Iterator[None]:
+def _as_script(file: str, what: str, when: str) -> Iterator[None]:
     """Run user code with ``sys.argv == [file]``, its stderr held back, and ``sys.exit`` turned into an error.
 
     A model file may parse the command line (argparse) or call ``sys.exit()`` at import time; neither may end
@@ -202,8 +251,8 @@ def _as_script(file: str, what: str) -> Iterator[None]:
         said = next((ln.strip() for ln in reversed(held.getvalue().splitlines()) if ln.strip()), "")
         detail = f" ({said[:200]})" if said else ""
         raise ModelLoadError(
-            f"{what} called sys.exit({e.code!r}){detail}: a model file must not parse the command line or "
-            "exit when imported; put that code under if __name__ == '__main__':"
+            f"{what} called sys.exit({e.code!r}) {when}{detail}: a model file must not parse the command line "
+            "or exit when imported; put that code under if __name__ == '__main__':"
         ) from e
     finally:
         sys.argv, sys.stderr = argv, stderr
@@ -269,7 +318,7 @@ def load_model(spec: str, *, seed: int = 0, trust_pickle: bool = False) -> Loade
     else:
         raise ModelLoadError(
             f"unknown model {spec!r}; use models_zoo:NAME, torchvision:NAME, timm:NAME, ultralytics:FILE.yaml, "
-            "path/to/file.py:ClassName or a file saved with torch.save(model)"
+            "hf:FOLDER, path/to/file.py:ClassName or a file saved with torch.save(model)"
         )
     log.info("loaded %s (%s)", loaded.spec, type(loaded.model).__name__)
     return LoadedModel(loaded.model.eval(), loaded.spec, loaded.input_shapes)

@@ -49,6 +49,7 @@ class Options:
     output: str = "graph"
     partial: bool = True
     hidden: float | None = None
+    pinned: tuple[tuple[str, int, str], ...] = ()  # internal: parameter dims kept whole (the hidden size's)
 
     @property
     def budget(self) -> bool:
@@ -97,7 +98,7 @@ class Options:
         """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven
         as the user's own classes."""
         return replace(self, example_inputs=None, ignore=(), leaves=(), onnx=None, output="module", partial=True,
-                       hidden=None,  # the whole model's residual stream, pruned before its parts
+                       hidden=None, pinned=(),  # the whole model's residual stream, pruned before its parts
                        ratios=None, group_ratios=None,  # those name the root's modules and groups
                        calibration=None)  # the root's batches: each part is given its own (compile_parts)
 

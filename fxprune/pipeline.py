@@ -87,7 +87,7 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
 def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     try:  # a. prepare (must precede everything: the graph, its groups and the inputs come from it)
         a = prepare(model, options.example_inputs, options.ignore, options.leaves, prune_heads=options.prune_heads,
-                    specialize=options.output == "module")
+                    specialize=options.output == "module", pinned=options.pinned)
     except TraceError as e:
         if not options.partial:
             raise

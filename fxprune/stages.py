@@ -87,7 +87,8 @@ def fork(a: Prepared) -> Prepared:
 def reanalysed(a: Prepared, ignore: list[str | type]) -> Prepared:
     """``a`` with its channel dependencies solved again for another ``ignore`` (the trace, its checks and its
     shapes do not depend on it)."""
-    deps = build_dependencies(a.gm, a.deps.value_shapes, _by_name(a.work, ignore), a.opaque, a.deps.prune_heads)
+    deps = build_dependencies(a.gm, a.deps.value_shapes, _by_name(a.work, ignore), a.opaque, a.deps.prune_heads,
+                              a.deps.pinned)
     return replace(a, deps=deps, groups=describe_groups(deps), fingerprint=graph_fingerprint(a.gm, deps))
 
 
@@ -132,16 +133,17 @@ def gc_paused() -> Iterator[None]:
 
 def prepare(
     model: nn.Module, example_inputs: Any, ignore: Iterable[str | type], leaves: Sequence[str], *,
-    prune_heads: bool = False, specialize: bool = False,
+    prune_heads: bool = False, specialize: bool = False, pinned: tuple[tuple[str, int, str], ...] = (),
 ) -> Prepared:
-    """Trace a private copy, check the graph against eager PyTorch and solve its channel dependencies."""
+    """Trace a private copy, check the graph against eager PyTorch and solve its channel dependencies
+    (``pinned``: parameter dims kept whole, see ``build_dependencies``)."""
     with gc_paused():
-        return _prepare(model, example_inputs, list(ignore), leaves, prune_heads, specialize)
+        return _prepare(model, example_inputs, list(ignore), leaves, prune_heads, specialize, pinned)
 
 
 def _prepare(
     model: nn.Module, example_inputs: Any, ignore: list[str | type], leaves: Sequence[str],
-    prune_heads: bool, specialize: bool,
+    prune_heads: bool, specialize: bool, pinned: tuple[tuple[str, int, str], ...] = (),
 ) -> Prepared:
     check_model(model)  # an eager nn.Module with real buffers
     _check_ignore(model, ignore)
@@ -170,7 +172,7 @@ def _prepare(
     train_differs = ""
     if gm.meta.get("fxprune_reads_training", True) or lowered:
         train_differs = train_mode_difference(work, gm, list(opaque), inputs, specialize)
-    deps = build_dependencies(gm, shapes, _by_name(work, ignore), opaque, prune_heads)  # 4. channel rules -> coupled classes
+    deps = build_dependencies(gm, shapes, _by_name(work, ignore), opaque, prune_heads, pinned)  # 4. channel rules -> coupled classes
     groups = describe_groups(deps)
     return Prepared(gm, deps, groups, opaque, inputs, graph_fingerprint(gm, deps), work, flags, train_differs,
                     output_type)

@@ -33,7 +33,8 @@ DEFAULT_TOKENS = (1, 32)  # a language model's default input: one sequence of 32
 class Steps:
     """Progress on stderr: a tqdm bar naming the current step on a terminal; elsewhere (a log, CI) one line
     per step once the run has taken ``QUIET_S`` seconds, so a long run is never silent and a quick failure
-    still prints its one error line only."""
+    still prints its one error line only. The steps started before that moment are printed then, with the
+    time each started, so the lines always count 1, 2, ... up to the total."""
 
     QUIET_S = 3.0
 
@@ -44,6 +45,7 @@ class Steps:
                         bar_format="{desc:<28}{bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
         self.started = False
         self.t0 = time.perf_counter()
+        self.pending: list[tuple[int, str, float]] = []  # steps not printed yet: (number, name, start)
 
     def step(self, name: str) -> None:
         """Finish the previous step and start ``name``."""
@@ -52,21 +54,30 @@ class Steps:
         self.started = True
         self.n += 1
         self.bar.set_description_str(name)
+        self.pending.append((self.n, name, time.perf_counter() - self.t0))
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Print the steps not printed yet once the run is long enough; True when the lines are shown."""
         elapsed = time.perf_counter() - self.t0
-        if not self.tty and elapsed >= self.QUIET_S:
-            sys.stderr.write(f"fxprune: [{self.n}/{self.total}] {name} (at {elapsed:.1f}s)\n")
-            sys.stderr.flush()
+        if self.tty or elapsed < self.QUIET_S:
+            return False
+        for n, name, at in self.pending:
+            sys.stderr.write(f"fxprune: [{n}/{self.total}] {name} (at {at:.1f}s)\n")
+        self.pending.clear()
+        sys.stderr.flush()
+        return True
 
     def done(self) -> None:
         """Finish the last step."""
         self.bar.update()
-        elapsed = time.perf_counter() - self.t0
-        if not self.tty and elapsed >= self.QUIET_S:
-            sys.stderr.write(f"fxprune: done in {elapsed:.1f}s\n")
+        if self._flush():
+            sys.stderr.write(f"fxprune: done in {time.perf_counter() - self.t0:.1f}s\n")
 
 
 @contextmanager
 def progress(total: int) -> Iterator[Steps]:
+    """A :class:`Steps` of ``total`` steps whose bar is closed however the block ends."""
     steps = Steps(total)
     try:
         yield steps
@@ -90,9 +101,13 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     else:
         shapes = loaded.input_shapes or ((DEFAULT_TOKENS,) if vocab else (DEFAULT_INPUT_SHAPE,))
     inputs = random_inputs(shapes, args.seed)
+    args.vocabulary = vocab  # --data reduces byte ids into it (fxprune.data)
     if vocab:  # a language model takes token ids, not floats
         gen = torch.Generator().manual_seed(args.seed)
         inputs = tuple(torch.randint(0, vocab, tuple(x.shape), generator=gen) for x in inputs)
+    else:  # a bfloat16/float16 model takes inputs of its own dtype
+        dtype = float_dtype(loaded.model)
+        inputs = tuple(x.to(dtype) for x in inputs)
     try:
         with torch.no_grad():
             loaded.model(*inputs)
@@ -102,6 +117,12 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
             "set --input-shape"
         ) from e
     return loaded, inputs
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 when it has none)."""
+    tensors = (*model.parameters(), *model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 def token_vocabulary(model: nn.Module) -> int | None:
@@ -214,7 +235,12 @@ def data_batches(args: argparse.Namespace, inputs: Inputs) -> list[Inputs]:
         return []
     from fxprune.data import load_batches
 
-    return load_batches(args.data, tuple(tuple(x.shape) for x in inputs), dtype=inputs[0].dtype)
+    cached = getattr(args, "data_cache", None)
+    if cached is None:  # read once: importance and int8 calibration share the batches (and the notes)
+        cached = load_batches(args.data, tuple(tuple(x.shape) for x in inputs), dtype=inputs[0].dtype,
+                              vocabulary=getattr(args, "vocabulary", None))
+        args.data_cache = cached
+    return cached
 
 
 def int8_feeds(onnx_path: Path, args: argparse.Namespace, inputs: Inputs) -> list[dict[str, Any]] | None:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import ArgumentError
 
 __all__ = ["OutputStage"]
 
@@ -30,33 +30,43 @@ class OutputStage:
         self._targets: dict[Path, Path] = {}
 
     def check(self, target: str | os.PathLike[str], flag: str) -> Path:
-        """Validate an output path before any work is done.
+        """Validate an output path before any work is done: its folder exists and takes a staging folder.
 
         Raises:
-            FxPruneError: If the folder does not exist, the path is a folder, or two outputs collide.
+            ArgumentError: If the folder does not exist or cannot be written, the path is a folder, or two
+                outputs collide.
         """
         path = Path(target)
         if path.is_dir():
-            raise FxPruneError(f"{flag} {target} is a folder; give a file name")
+            raise ArgumentError(f"{flag} {target} is a folder; give a file name")
         return self._target(path, flag)
 
     def check_folder(self, target: str | os.PathLike[str], flag: str) -> Path:
         """Validate an output folder (written whole, as ``save_pretrained`` does) before any work is done.
 
         Raises:
-            FxPruneError: If its parent does not exist, or it exists and is not an empty folder.
+            ArgumentError: If its parent does not exist or cannot be written, or it exists and is not an empty
+                folder (fxprune never writes into, or replaces, a folder that holds files).
         """
         path = Path(target)
-        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-            raise FxPruneError(f"{flag} {target} exists; give a new (or empty) folder")
+        if path.exists() and not path.is_dir():
+            raise ArgumentError(f"{flag} {target} is a file; give a new (or empty) folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise ArgumentError(f"{flag} {target} exists and is not empty; give a new (or empty) folder, or "
+                                "delete it first")
         return self._target(path, flag)
 
     def _target(self, path: Path, flag: str) -> Path:
         if not path.parent.resolve().is_dir():
-            raise FxPruneError(f"{flag} {path}: folder {path.parent} does not exist")
+            raise ArgumentError(f"{flag} {path}: folder {path.parent} does not exist; create it or give another path")
         resolved = path.resolve()
         if resolved in self._targets.values():
-            raise FxPruneError(f"{flag} {path} names a file another option writes too")
+            raise ArgumentError(f"{flag} {path} names a file another option writes too")
+        try:  # the staging folder is made now: a folder that cannot be written fails before any work
+            self.path(path)
+        except OSError as e:
+            raise ArgumentError(f"{flag} {path}: cannot write in folder {path.parent} ({e.strerror or e}); "
+                                "give a writable path") from e
         self._targets[path] = resolved
         return path
 

@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, space_label
+from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
 from fxprune.passes.base import module_tensors, submodule
 from fxprune.rules import lookup
 from fxprune.rules.common import pin_all, values_of
@@ -35,6 +35,7 @@ class DependencyResult:
         value_shapes: shape of every tensor value and parameter referenced.
         params: canonical parameter/buffer name per value name ``param:<name>``.
         prune_heads: whole attention heads are the unit (``build_dependencies``).
+        pinned: ``(parameter name, dim, reason)`` pinned by the caller (``build_dependencies``).
     """
 
     couplings: DependencyGraph
@@ -42,6 +43,7 @@ class DependencyResult:
     value_shapes: dict[str, Shape]
     params: dict[str, str]
     prune_heads: bool = False
+    pinned: tuple[tuple[str, int, str], ...] = ()
 
 
 def canonical_names(gm: nn.Module) -> dict[int, str]:
@@ -70,6 +72,7 @@ def build_dependencies(
     ignore: Iterable[str | type] = (),
     opaque: dict[str, str] | None = None,
     prune_heads: bool = False,
+    pinned: tuple[tuple[str, int, str], ...] = (),
 ) -> DependencyResult:
     """Apply the rule of every node, resolve reshapes, and solve the couplings.
 
@@ -80,6 +83,8 @@ def build_dependencies(
         opaque: submodules kept opaque by the tracer, with the reason (used in pin messages).
         prune_heads: a reshape into or out of attention heads couples its head-count factor instead of
             its head-dim factor, so whole heads are removed and every head keeps its width.
+        pinned: parameter dims whose channels must stay, ``(qualified name, dim, reason)``: the residual
+            stream once ``hidden=`` has chosen its width (a name the graph does not use is skipped).
     """
     ignore = list(ignore)
     opaque = opaque or {}
@@ -109,11 +114,15 @@ def build_dependencies(
                 mod = submodule(gm, str(node.target))
                 if _matches(str(node.target), mod, ignore):
                     _pin_module(node, mod, ctx)
+    for name, dim, reason in pinned:
+        value = param_value(name)
+        if value in ctx.value_shapes:
+            ctx.pin(value, reason, [dim])
     heads = _attention_reshapes(gm, {rg.node for rg in ctx.regroups}) if prune_heads else frozenset()
     _resolve_regroups(dep, ctx.regroups, heads)
     params = {v: v[len("param:") :] for v in ctx.value_shapes if v.startswith("param:")}
     return DependencyResult(couplings=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params,
-                            prune_heads=prune_heads)
+                            prune_heads=prune_heads, pinned=tuple(pinned))
 
 
 def _get_attr(node: fx.Node, ctx: RuleContext) -> None:
