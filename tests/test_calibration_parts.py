@@ -79,3 +79,27 @@ def test_a_generator_of_batches_is_accepted() -> None:
                               calibration=(b for b in batches))
     for a, b in zip(listed.model.parameters(), generated.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_batches_of_other_shapes_with_the_cache_off(output: str) -> None:
+    """The root traces whole (specialised to the example): Taylor and activation batches of another batch
+    size and length run on the eager copy instead of failing in the graph."""
+    model = _llama(False)
+    g = torch.Generator().manual_seed(2)
+    example = torch.randint(0, 96, (1, 12), generator=g)
+
+    def loss(out: object, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out.logits.reshape(-1, 96), target.reshape(-1))
+
+    pairs = [(torch.randint(0, 96, (2, 9), generator=g), torch.randint(0, 96, (2, 9), generator=g)) for _ in range(2)]
+    taylor = fxprune.prune(model, 0.5, example_inputs=(example,), importance=fxprune.Taylor(pairs, loss),
+                           output=output, verify=True)
+    assert taylor.params_after < taylor.params_before
+    batches = [torch.randint(0, 96, (3, 7), generator=g), torch.randint(0, 96, (1, 20), generator=g)]
+    act = fxprune.prune(model, 0.5, example_inputs=(example,), importance="activation", calibration=batches,
+                        output=output, verify=True)
+    if output == "module":
+        expected = _eager_choice(model, batches, 32)
+        for i, layer in enumerate(act.model.model.layers):
+            assert _kept_rows(model.model.layers[i].mlp.up_proj, layer.mlp.up_proj) == expected[i]

@@ -69,6 +69,25 @@ def test_state_the_graph_loses_is_named() -> None:
         fxprune.prune(LostUpdate().eval(), 0.5, example_inputs=(torch.randn(2, 4),), partial=False)
 
 
+class Noisy(nn.Module):
+    """Noise in the eval forward: no oracle can compare two runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        return self.c(h + 0.1 * torch.randn_like(h))
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_a_random_forward_is_named_not_blamed_on_fxprune(output: str) -> None:
+    r = fxprune.prune(Noisy().eval(), 0.5, example_inputs=(torch.randn(2, 4),), verify=True, output=output)
+    assert r.params_after < r.params_before
+    assert not r.oracle.applicable and "random" in r.oracle.reason
+
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -11,12 +11,14 @@ recorded as inexact by their rule, and the oracle then says "not applicable".
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.errors import InvariantError, ShapeError
@@ -25,6 +27,9 @@ from fxprune.passes.dependency import DependencyResult
 from fxprune.passes.shapes import record_shapes
 from fxprune.plan import PruningPlan
 from fxprune.rules.common import call_arg
+from fxprune.state import kept_buffers
+
+log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
 
@@ -222,4 +227,18 @@ def mask_oracle(
         scale = peak if peak > 0 else 1.0
         worst = max(worst, diff)
         passed &= diff <= tol * scale
+    if not passed and _random(ref_model, zero, inputs, ref):
+        reason = ("the model's forward is random (two runs on the same input differ, e.g. torch.randn or "
+                  "dropout that ignores eval mode): no oracle can compare it; make the eval forward deterministic")
+        log.warning("fxprune: %s", reason)
+        return OracleReport(False, reason, float("nan"), False)
     return OracleReport(True, "", worst, passed)
+
+
+def _random(ref_model: nn.Module, zero: dict[str, list[tuple[int, torch.Tensor]]], inputs: tuple[Any, ...],
+            first: list[torch.Tensor]) -> bool:
+    """Whether the masked reference gives other outputs on a second run with another random seed."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(ref_model):
+        torch.manual_seed(torch.initial_seed() + 7919)
+        again = tensors_of(_MaskedInterpreter(ref_model, zero).run(*inputs))
+    return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again, strict=True))
