@@ -132,8 +132,8 @@ def _from_hf(folder: str) -> LoadedModel:
     transformers = _import("transformers", "pip install transformers")
     path = Path(folder)
     if not path.is_dir():
-        raise ModelLoadError(f"hf:{folder}: no such folder; give a folder that save_pretrained wrote "
-                             "(fxprune never downloads models)")
+        raise ModelLoadError(f"hf:{folder}: no such folder; give a folder holding the config.json (and weights) "
+                             "that save_pretrained wrote; fxprune never downloads models")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"hf:{folder}: not a folder holding a config.json (what save_pretrained writes); "
                              "fxprune never downloads models")

@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fxprune.cli.common import Inputs, check_ratio, load_inputs, progress, prune_with_args, shape_text
+from fxprune.cli.common import (
+    Inputs,
+    check_inputs_exist,
+    check_ratio,
+    float32_copy,
+    load_inputs,
+    progress,
+    prune_with_args,
+    shape_text,
+)
 from fxprune.errors import FxPruneError
 from fxprune.metrics import NOISY_SPREAD, compare_latency, count_macs, count_params, default_threads
 
@@ -23,6 +32,7 @@ def thread_text(n: int) -> str:
 def run_bench(args: argparse.Namespace) -> int:
     """``fxprune bench``: median CPU latency of the original and the pruned model (and optionally onnxruntime)."""
     check_ratio(args)
+    check_inputs_exist(args)
     if args.runs < 1:
         raise FxPruneError("bench needs --runs >= 1")
     threads = args.threads or default_threads()
@@ -57,11 +67,11 @@ def _ort_bench(original: nn.Module, pruned: nn.Module, inputs: Inputs, args: arg
     from fxprune.passes.export import export_onnx
     from fxprune.quantize import ort_latency
 
-    feed = {f"input_{i}": x.numpy() for i, x in enumerate(inputs)}
+    feed = {f"input_{i}": (x.float() if x.is_floating_point() else x).numpy() for i, x in enumerate(inputs)}
     times = []
     with tempfile.TemporaryDirectory(prefix="fxprune-bench-") as tmp:
         for name, model in (("original", original), ("pruned", pruned)):
             path = Path(tmp) / f"{name}.onnx"
-            export_onnx(model, inputs, path, check=False)
+            export_onnx(*float32_copy(model, inputs)[:2], path, check=False)  # half precision: a float32 copy
             times.append(ort_latency(path, feed, runs=args.runs, warmup=args.warmup, threads=threads)[0])
     return times

@@ -19,8 +19,10 @@ from torch import nn
 import fxprune
 from fxprune.cli.common import (
     Inputs,
+    check_inputs_exist,
     check_ratio,
     deploy_heads,
+    float32_copy,
     int8_feeds,
     is_ultralytics,
     load_inputs,
@@ -29,10 +31,12 @@ from fxprune.cli.common import (
     shape_text,
 )
 from fxprune.cli.staging import OutputStage
-from fxprune.errors import FxPruneError, first_line
+from fxprune.errors import ArgumentError, FxPruneError, first_line
 from fxprune.metrics import compare_latency, count_macs, count_params, default_threads
 
-__all__ = ["run_analyze", "run_compile"]
+__all__ = ["EXIT_STRICT", "run_analyze", "run_compile"]
+
+EXIT_STRICT = 3  # --strict: a request was not honoured (nothing pruned, no head removed, ...)
 
 
 def _costs(original: nn.Module, pruned: nn.Module, inputs: Inputs,
@@ -48,17 +52,39 @@ def _costs(original: nn.Module, pruned: nn.Module, inputs: Inputs,
 
 
 def _onnx_size(model: nn.Module, inputs: Inputs, args: argparse.Namespace) -> int | None:
-    """Size of the original model's ONNX file (exported to a temporary folder, same options)."""
-    from fxprune.passes.export import export_onnx
-
+    """Size of the original model's ONNX file (exported to a temporary folder, same options and choice)."""
     with tempfile.TemporaryDirectory(prefix="fxprune-") as tmp:
         try:
-            rep = export_onnx(model, inputs, Path(tmp) / "original.onnx", opset=args.opset,
-                              simplify=False if args.no_simplify else args.simplifier, dynamic_batch=not args.static_batch, check=False)
+            rep = _export(model, inputs, Path(tmp) / "original.onnx", args, check=False)[0]
         except FxPruneError as e:
             print(f"fxprune: note: the original model did not export to ONNX ({first_line(e)})", file=sys.stderr)
             return None
         return rep.bytes_after_simplify
+
+
+def _export(model: nn.Module, inputs: Inputs, path: Path, args: argparse.Namespace,
+            check: bool = True) -> tuple[Any, str | None, str]:
+    """Export the model (a float32 copy of a half-precision one). When the simplifier made the file larger
+    without removing a node, export it again unsimplified and keep that smaller file.
+
+    Returns:
+        The export report, the dtype the model was cast from (None: none), and what simplification did.
+    """
+    from fxprune.passes.export import export_onnx
+
+    model, feed, cast = float32_copy(model, inputs)
+    options = {"opset": args.opset, "dynamic_batch": not args.static_batch, "check": check}
+    with deploy_heads(model) if is_ultralytics(args) else contextlib.nullcontext():
+        export = export_onnx(model, feed, path, simplify=False if args.no_simplify else args.simplifier, **options)
+        before, after = export.bytes_before_simplify, export.bytes_after_simplify
+        if not export.simplified:
+            return export, cast, "not simplified"
+        if after <= before:
+            return export, cast, f"{args.simplifier}"
+        if export.nodes_after_simplify < export.nodes_before_simplify:
+            return export, cast, f"{args.simplifier}: {after - before:,} bytes larger, kept for its fewer nodes"
+        export = export_onnx(model, feed, path, simplify=False, **options)
+    return export, cast, f"{args.simplifier} made it larger, {after:,} bytes: kept the unsimplified file"
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -70,13 +96,13 @@ def _environment(threads: int) -> dict[str, Any]:
 
 def run_compile(args: argparse.Namespace) -> int:
     """``fxprune compile``: prune, export, quantise, report; all outputs appear together or not at all."""
-    from fxprune.passes.export import export_onnx
     from fxprune.quantize import quantize_onnx
     from fxprune.report import build_report, layer_channels, write_report
 
     check_ratio(args)
+    check_inputs_exist(args)
     if args.quantize and not args.onnx:
-        raise FxPruneError("--quantize needs --onnx (the int8 model is made from the exported ONNX file)")
+        raise ArgumentError("--quantize needs --onnx (the int8 model is made from the exported ONNX file)")
     qpath = args.quantized_onnx
     if args.quantize and not qpath:
         qpath = str(Path(args.onnx).with_suffix("")) + ".int8.onnx"
@@ -94,16 +120,17 @@ def run_compile(args: argparse.Namespace) -> int:
             loaded, inputs = load_inputs(args)
             bar.step("pruning")
             result = prune_with_args(loaded.model, inputs, args, verify=not args.no_verify)
+            if args.strict and result.unhonoured:  # nothing is written: the outputs would not be what was asked
+                sys.stderr.write(f"fxprune compile: error: --strict: {len(result.unhonoured)} request(s) not "
+                                 f"honoured, nothing written: {'; '.join(result.unhonoured)}\n")
+                return EXIT_STRICT
             pruned = result.model.eval()
             bar.step("measuring")
             before, after = _costs(loaded.model, pruned, inputs, args)
-            export = quant = None
+            export = quant = cast = verdict = None
             if args.onnx:
                 bar.step("exporting ONNX")
-                with deploy_heads(pruned) if is_ultralytics(args) else contextlib.nullcontext():
-                    export = export_onnx(pruned, inputs, stage.path(args.onnx), opset=args.opset,
-                                         simplify=False if args.no_simplify else args.simplifier,
-                                         dynamic_batch=not args.static_batch)
+                export, cast, verdict = _export(pruned, inputs, stage.path(args.onnx), args)
                 after["onnx_bytes"] = export.bytes_after_simplify
                 export = dataclasses.replace(export, path=args.onnx)
             if args.quantize:
@@ -146,7 +173,13 @@ def run_compile(args: argparse.Namespace) -> int:
                 _save_pretrained(pruned, stage.path(args.save_pretrained))
             written = stage.commit()
             bar.done()
-    _print_compile(loaded.spec, inputs, result, before, after, export, quant, args, threads, written)
+    _print_compile(loaded.spec, inputs, result, before, after, export, quant, args, threads, written,
+                   onnx_note=verdict if export is not None else "")
+    if cast:
+        print(f"note: the ONNX file holds a float32 copy of the {cast} model (onnxruntime's CPU kernels lack "
+              f"{cast}); the pruned PyTorch model itself stays {cast}")
+    if result.unhonoured:  # already logged as warnings; --strict makes them an error
+        print(f"not honoured ({len(result.unhonoured)}; --strict makes this an error): " + "; ".join(result.unhonoured))
     return 0
 
 
@@ -177,11 +210,9 @@ def _save_pretrained(model: nn.Module, folder: Path) -> None:
 
 def _print_compile(spec: str, inputs: Inputs, result: fxprune.PruneResult, before: dict[str, Any],
                    after: dict[str, Any], export: Any, quant: Any, args: argparse.Namespace, threads: int,
-                   written: list[Path]) -> None:
-    groups = result.plan.groups
-    pruned = sum(len(k) < g.size for g, k in zip(groups, result.plan.kept, strict=True))
+                   written: list[Path], *, onnx_note: str = "") -> None:
     print(f"fxprune compile {spec}: input {shape_text(x.shape for x in inputs)}, ratio {result.plan.ratio:.3g}, "
-          f"{pruned} of {len(groups)} channel groups pruned in {result.seconds:.2f}s")
+          f"{pruned_text(result)} in {result.seconds:.2f}s")
     _print_table([("params", before["params"], after["params"], "d"), ("MACs", before["macs"], after["macs"], "d"),
                   (f"latency ms ({args.runs} runs, {threads} thr)", before["latency_ms"], after["latency_ms"], ".2f")])
     if before.get("latency_p10_ms") is not None:
@@ -194,7 +225,7 @@ def _print_compile(spec: str, inputs: Inputs, result: fxprune.PruneResult, befor
     if export is not None:
         print(f"ONNX {export.path}: opset {export.opset}, nodes {export.nodes_before_simplify} -> "
               f"{export.nodes_after_simplify}, bytes {export.bytes_before_simplify:,} -> {export.bytes_after_simplify:,} "
-              f"(simplify), onnxruntime max abs diff {export.max_abs_diff:.1e}")
+              f"({onnx_note or 'simplify'}), onnxruntime max abs diff {export.max_abs_diff:.1e}")
     if quant is not None:
         print(f"{quant.mode} {quant.path}: {quant.bytes_int8:,} bytes ({quant.size_ratio:.2f}x fp32), top-1 agreement "
               f"{quant.top1_agreement:.1%} on {quant.n_samples} "
@@ -205,6 +236,19 @@ def _print_compile(spec: str, inputs: Inputs, result: fxprune.PruneResult, befor
     if written:
         print("wrote: " + ", ".join(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p)
                                     for p in written))
+
+
+def pruned_text(result: fxprune.PruneResult) -> str:
+    """``"3 of 7 channel groups pruned"``; for a model pruned part by part (``result.parts``) the parts are
+    counted too, since the root's own plan then holds few or no groups."""
+    groups = result.plan.groups
+    n = sum(len(k) < g.size for g, k in zip(groups, result.plan.kept, strict=True))
+    text = f"{n} of {len(groups)} channel groups pruned"
+    if not result.parts:
+        return text
+    parts = sum(p.params_after < p.params_before for p in result.parts)
+    whole = f"{text}, and " if groups else ""
+    return f"{whole}{parts} of {len(result.parts)} parts pruned (piecewise)"
 
 
 def _print_table(rows: list[tuple[str, Any, Any, str]]) -> None:

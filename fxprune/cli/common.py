@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fxprune
-from fxprune.errors import FxPruneError, ShapeError, first_line
+from fxprune.errors import ArgumentError, FxPruneError, ShapeError, first_line
 from fxprune.model_loader import (
     DEFAULT_INPUT_SHAPE,
     LoadedModel,
@@ -38,13 +39,13 @@ class Steps:
 
     QUIET_S = 3.0
 
-    def __init__(self, total: int) -> None:
-        self.total, self.n = total, 0
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.n, self.clock = total, 0, clock
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, file=sys.stderr, disable=not self.tty, leave=False,
                         bar_format="{desc:<28}{bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
         self.started = False
-        self.t0 = time.perf_counter()
+        self.t0 = clock()
         self.pending: list[tuple[int, str, float]] = []  # steps not printed yet: (number, name, start)
 
     def step(self, name: str) -> None:
@@ -54,12 +55,12 @@ class Steps:
         self.started = True
         self.n += 1
         self.bar.set_description_str(name)
-        self.pending.append((self.n, name, time.perf_counter() - self.t0))
-        self._flush()
+        elapsed = self.clock() - self.t0
+        self.pending.append((self.n, name, elapsed))
+        self._flush(elapsed)
 
-    def _flush(self) -> bool:
+    def _flush(self, elapsed: float) -> bool:
         """Print the steps not printed yet once the run is long enough; True when the lines are shown."""
-        elapsed = time.perf_counter() - self.t0
         if self.tty or elapsed < self.QUIET_S:
             return False
         for n, name, at in self.pending:
@@ -71,8 +72,9 @@ class Steps:
     def done(self) -> None:
         """Finish the last step."""
         self.bar.update()
-        if self._flush():
-            sys.stderr.write(f"fxprune: done in {time.perf_counter() - self.t0:.1f}s\n")
+        elapsed = self.clock() - self.t0
+        if self._flush(elapsed):
+            sys.stderr.write(f"fxprune: done in {elapsed:.1f}s\n")
 
 
 @contextmanager
@@ -105,8 +107,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, Inputs]:
     if vocab:  # a language model takes token ids, not floats
         gen = torch.Generator().manual_seed(args.seed)
         inputs = tuple(torch.randint(0, vocab, tuple(x.shape), generator=gen) for x in inputs)
-    else:  # a bfloat16/float16 model takes inputs of its own dtype
-        dtype = float_dtype(loaded.model)
+    elif (dtype := float_dtype(loaded.model)) in (torch.bfloat16, torch.float16):  # inputs of its own dtype
         inputs = tuple(x.to(dtype) for x in inputs)
     try:
         with torch.no_grad():
@@ -125,6 +126,22 @@ def float_dtype(model: nn.Module) -> torch.dtype:
     return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
+def float32_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, Inputs, str | None]:
+    """A float32 copy of a bfloat16/float16 model and its inputs, for ONNX export only (onnxruntime's CPU
+    kernels lack most half-precision ops); the model itself when it is float32 already.
+
+    Returns:
+        The model to export, its inputs, and the dtype it was cast from (None when nothing was cast).
+    """
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    dtypes |= {x.dtype for x in inputs if x.is_floating_point()}
+    half = sorted(str(d).removeprefix("torch.") for d in dtypes if d in (torch.bfloat16, torch.float16))
+    if not half:
+        return model, inputs, None
+    cast = tuple(x.float() if x.is_floating_point() else x for x in inputs)
+    return copy.deepcopy(model).float(), cast, "/".join(half)
+
+
 def token_vocabulary(model: nn.Module) -> int | None:
     """The vocabulary size of a model that takes token ids (None for others): the ``nn.Embedding`` its
     ``get_input_embeddings()`` returns (Hugging Face), or its first submodule when that is an embedding."""
@@ -137,15 +154,23 @@ def token_vocabulary(model: nn.Module) -> int | None:
 
 
 def check_ratio(args: argparse.Namespace) -> None:
+    """Refuse a ``--ratio`` outside [0, 1)."""
     if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
-        raise FxPruneError(f"--ratio must satisfy 0 <= R < 1 (the fraction of channels removed), got {args.ratio:g}")
+        raise ArgumentError(f"--ratio must satisfy 0 <= R < 1 (the fraction of channels removed), got {args.ratio:g}")
+
+
+def check_inputs_exist(args: argparse.Namespace) -> None:
+    """Refuse a missing ``--data`` or ``--checkpoint`` before any work is done."""
+    for flag, value in (("--data", getattr(args, "data", None)), ("--checkpoint", getattr(args, "checkpoint", None))):
+        if value and not Path(value).exists():
+            raise ArgumentError(f"{flag} {value}: no such file or folder")
 
 
 def prune_with_args(model: nn.Module, inputs: Inputs, args: argparse.Namespace, verify: bool) -> fxprune.PruneResult:
     """Call ``fxprune.prune`` with the policy flags that were given (the same options as the Python API)."""
     targeted = args.target_macs is not None or args.target_params is not None
     if targeted and args.ratio is not None:
-        raise FxPruneError("give --ratio or a --target-macs/--target-params budget, not both (a budget searches the "
+        raise ArgumentError("give --ratio or a --target-macs/--target-params budget, not both (a budget searches the "
                            "ratio itself)")
     kwargs: dict[str, Any] = {"example_inputs": inputs, "ignore": args.ignore, "verify": verify,
                               "importance": importance_from_args(args, inputs),
@@ -187,9 +212,9 @@ def module_ratios(items: list[str]) -> dict[str, float]:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise FxPruneError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}") from None
+            raise ArgumentError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}") from None
         if not sep or not name.strip():
-            raise FxPruneError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}")
+            raise ArgumentError(f"--module-ratio takes MODULE=R, e.g. layer4=0.7, got {item!r}")
     return out
 
 
@@ -201,7 +226,7 @@ def importance_from_args(args: argparse.Namespace, inputs: Inputs) -> Any:
     if args.importance.lower() == "activation":
         batches = data_batches(args, inputs)[:32]
         if not batches:
-            raise FxPruneError("--importance activation measures real inputs: pass --data (a folder of images, a "
+            raise ArgumentError("--importance activation measures real inputs: pass --data (a folder of images, a "
                                ".npy/.pt tensor file, or a text file for a language model)")
         return fxprune.Activations(batches)
     if args.importance.lower() != "taylor":
@@ -215,7 +240,7 @@ def importance_from_args(args: argparse.Namespace, inputs: Inputs) -> Any:
 def _like(inputs: Inputs, seed: int) -> Inputs:
     """Seeded random inputs shaped like ``inputs``; token ids stay below the largest id seen."""
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else
+    return tuple(torch.randn(x.shape, generator=gen).to(x.dtype) if x.is_floating_point() else
                  torch.randint(0, int(x.max()) + 1, tuple(x.shape), generator=gen) for x in inputs)
 
 
@@ -254,7 +279,8 @@ def int8_feeds(onnx_path: Path, args: argparse.Namespace, inputs: Inputs) -> lis
 
     session = ort.InferenceSession(str(onnx_path), ort_session_options(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return [{name: b[0].numpy()} for b in batches[: args.calibration_samples]]
+    return [{name: (b[0].float() if b[0].is_floating_point() else b[0]).numpy()}  # float32, as the ONNX file
+            for b in batches[: args.calibration_samples]]
 
 
 def output_energy(out: Any, _target: Any) -> torch.Tensor:

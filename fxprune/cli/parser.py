@@ -9,9 +9,12 @@ from typing import NoReturn
 __all__ = ["build_parser"]
 
 MODEL_HELP = (
-    "the model: models_zoo:NAME, torchvision:NAME, timm:NAME, ultralytics:FILE.yaml (needs ultralytics), "
-    "path/to/file.py:ClassName (called without arguments) or a file saved with torch.save(model) "
-    "(unpickling runs code from the file: refused unless --trust-pickle). Weights are random unless --checkpoint."
+    "the model, one of: models_zoo:NAME (the bundled test zoo); torchvision:NAME; timm:NAME; "
+    "ultralytics:FILE.yaml (needs ultralytics); hf:FOLDER (a Hugging Face folder written by save_pretrained, read "
+    "from disk only: its weights, or random init from its config.json; no remote code runs); "
+    "path/to/file.py:NAME (a class or factory in the file, called without arguments); or a file saved with "
+    "torch.save(model) (unpickling runs code from the file: refused unless --trust-pickle). Weights are random "
+    "unless the source holds them or --checkpoint is given; nothing is downloaded."
 )
 
 EPILOG = """examples:
@@ -20,7 +23,8 @@ EPILOG = """examples:
   fxprune analyze timm:convnext_tiny
   fxprune bench models_zoo:resnet18 --ratio 0.5 --runs 20
 
-Errors print one line on stderr and exit with status 2 (--debug shows the traceback).
+Errors print one line on stderr and exit with status 2 (--debug shows the traceback); with --strict, a request
+that was not honoured exits with status 3.
 """
 
 
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder; reload with from_pretrained")
     o.add_argument("--save-plan", metavar="PATH.json", help="save the pruning plan (replay with fxprune.apply)")
     o.add_argument("--no-verify", action="store_true", help="skip the mask-equivalence oracle")
+    o.add_argument("--strict", action="store_true",
+                   help="exit with status 3, writing nothing, when a request was not honoured (nothing pruned, "
+                        "no attention head removed, the hidden size kept); without it these are warnings")
     q = c.add_argument_group("int8 quantisation (onnxruntime; needs --onnx)")
     q.add_argument("--quantize", choices=["int8", "int8-dynamic"],
                    help="int8: static, calibrated activations (CNNs); int8-dynamic: weights only (Linear-heavy)")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import ArgumentError, FxPruneError
 
 if TYPE_CHECKING:  # torch is imported when a command runs, so that `fxprune --help` stays fast
     import torch.nn as nn
@@ -62,17 +62,17 @@ def load_detection_model(path: str | Path) -> nn.Module:
 
 def run_finetune_yolo(args: argparse.Namespace) -> int:
     """Train the pruned checkpoint ``args.checkpoint`` on ``args.data`` and print where the weights went."""
+    data = dataset_argument(args.data)
     try:
         from ultralytics import YOLO
     except ImportError as e:
         raise FxPruneError("finetune-yolo needs Ultralytics: pip install 'fxprune[yolo]'") from e
-    if not Path(args.data).is_file():
-        raise FxPruneError(f"--data {args.data}: no such dataset yaml")
     model = load_detection_model(args.checkpoint)
     params = sum(p.numel() for p in model.parameters())
-    _check_classes(model, args.data)
+    if Path(data).is_file():
+        _check_classes(model, data)
     yolo = YOLO(str(args.checkpoint))
-    yolo.train(data=args.data, trainer=pruned_trainer(model), epochs=args.epochs, imgsz=args.imgsz,
+    yolo.train(data=data, trainer=pruned_trainer(model), epochs=args.epochs, imgsz=args.imgsz,
                batch=args.batch, device=args.device, workers=args.workers, project=str(Path(args.project).resolve()),
                name=args.name, exist_ok=True, plots=False, amp=args.device != "cpu", verbose=args.verbose)
     weights = Path(args.project).resolve() / args.name / "weights"
@@ -84,6 +84,29 @@ def run_finetune_yolo(args: argparse.Namespace) -> int:
     if args.export:
         print(f"exported: {YOLO(str(best)).export(format=args.export, imgsz=args.imgsz)}")
     return 0
+
+
+def dataset_argument(data: str) -> str:
+    """``--data`` as Ultralytics should get it: a local dataset yaml, or a bare dataset name such as
+    ``coco8.yaml`` (no folder in it), which Ultralytics resolves itself (its bundled configs, downloading the
+    images on first use).
+
+    Raises:
+        ArgumentError: a path with a folder (or a name not ending in .yaml/.yml) that is not a local file.
+    """
+    path = Path(data)
+    if path.is_file():
+        return data
+    if path.is_dir():
+        raise ArgumentError(f"--data {data} is a folder; give the dataset's .yaml file")
+    bare = "/" not in data and "\\" not in data
+    if bare and data.endswith((".yaml", ".yml")):
+        return data  # Ultralytics' own dataset name (coco8.yaml, coco128.yaml, ...)
+    if not bare:
+        raise ArgumentError(f"--data {data}: no such dataset yaml (folder {path.parent} has no such file); give "
+                            "a local dataset .yaml or an Ultralytics dataset name such as coco8.yaml")
+    raise ArgumentError(f"--data {data}: no such file; give a dataset .yaml (a local file, or an Ultralytics "
+                        "dataset name such as coco8.yaml)")
 
 
 def _check_classes(model: nn.Module, data: str) -> None:
