@@ -31,6 +31,7 @@ import fxprune
 from fxprune.metrics import count_params
 from fxprune.outputs import tensors_of
 from fxprune.passes.importance import random_importance
+from fxprune.state import kept_buffers
 from fxprune.testing.netgen import random_spec
 from fxprune.testing.netspec import InvalidNet, NetSpec, Step, build, to_source
 from fxprune.testing.trust_ops import STATE_REFUSAL
@@ -122,6 +123,16 @@ def check_case(
     _expect(state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state),
             "prune changed the caller's model (parameters or buffers)")
     _expect(result.oracle is not None, "verify=True gave no oracle report")
+    with kept_buffers(model, result.model):  # the checks' calls leave no state behind (a forward's counter)
+        _check_result(model, inputs, result, onnx_path, dynamic_batch)
+    if replay:  # from the state both models were handed back with
+        with kept_buffers(model, result.model):
+            _check_replay(model, inputs, result)
+    return result
+
+
+def _check_result(model: nn.Module, inputs: tuple[torch.Tensor, ...], result: fxprune.PruneResult,
+                  onnx_path: str | None, dynamic_batch: bool) -> None:
     with torch.no_grad():
         ref, got = model(*inputs), result.model(*inputs)
     _expect(_structure(ref) == _structure(got), f"output structure changed: {_structure(ref)} -> {_structure(got)}")
@@ -157,13 +168,10 @@ def check_case(
         _expect(_structure(got) == _structure(ref), "in train mode the pruned model's outputs differ in structure")
     except fxprune.TrainModeError:
         _expect(bool(getattr(train, "_fxprune_train_differs", "")), "TrainModeError from a model without the guard")
-    if replay:
-        _check_replay(model, inputs, result)
     if onnx_path is not None:
         from fxprune.passes.export import export_onnx
 
         export_onnx(result.model, inputs, onnx_path, dynamic_batch=dynamic_batch)
-    return result
 
 
 def _check_replay(model: nn.Module, inputs: tuple[torch.Tensor, ...], result: fxprune.PruneResult) -> None:

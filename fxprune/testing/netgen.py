@@ -297,7 +297,7 @@ def propose_trust_op(d: _Draft) -> list[Step]:
     if x is None:
         return []
     op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split", "tied_opaque"])
-    if random.Random(hash(r.getstate())).random() < 0.1:  # its own draw: r's stream is the same as before
+    if random.Random(str(r.getstate()[1][:8])).random() < 0.1:  # its own draw: r's stream stays as it was
         op = "state"
     attrs: dict[str, object] = {}
     if op == "state":
