@@ -103,3 +103,23 @@ def test_batches_of_other_shapes_with_the_cache_off(output: str) -> None:
         expected = _eager_choice(model, batches, 32)
         for i, layer in enumerate(act.model.model.layers):
             assert _kept_rows(model.model.layers[i].mlp.up_proj, layer.mlp.up_proj) == expected[i]
+
+
+def test_cli_data_decides_every_layer(tmp_path) -> None:
+    """``fxprune compile hf:FOLDER --importance activation --data FILE``: the batches read from the file
+    (bytes taken modulo the small vocabulary) decide the kept channels of every layer."""
+    from fxprune.cli import main
+    from fxprune.data import load_batches
+
+    model = _llama(True)
+    folder, out, text = tmp_path / "llama", tmp_path / "small", tmp_path / "calib.txt"
+    model.save_pretrained(folder)
+    text.write_text("def f(x):\n    return [x * i for i in range(10)]  # calibration text\n" * 8)
+    code = main(["compile", f"hf:{folder}", "--ratio", "0.5", "--importance", "activation", "--data", str(text),
+                 "--save-pretrained", str(out), "--runs", "0"])
+    assert code == 0
+    batches = [b[0] for b in load_batches(text, ((1, 32),), vocabulary=96)]
+    expected = _eager_choice(model, batches, 32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    for i, layer in enumerate(back.model.layers):
+        assert _kept_rows(model.model.layers[i].mlp.up_proj, layer.mlp.up_proj) == expected[i]

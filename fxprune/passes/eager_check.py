@@ -244,8 +244,8 @@ def structure(out: Any) -> Any:
     else (a cache object, None, a number). Two outputs a caller can use the same way have equal structures."""
     if isinstance(out, torch.Tensor):
         return "tensor"
-    if isinstance(out, dict):
-        return {k: structure(v) for k, v in out.items()}
+    if isinstance(out, dict):  # a None field is an absent one (a ModelOutput drops it; fx's dict keeps it)
+        return {k: structure(v) for k, v in out.items() if v is not None}
     if isinstance(out, (list, tuple)):
         return [structure(v) for v in out]
     return type(out).__name__
