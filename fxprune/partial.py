@@ -302,7 +302,8 @@ def share_configs(result: nn.Module, original: nn.Module) -> None:
     A part compiled on its own holds a private copy of the shared Hugging Face config, taken while the
     key/value cache was switched off for recording (``no_kv_cache``); left apart, the pruned model's inner
     model would return no cache while its root's config says ``use_cache=True``. Widths are written into
-    the shared config afterwards (``hf_config.sync_config`` on the whole model)."""
+    the shared config afterwards (``hf_config.sync_config`` on the whole model). What a part's compile wrote
+    into its copy (Phi-3's forward reads its head counts from the config at run time) is carried over."""
     mine = dict(result.named_modules())
     first: dict[int, Any] = {}
     for name, m in original.named_modules():
@@ -312,4 +313,10 @@ def share_configs(result: nn.Module, original: nn.Module) -> None:
         if id(config) not in first:
             first[id(config)] = twin.config
         elif twin.config is not first[id(config)]:
+            for key, value in vars(twin.config).items():
+                if key != "use_cache" and not _same(value, vars(config).get(key, _MISSING)):
+                    setattr(first[id(config)], key, value)
             twin.config = first[id(config)]
+
+
+_MISSING = object()

@@ -154,8 +154,9 @@ class PruningPlan:
         if not isinstance(data["groups"], list):
             raise TypeError(f"'groups' must be a list, got {type(data['groups']).__name__}")
         for g in data["groups"]:
+            raw = g["kept"]
             size = _integer(g["size"], "group size", low=0)
-            kept.append(_indices(g["kept"], f"kept channels of group {g.get('id')!r}", size))
+            kept.append(_indices(raw, f"kept channels of group {g.get('id')!r}", size))
             groups.append(ChannelGroup(
                 id=_integer(g["id"], "group id", low=0), size=size, producers=tuple(g["producers"]),
                 members=tuple(g["members"]), n_pinned=_integer(g["n_pinned"], "n_pinned", low=0),

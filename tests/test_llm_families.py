@@ -110,10 +110,11 @@ _XFAIL: dict[tuple[str, bool], tuple[type[Exception], str]] = {
         "and attention_head_size as hidden_size // num_attention_heads", what="32 of 64 wide")
         + "; nor for the pooler (BertPooler.dense is Linear(hidden_size, hidden_size), pruned to 32)")
         for h in (False, True)},
-    **{("bert_mlm", h): (AssertionError, _DERIVED.format(
+    # With whole heads, BertForMaskedLM traces as one graph (its buffers are traced: position and token-type
+    # ids), so its hidden size follows the heads (2 heads x 16 of a 32-wide model): the config describes it.
+    ("bert_mlm", False): (AssertionError, _DERIVED.format(
         config="BertConfig", where="BertSelfAttention builds query/key/value as Linear(hidden_size, hidden_size) "
-        "and attention_head_size as hidden_size // num_attention_heads", what="32 of 64 wide"))
-        for h in (False, True)},
+        "and attention_head_size as hidden_size // num_attention_heads", what="32 of 64 wide")),
     ("vit", False): (AssertionError, (
         "ViT traces whole, so its hidden size is pruned with the heads' width (64 -> 32, each of 4 heads 16 -> 8); "
         "ViTAttention computes scaling = head_dim ** -0.5 when it is built: a model built from a config with "

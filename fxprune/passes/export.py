@@ -15,6 +15,7 @@ are always given: legacy export of a GraphModule with dynamic axes fails without
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -170,6 +171,20 @@ def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
     return simplified
 
 
+def _float32_for_export(model: nn.Module, args: tuple[Any, ...]) -> tuple[nn.Module, tuple[Any, ...]]:
+    """A float32 copy of a bfloat16/float16 model and its inputs (onnxruntime's CPU kernels lack half
+    precision for many ops: its check would fail); other models as they are. Said as a warning."""
+    half = (torch.bfloat16, torch.float16)
+    dtype = next((t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    if dtype not in half:
+        return model, args
+    logger.warning("fxprune: the ONNX file holds a float32 copy of the %s model (onnxruntime's CPU kernels lack %s "
+                "for many ops); cast the exported model back if your runtime supports it",
+                str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    cast = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in half else t, args)
+    return copy.deepcopy(model).float(), cast
+
+
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *, opset: int = 18,
                 simplify: bool | str = True, check: bool = True, dynamic_batch: bool = True, n_check_inputs: int = 3,
                 rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, exporter: str = "auto") -> ExportReport:
@@ -209,6 +224,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
         raise ExportError("example_inputs must be a non-empty tuple of tensors (or of lists of tensors)")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
+    model, args = _float32_for_export(model, args)
     target = Path(path)
     try:
         with eval_mode(model), torch.no_grad():

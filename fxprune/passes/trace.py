@@ -309,9 +309,13 @@ def _restore(saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -> N
         if mod.__dict__.keys() != state.keys() or any(mod.__dict__[k] is not v for k, v in state.items()):
             mod.__dict__.clear()
             mod.__dict__.update(state)
-        if mod._buffers.keys() != buffers.keys() or any(mod._buffers[k] is not v for k, v in buffers.items()):
-            mod._buffers.clear()
-            mod._buffers.update(buffers)
+        if isinstance(mod, torch.jit.ScriptModule):
+            continue  # its buffers live in the script object: its own forward never ran in Python
+        for k in [k for k in mod._buffers if k not in buffers]:
+            del mod._buffers[k]
+        for k, v in buffers.items():
+            if mod._buffers.get(k) is not v:
+                mod._buffers[k] = v
 
 
 def _needs_specialising(e: Exception) -> bool:
