@@ -41,6 +41,7 @@ from fxprune.passes.onnx_check import (
     make_check_inputs,
     ort_session_options,
 )
+from fxprune.state import kept_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     model, args = _float32_for_export(model, args)
     target = Path(path)
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), kept_buffers(model):  # the file holds the state as it is
             raw_outputs = model(*args)
     except Exception as e:
         raise ExportError(f"model does not run on example_inputs: {type(e).__name__}: {e}") from e
@@ -243,7 +244,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        proto, used, bytes_before = _run_exporters(exporter, model, args, stage, opset, names, large)
+        with kept_buffers(model):  # an exporter's own runs leave a forward's state as it was
+            proto, used, bytes_before = _run_exporters(exporter, model, args, stage, opset, names, large)
         nodes_before = _count_nodes(proto.graph)
         if simplify and not large:
             proto = _simplify(proto, "onnxsim" if simplify is True else str(simplify))

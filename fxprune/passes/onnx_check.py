@@ -18,6 +18,7 @@ from torch import nn
 
 from fxprune.errors import ExportError
 from fxprune.metrics import eval_mode
+from fxprune.state import kept_buffers
 
 __all__ = ["ORT_LOG_SEVERITY", "check_onnx", "flatten_outputs", "input_tensors", "make_check_inputs",
            "ort_session_options"]
@@ -162,7 +163,8 @@ def check_onnx(path: str | os.PathLike[str], model: nn.Module, inputs_list: Sequ
                     raise ExportError(f"ONNX model takes inputs {onnx_inputs}, got {len(flat)} tensors")
                 source = dict(zip(onnx_inputs, flat, strict=True))
             feed = {name: source[name].detach().cpu().numpy() for name in onnx_inputs}
-            expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
+            with kept_buffers(model):  # each check from the exported state (the file holds no update)
+                expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
             try:
                 actual = session.run(None, feed)
             except Exception as e:

@@ -297,8 +297,9 @@ def propose_trust_op(d: _Draft) -> list[Step]:
     if x is None:
         return []
     op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split", "tied_opaque"])
-    if random.Random(str(r.getstate()[1][:8])).random() < 0.1:  # its own draw: r's stream stays as it was
-        op = "state"
+    extra = random.Random(str(r.getstate()[1][:8]))  # its own draw: r's stream stays as it was
+    if extra.random() < 0.15:
+        op = extra.choice(["state", "state", "func_module"])
     attrs: dict[str, object] = {}
     if op == "state":
         attrs = {"kind": r.choice(["ema", "count", "copy"])}

@@ -10,6 +10,8 @@
   must stay whole, since the opaque forward reads it whole;
 - ``state``: a buffer updated in forward from zero (an average, a counter, a copy), read into the output;
   a graph that loses the update is refused by the eager check, one that keeps it must stay exact over calls;
+- ``func_module``: a stateless module object called like a function, not a submodule (transformers' hub
+  kernels), traced inline;
 - ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
   in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
@@ -157,8 +159,25 @@ def emit_state(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: xs[0]}, init, [update, f"{st.name} = {x} + {buf}.view(1, {c}, 1, 1)"]
 
 
+class _FunctionModule(nn.Module):
+    """A stateless module object that stands for a function and is no model's submodule: transformers >= 5.25
+    wraps ``apply_rotary_pos_emb`` so when ``kernels`` is installed (fx refused to call it: not installed as a
+    submodule)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+QUICK_GELU = _FunctionModule()
+
+
+def emit_func_module(st: Any, xs: list[Shape]) -> Emitted:
+    """``QUICK_GELU(x)``: a call of the module-level ``_FunctionModule`` (traced inline, channels pass)."""
+    return {st.name: xs[0]}, [], [f"{st.name} = QUICK_GELU({st.ins[0]})"]
+
+
 STATE_REFUSAL = "the forward updates"  # the eager check's words for a lost state update (passes/eager_check)
 
-TRUST_EMITTERS = {"state": emit_state, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
+TRUST_EMITTERS = {"state": emit_state, "func_module": emit_func_module, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
                   "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split,
                   "tied_opaque": emit_tied_opaque}
