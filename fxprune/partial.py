@@ -312,6 +312,8 @@ def share_configs(result: nn.Module, original: nn.Module) -> None:
             continue
         if id(config) not in first:
             first[id(config)] = twin.config
+            if hasattr(config, "use_cache") and twin.config is not config:  # switched off for recording only
+                twin.config.use_cache = config.use_cache
         elif twin.config is not first[id(config)]:
             for key, value in vars(twin.config).items():
                 if key != "use_cache" and not _same(value, vars(config).get(key, _MISSING)):
