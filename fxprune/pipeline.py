@@ -133,8 +133,8 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
-                               [*options.ignore, *options.leaves], only=child,  # a leaf inside stays whole calibration=options.calibration_batches(),
-                               importance=options.importance)
+                               [*options.ignore, *options.leaves],  # a leaf the user named stays whole
+                               only=child, calibration=options.calibration_batches(), importance=options.importance)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0)
