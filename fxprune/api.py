@@ -49,6 +49,7 @@ def prune(
     output: str = "graph",
     partial: bool = True,
     hidden: float | None = None,
+    reconstruct: bool = False,
 ) -> PruneResult:
     """Prune ``model`` and return the smaller model with its plan, counts and proof.
 
@@ -84,6 +85,10 @@ def prune(
             every projection reading or writing it, ``lm_head``) removed, 0 <= hidden < 1, with one channel
             selection, before ``ratio`` prunes heads and MLPs; None (default) keeps it. The Hugging Face
             config follows (docs/hidden-size.md).
+        reconstruct: refit the kept input columns (and the bias, where there is one) of every linear
+            consumer of removed channels by least squares on ``calibration`` (required), so each layer
+            computes on the batches what it did before pruning; proven by the oracle like the rest
+            (``PruneResult.reconstruction`` has each layer's calibration error before and after).
 
     Returns:
         A ``PruneResult``: ``model``, ``plan``, parameter and MAC counts before and after, the oracle's
@@ -100,7 +105,7 @@ def prune(
         calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
         target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to,
         min_channels=min_channels, prune_heads=prune_heads, leaves=tuple(leaves), verify=verify, onnx=onnx,
-        onnx_opset=onnx_opset, output=output, partial=partial, hidden=hidden,
+        onnx_opset=onnx_opset, output=output, partial=partial, hidden=hidden, reconstruct=reconstruct,
     )
     heads = honoured.snapshot(model)
     result = run(model, options)
@@ -130,6 +135,7 @@ def compile(  # noqa: A001 - the public name users expect
     output: str = "graph",
     partial: bool = True,
     hidden: float | None = None,
+    reconstruct: bool = False,
 ) -> nn.Module:
     """Return a physically smaller, dense copy of ``model`` with ``ratio`` of each coupled group's channels
     removed: ``prune(...).model``. The arguments are ``prune``'s.
@@ -142,7 +148,7 @@ def compile(  # noqa: A001 - the public name users expect
                  calibration=calibration, global_ranking=global_ranking, target_macs=target_macs,
                  target_params=target_params, ratios=ratios, group_ratios=group_ratios, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
                  leaves=leaves, verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output,
-                 partial=partial, hidden=hidden).model
+                 partial=partial, hidden=hidden, reconstruct=reconstruct).model
 
 
 def apply(

@@ -49,6 +49,7 @@ class Options:
     output: str = "graph"
     partial: bool = True
     hidden: float | None = None
+    reconstruct: bool = False
     pinned: tuple[tuple[str, int, str], ...] = ()  # internal: parameter dims kept whole (the hidden size's)
 
     @property
@@ -79,7 +80,10 @@ class Options:
             example = (example,) if isinstance(example, torch.Tensor) else example
             calibration = checked_batches(calibration, tuple(example) if isinstance(example, (list, tuple)) else None)
         criterion = resolve(self.importance, calibration)  # an unknown name, or one without its data, fails here
-        if calibration is not None and not getattr(criterion, "needs_activations", False):
+        if self.reconstruct and calibration is None:
+            raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches of "
+                                "model inputs>")
+        if calibration is not None and not getattr(criterion, "needs_activations", False) and not self.reconstruct:
             log.warning("fxprune: calibration= is not used by importance=%r; pass importance='activation' to "
                         "choose channels by what the batches carry", getattr(criterion, "__name__", self.importance))
         if isinstance(self.ignore, (str, type)) or isinstance(self.leaves, str):
@@ -106,6 +110,7 @@ class Options:
         """The calibration batches as tuples of model inputs: ``calibration``, or those of an
         ``Activations`` criterion; None when the importance needs none."""
         batches = getattr(self.importance, "batches", None) if self.calibration is None else self.calibration
-        if batches is None or not getattr(resolve(self.importance, self.calibration), "needs_activations", False):
+        wanted = self.reconstruct or getattr(resolve(self.importance, self.calibration), "needs_activations", False)
+        if batches is None or not wanted:
             return None
         return [b if isinstance(b, tuple) else (b,) for b in batches]

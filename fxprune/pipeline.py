@@ -39,6 +39,7 @@ from fxprune.partial import CompilePart, PartReport, compile_parts, settle_parts
 from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.importance import resolve, score_groups
+from fxprune.passes.reconstruct import reconstruct
 from fxprune.passes.select import Policy, select_channels
 from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError, repeats_of
@@ -105,6 +106,8 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration), eager)  # b.
         cost = CostModel(a.gm, a.deps, params_before)
         plan = _select(a, options, scores, cost)  # c. which channels stay
+        fits = reconstruct(a.gm, a.deps, plan, options.calibration_batches() or (), eager) if options.reconstruct \
+            else ()  # c'. the kept weights refitted on the calibration batches, before the rewrite proves them
         # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
         # write-back may name modules whose own forward cannot take the plan (an attribute, another tensor):
         # they are kept whole, and c-d run again on an untouched fork of the same trace (``stages.fork``)
@@ -129,7 +132,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         gc.collect()  # the failed attempt's graphs (cycles) and slices, before the next rewrite
     plan = replace(plan, kept_whole=kept_whole)
     parts: list[PartReport] = []
-    compile_part, part_plans = _part_compiler(options)
+    compile_part, part_plans, part_fits = _part_compiler(options)
     for name in opaque:  # e. opaque leaves have pinned inputs and outputs: their insides are separate
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
@@ -137,7 +140,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
                                only=child, calibration=options.calibration_batches(), importance=options.importance)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
-                           done.macs_after, done.oracle, 0.0)
+                           done.macs_after, done.oracle, 0.0, reconstruction=fits)
     settle_parts(done.model, model)
     if options.output == "module":  # the parts changed widths after the graph's config sync
         sync_config(done.model, a.inputs)
@@ -151,7 +154,8 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         _export(done.model, a.inputs, options.onnx, options.onnx_opset)
     plan = replace(plan, pieces=_pieces(parts, part_plans), parts=tuple(part_plans.items()))
     return PruneResult(done.model, plan, done.modified or changed, params_before, params_after, macs_before,
-                       macs_after, done.oracle, 0.0, tuple(parts))
+                       macs_after, done.oracle, 0.0, tuple(parts),
+                       reconstruction=(*fits, *(f for r in part_fits.values() for f in r)))
 
 
 def _select(a: Prepared, options: Options, scores: list[Any], cost: CostModel) -> PruningPlan:
@@ -198,7 +202,7 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     check_forward_runs(root, model, inputs)  # a forward that raises: ShapeError, naming it
     params_before = count_params(model)
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
-    compile_part, part_plans = _part_compiler(options)
+    compile_part, part_plans, part_fits = _part_compiler(options)
     parts = compile_parts(root, root, "", inputs, compile_part, [*options.ignore, *options.leaves],
                           calibration=options.calibration_batches(), importance=options.importance)
     settle_parts(root, model)
@@ -214,7 +218,8 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
                         parts=tuple(part_plans.items()), specialize=options.output == "module")  # no fingerprint:
     # the root was not traced (``replay`` goes straight to the parts)
     return PruneResult(root, empty, modified, params_before, count_params(root), macs_before,
-                       count_macs(root, inputs), None, 0.0, tuple(parts))
+                       count_macs(root, inputs), None, 0.0, tuple(parts),
+                       reconstruction=tuple(f for r in part_fits.values() for f in r))
 
 
 def _pieces(parts: list[PartReport], plans: dict[str, PruningPlan]) -> tuple[str, ...]:
@@ -224,26 +229,31 @@ def _pieces(parts: list[PartReport], plans: dict[str, PruningPlan]) -> tuple[str
     return (*own, *(f"{name}: {piece}" for name, plan in plans.items() for piece in plan.pieces))
 
 
-def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan]]:
+def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan], dict[str, tuple[Any, ...]]]:
     """How ``compile_parts`` prunes one part: this pipeline's step 1 on the part, as the user's own classes;
-    and the plan of every part it compiles, by the part's name (filled as it goes)."""
+    the plan of every part it compiles and its reconstruction, by the part's name (filled as it goes)."""
     part = options.part_options()
-    activation = options.calibration_batches() is not None
+    data = options.calibration_batches() is not None
+    activation = data and getattr(resolve(options.importance, options.calibration), "needs_activations", False)
     plans: dict[str, PruningPlan] = {}
+    fits: dict[str, tuple[Any, ...]] = {}
 
     def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
                      calibration: list[tuple[Any, ...]] | None, importance: Any, name: str) -> PruneResult:
         own = replace(part, example_inputs=inputs, ignore=tuple(ignore))
-        if activation:  # activation-aware: measured on what arrives at this part, not at the root
-            own = replace(own, importance="activation", calibration=calibration or [inputs])
+        if data:  # measured (and refitted) on what arrives at this part, not at the root
+            own = replace(own, calibration=calibration or [inputs])
+        if activation:
+            own = replace(own, importance="activation")
         if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it
             own = replace(own, importance=importance)
         result = run(module, own)
         if name:
             plans[name] = result.plan
+            fits[name] = result.reconstruction
         return result
 
-    return compile_part, plans
+    return compile_part, plans, fits
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int) -> None:

@@ -75,6 +75,8 @@ class PruneResult:
         seconds: wall time of analysis and rewrite.
         parts: submodules pruned piecewise (inside opaque modules, or all of them when the root forward
             cannot be traced), each with its own counts and oracle verdict.
+        reconstruction: with ``reconstruct=True``, one ``fxprune.passes.reconstruct.LayerFit`` per refitted
+            layer (its calibration error before and after), parts included.
         unhonoured: requests that ended up doing nothing (nothing pruned, no head removed), one sentence
             each; also logged as warnings (``fxprune.honoured``).
     """
@@ -90,3 +92,4 @@ class PruneResult:
     seconds: float
     parts: tuple[PartReport, ...] = ()
     unhonoured: tuple[str, ...] = ()
+    reconstruction: tuple[Any, ...] = ()

@@ -1,0 +1,96 @@
+"""``reconstruct=True``: least-squares refit of the consumers of removed channels, proven by the oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+
+
+def _error(model: nn.Module, pruned: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        want = model(x)
+        return float((pruned(x) - want).norm() / want.norm())
+
+
+CAL = [torch.randn(64, 16, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+HELD_OUT = torch.randn(512, 16, generator=torch.Generator().manual_seed(99))
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_refit_is_the_least_squares_solution_and_is_proven(output: str) -> None:
+    model = _mlp()
+    plain = fxprune.prune(model, 0.5, example_inputs=(CAL[0][:2],), importance="activation", calibration=CAL)
+    r = fxprune.prune(model, 0.5, example_inputs=(CAL[0][:2],), importance="activation", calibration=CAL,
+                      reconstruct=True, verify=True, output=output)
+    assert r.oracle.applicable and r.oracle.passed
+    assert plain.plan.kept == r.plan.kept  # the same channels; only the kept weights change
+    (fit,) = r.reconstruction
+    assert fit.name == "2" and fit.kept == 32 and fit.bias and fit.error_after < fit.error_before
+    assert _error(model, r.model, HELD_OUT) < 0.7 * _error(model, plain.model, HELD_OUT)
+    # The same solution computed independently, in numpy, on the eager model's own activations.
+    with torch.no_grad():
+        x = torch.cat([torch.relu(model[0](b)) for b in CAL]).double().numpy()
+    kept = sorted(_kept_columns(model[2].weight, r.model))
+    xk = np.concatenate([x[:, kept], np.ones((len(x), 1))], 1)
+    target = x @ model[2].weight.detach().double().numpy().T + model[2].bias.detach().double().numpy()
+    h = xk.T @ xk
+    solution = np.linalg.solve(h + 0.01 * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
+    got = r.model.state_dict()
+    np.testing.assert_allclose(got["2.weight"].double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["2.bias"].double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def _kept_columns(original: torch.Tensor, pruned: nn.Module) -> list[int]:
+    """The hidden channels kept: the rows of the first layer that survive."""
+    rows = {tuple(r.tolist()): j for j, r in enumerate(_mlp()[0].weight.detach())}
+    return [rows[tuple(r.tolist())] for r in pruned.state_dict()["0.weight"]]
+
+
+def test_a_1x1_conv_consumer_is_refitted() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    cal = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    plain = fxprune.prune(net, 0.5, example_inputs=(cal[0][:1],), importance="activation", calibration=cal)
+    r = fxprune.prune(net, 0.5, example_inputs=(cal[0][:1],), importance="activation", calibration=cal,
+                      reconstruct=True, verify=True)
+    assert r.oracle.passed and [f.name for f in r.reconstruction] == ["2"]
+    x = torch.randn(8, 3, 8, 8)
+    assert _error(net, r.model, x) < _error(net, plain.model, x)
+
+
+def test_reconstruct_needs_calibration() -> None:
+    with pytest.raises(fxprune.ArgumentError, match="calibration"):
+        fxprune.prune(_mlp(), 0.5, example_inputs=(CAL[0][:2],), reconstruct=True)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_a_llama_pruned_part_by_part_is_refitted_in_every_layer() -> None:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    cal = [torch.randint(0, 96, (4, 16), generator=g) for _ in range(4)]
+    kwargs = dict(example_inputs=(cal[0][:1],), importance="activation", calibration=cal, output="module")
+    plain = fxprune.prune(model, 0.5, **kwargs)
+    r = fxprune.prune(model, 0.5, reconstruct=True, verify=True, **kwargs)
+    assert all(p.oracle in ("passed", "") for p in r.parts)
+    names = {f.name.rsplit(".", 2)[-2] + "." + f.name.rsplit(".", 1)[-1] for f in r.reconstruction}
+    assert names == {"mlp.down_proj"} and len(r.reconstruction) == 2
+    assert all(f.error_after < f.error_before and not f.bias for f in r.reconstruction)
+    ids = torch.randint(0, 96, (4, 16), generator=g)
+    with torch.no_grad():
+        want = model(ids).logits
+        err = [float((m(ids).logits - want).norm() / want.norm()) for m in (plain.model, r.model)]
+    assert err[1] < err[0]
