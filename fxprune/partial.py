@@ -26,6 +26,7 @@ from fxprune.errors import FxPruneError, TraceError
 from fxprune.importance_taylor import PartGradients, WholeModelGradients
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.ties import retie
+from fxprune.state import kept_buffers
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def compile_parts(
     calibration: list[tuple[Any, ...]] | None = None,
     importance: Any = None,
     experts_too: bool = True,
+    sequential: bool = False,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
 
@@ -205,7 +207,9 @@ def compile_parts(
     gradients of its own parameters (``compile_fn``'s fifth argument; None for other criteria). A fused
     mixture-of-experts module (``fxprune.experts.layout``) is never traced: each of its experts is pruned by
     ``fxprune.experts`` to the count ``compile_fn``'s policy keeps of a plain MLP, and proven by its own oracle
-    (``experts_too=False``: left to ``compile_fn``, as a replay does).
+    (``experts_too=False``: left to ``compile_fn``, as a replay does). With ``sequential``, each part's
+    calibration inputs are recorded just before it is compiled, from the root with the parts before it already
+    pruned (what reconstruction fits on: the pruned upstream, as SlimGPT does), not once up front.
     """
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
@@ -215,6 +219,9 @@ def compile_parts(
     def part_calibration(name: str, bound: _Bound) -> list[tuple[Any, ...]] | None:
         if calibration is None:
             return None
+        if sequential:  # what the parts pruned so far give this one
+            with kept_buffers(root):
+                calibration_calls[:] = [record_calls(root, scope, batch) for batch in calibration]
         got = [bound.tensors(c[name]) for c in calibration_calls if name in c and bound.fits(c[name])]
         if len(got) < len(calibration_calls):  # the user's data is not all used: said by default
             log.warning("fxprune: part %s: only %d of %d calibration batches call it with the example's "

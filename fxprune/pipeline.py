@@ -137,7 +137,8 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         parent, _, child = name.rpartition(".")  # the opaque module itself is tried whole first
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
                                [*options.ignore, *options.leaves],  # a leaf the user named stays whole
-                               only=child, calibration=options.calibration_batches(), importance=options.importance)
+                               only=child, calibration=options.calibration_batches(), importance=options.importance,
+                               sequential=options.reconstruct)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0, reconstruction=fits)
@@ -204,7 +205,8 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     macs_before = count_macs(root, inputs)  # count_macs runs a copy of the copy: nothing of the caller's
     compile_part, part_plans, part_fits = _part_compiler(options)
     parts = compile_parts(root, root, "", inputs, compile_part, [*options.ignore, *options.leaves],
-                          calibration=options.calibration_batches(), importance=options.importance)
+                          calibration=options.calibration_batches(), importance=options.importance,
+                          sequential=options.reconstruct)
     settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
     modified = any(p.params_after < p.params_before for p in parts)

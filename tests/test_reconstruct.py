@@ -94,3 +94,26 @@ def test_a_llama_pruned_part_by_part_is_refitted_in_every_layer() -> None:
         want = model(ids).logits
         err = [float((m(ids).logits - want).norm() / want.norm()) for m in (plain.model, r.model)]
     assert err[1] < err[0]
+
+
+def test_cli_reconstruct_on_a_folder(tmp_path) -> None:
+    from fxprune.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("for i in range(10):\n    print(i * i)\n" * 16)
+    args = ["compile", f"hf:{tmp_path / 'llama'}", "--ratio", "0.5", "--importance", "activation", "--data",
+            str(text), "--runs", "0", "--save-pretrained", str(tmp_path / "out")]
+    assert main([*args, "--reconstruct"]) == 0
+    refit = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    args[-1] = str(tmp_path / "plain")
+    assert main(args) == 0
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert torch.equal(refit.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)  # the same channels
+    for a, b in zip(refit.model.layers, plain.model.layers, strict=True):  # (later layers see a pruned upstream)
+        assert a.mlp.down_proj.weight.shape == b.mlp.down_proj.weight.shape
+        assert not torch.allclose(a.mlp.down_proj.weight, b.mlp.down_proj.weight)  # the consumer refitted
+    assert main(["compile", f"hf:{tmp_path / 'llama'}", "--reconstruct", "--runs", "0"]) != 0  # no --data

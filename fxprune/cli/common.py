@@ -179,6 +179,12 @@ def prune_with_args(model: nn.Module, inputs: Inputs, args: argparse.Namespace, 
                               "prune_heads": args.prune_heads, "min_channels": args.min_channels,
                               "leaves": tuple(args.leaf), "ratios": module_ratios(args.module_ratio) or None,
                               "hidden": args.hidden}
+    if getattr(args, "reconstruct", False):  # the refit needs the layers' real inputs
+        batches = data_batches(args, inputs)[:32]
+        if not batches:
+            raise ArgumentError("--reconstruct refits the kept weights on real inputs: pass --data (a folder of "
+                                "images, a .npy/.pt tensor file, or a text file for a language model)")
+        kwargs.update(calibration=batches, reconstruct=True)
     # Ultralytics' own DetectionModel, which YOLO(path) and `yolo train` load; a Hugging Face model stays its
     # own class, with its config, so that save_pretrained and from_pretrained work
     if is_ultralytics(args) or str(args.model).startswith("hf:") or getattr(args, "save_pretrained", None):

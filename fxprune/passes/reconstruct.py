@@ -11,9 +11,13 @@ with ``K`` the kept inputs (and the ones row when there is a bias), ``damp`` 1% 
 diagonal (as GPTQ damps). The refit changes the private copy's weights before the rewrite, so the mask oracle
 proves ``pruned == refitted original with the removed channels zeroed``: exactness is kept.
 
-The statistics are the unpruned model's inputs to each layer (not yet the already-pruned upstream of a
-sequential pass), accumulated in float64 a few layers at a time so that the ``H`` matrices held at once stay
-under ``H_BUDGET_BYTES``. A layer whose refit would not lower its calibration error is left as it was.
+Sequential, as SlimGPT and GPTQ are: layers are fitted in graph order, each on what the already pruned and
+refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far zeroed).
+A graph specialised to the example's shapes cannot run batches of other shapes: then every layer is fitted
+on the unpruned model's inputs (the eager copy runs them), a few layers per run so that the float64 ``H``
+matrices held at once stay under ``H_BUDGET_BYTES``. A layer whose refit would not lower its calibration
+error is left as it was. Across the parts of a model pruned part by part, each part is fitted on what the
+parts pruned before it give it (``partial.compile_parts``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.nn as nn
 from fxprune.errors import ArgumentError
 from fxprune.passes.dependency import DependencyResult, canonical_names
 from fxprune.passes.rewrite import kept_indices
+from fxprune.passes.verify import MaskedInterpreter, zero_masks
 from fxprune.plan import PruningPlan
 from fxprune.state import kept_buffers
 
@@ -183,8 +188,48 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
     """
     if not batches:
         raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches>")
-    model = gm if runner is None else runner
     layers = consumers(gm, deps, plan)
+    fits = _sequential(gm, deps, plan, layers, batches) if runner is None else _at_once(runner, layers, batches)
+    for f in fits:
+        log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
+                 f.inputs, ", bias compensated" if f.bias else "", f.error_before, f.error_after)
+    return tuple(fits)
+
+
+def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
+                layers: list[tuple[str, nn.Module, np.ndarray]], batches: Sequence[tuple[Any, ...]]) -> list[LayerFit]:
+    """Layers in graph order, each fitted on what the pruned, refitted upstream gives it: the graph runs with
+    the removed channels of every layer already fitted set to zero (``MaskedInterpreter``), while the
+    layer's own removed inputs are still there (they are what its refit makes up for)."""
+    sol = deps.solution
+    dropped = plan.dropped_mask(sol.n_classes)
+    committed = np.zeros_like(dropped)
+    order = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    names = canonical_names(gm)
+    fits: list[LayerFit] = []
+    for name, m, cols in sorted(layers, key=lambda layer: order.get(layer[0], len(order))):
+        if name not in order:  # traced through, not called as a module: no hook sees its input
+            log.info("fxprune: %s is not one call in the graph: not reconstructed", name)
+            continue
+        zero = zero_masks(deps, dropped & committed)
+
+        def run(zero: dict[str, list[tuple[int, torch.Tensor]]] = zero) -> None:
+            with torch.no_grad(), kept_buffers(gm):
+                for inputs in batches:
+                    MaskedInterpreter(gm, zero).run(*inputs)
+
+        stats = _statistics([(name, m, cols)], run)
+        if name in stats:
+            fits.append(_refit(name, m, cols, stats.pop(name)))
+        space = (f"param:{names[id(m.weight)]}", 0 if _kind(m) == "conv1d" else 1)
+        committed[sol.space_labels(space)] = True
+    return fits
+
+
+def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],
+             batches: Sequence[tuple[Any, ...]]) -> list[LayerFit]:
+    """Every layer fitted on the unpruned model's inputs to it, a few layers per run of the batches (the
+    eager copy runs them: the graph is specialised to the example's shapes)."""
     fits: list[LayerFit] = []
 
     def run() -> None:
@@ -203,7 +248,4 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
                 if name in stats:
                     fits.append(_refit(name, m, cols, stats.pop(name)))
             chunk, size = [], 0
-    for f in fits:
-        log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
-                 f.inputs, ", bias compensated" if f.bias else "", f.error_before, f.error_after)
-    return tuple(fits)
+    return fits

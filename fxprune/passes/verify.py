@@ -71,7 +71,25 @@ class OracleReport:
     passed: bool
 
 
-class _MaskedInterpreter(fx.Interpreter):
+def zero_masks(deps: DependencyResult, dropped: np.ndarray) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """``value -> [(dim, indices)]``: where the classes ``dropped`` (a mask over class labels) appear in the
+    graph's values (parameters excluded), for a ``MaskedInterpreter``."""
+    sol = deps.solution
+    zero: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for space in sol.offsets:
+        value, dim = space
+        if value.startswith("param:"):
+            continue
+        idx = np.nonzero(dropped[sol.space_labels(space)])[0]
+        if len(idx):
+            zero.setdefault(value, []).append((dim, torch.as_tensor(idx, dtype=torch.long)))
+    return zero
+
+
+class MaskedInterpreter(fx.Interpreter):
+    """Runs a graph with the channels ``zero`` names set to zero right after the node that makes them (and
+    norms over pruned channels normalising over the kept ones): the pruned model, at the original widths."""
+
     def __init__(self, gm: fx.GraphModule, zero: dict[str, list[tuple[int, torch.Tensor]]]) -> None:
         super().__init__(gm)
         self.zero = zero
@@ -198,19 +216,12 @@ def mask_oracle(
     for space, reason in deps.couplings.inexact.items():
         if dropped[sol.space_labels(space)].any():
             return OracleReport(False, reason, float("nan"), False)
-    zero: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for space in sol.offsets:
-        value, dim = space
-        if value.startswith("param:"):
-            continue
-        idx = np.nonzero(dropped[sol.space_labels(space)])[0]
-        if len(idx):
-            zero.setdefault(value, []).append((dim, torch.as_tensor(idx, dtype=torch.long)))
+    zero = zero_masks(deps, dropped)
     ref_model = copy.deepcopy(original).double().eval()
     new_model = copy.deepcopy(pruned).double().eval()
     inputs = _double(example_inputs)
     with torch.no_grad():
-        ref = tensors_of(_MaskedInterpreter(ref_model, zero).run(*inputs))
+        ref = tensors_of(MaskedInterpreter(ref_model, zero).run(*inputs))
         got = tensors_of(new_model(*inputs))
     if len(ref) != len(got):
         raise InvariantError(f"pruned model returns {len(got)} tensors, the original {len(ref)}")
@@ -240,5 +251,5 @@ def _random(ref_model: nn.Module, zero: dict[str, list[tuple[int, torch.Tensor]]
     """Whether the masked reference gives other outputs on a second run with another random seed."""
     with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(ref_model):
         torch.manual_seed(torch.initial_seed() + 7919)
-        again = tensors_of(_MaskedInterpreter(ref_model, zero).run(*inputs))
+        again = tensors_of(MaskedInterpreter(ref_model, zero).run(*inputs))
     return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again, strict=True))
