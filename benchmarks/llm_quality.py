@@ -176,12 +176,17 @@ def n_params(model: nn.Module) -> int:
 
 def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool, calib: list[Batch],
                   args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """fxprune at ``ratio``; returns the pruned LlamaForCausalLM and the oracle's verdict."""
+    """fxprune at ``ratio``; returns the pruned LlamaForCausalLM and the oracle's verdict. A criterion ending in
+    ``+rc`` also refits the kept weights on the calibration batches (``reconstruct=True``)."""
+    refit = criterion.endswith("+rc")
+    criterion = criterion.removesuffix("+rc")
     kwargs: dict[str, Any] = {"importance": criterion}
     if criterion == "taylor":
         kwargs["importance"] = fxprune.Taylor(calib, lm_loss)
-    elif criterion == "activation":
+    if criterion == "activation" or refit:
         kwargs["calibration"] = [x for x, _ in calib]
+    if refit:
+        kwargs["reconstruct"] = True
     r = fxprune.prune(model, ratio, example_inputs=(calib[0][0][:2],), output="module", verify=args.verify,
                       prune_heads=heads, **kwargs)
     if r.oracle is not None:
@@ -284,7 +289,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seq + 1 bytes")
     p.add_argument("--ratios", default="0.3,0.5")
-    p.add_argument("--criteria", default="l2,taylor,activation")
+    p.add_argument("--criteria", default="l2,taylor,activation,l2+rc,activation+rc",
+                   help="comma-separated; +rc: reconstruct=True on the calibration batches")
     p.add_argument("--head-policies", default="0,1", help="prune_heads values to run (0, 1 or both)")
     p.add_argument("--calib-batches", type=int, default=4, help="Taylor / activation batches of 8 windows")
     p.add_argument("--ft-steps", type=int, default=100, help="KD fine-tune steps per row (0: none)")

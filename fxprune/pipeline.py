@@ -106,8 +106,8 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration), eager)  # b.
         cost = CostModel(a.gm, a.deps, params_before)
         plan = _select(a, options, scores, cost)  # c. which channels stay
-        fits = reconstruct(a.gm, a.deps, plan, options.calibration_batches() or (), eager) if options.reconstruct \
-            else ()  # c'. the kept weights refitted on the calibration batches, before the rewrite proves them
+        fits = reconstruct(a.gm, a.deps, plan, options.calibration_batches() or (), eager, a.inputs) \
+            if options.reconstruct else ()  # c'. the kept weights refitted on the calibration batches, before the rewrite proves them
         # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
         # write-back may name modules whose own forward cannot take the plan (an attribute, another tensor):
         # they are kept whole, and c-d run again on an untouched fork of the same trace (``stages.fork``)

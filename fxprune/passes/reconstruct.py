@@ -173,7 +173,7 @@ def _refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor) -> LayerF
 
 
 def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, batches: Sequence[tuple[Any, ...]],
-                runner: nn.Module | None = None) -> tuple[LayerFit, ...]:
+                runner: nn.Module | None = None, example: tuple[Any, ...] | None = None) -> tuple[LayerFit, ...]:
     """Refit every consumer of removed channels of ``gm`` (a private copy) on ``batches``, in place.
 
     Args:
@@ -182,6 +182,8 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
         batches: calibration batches (tuples of model inputs).
         runner: what runs the batches (default ``gm``): the eager private copy whose modules ``gm`` shares,
             when the graph is specialised to the example's shapes.
+        example: the example inputs the graph was traced on: batches that differ from them only in a batch
+            size that is a multiple of theirs are cut into example-shaped pieces, which the graph runs.
 
     Raises:
         ArgumentError: no calibration batches.
@@ -189,11 +191,28 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
     if not batches:
         raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches>")
     layers = consumers(gm, deps, plan)
-    fits = _sequential(gm, deps, plan, layers, batches) if runner is None else _at_once(runner, layers, batches)
+    pieces = batches if runner is None else _example_shaped(batches, example)
+    fits = _sequential(gm, deps, plan, layers, pieces) if pieces is not None else _at_once(runner, layers, batches)
     for f in fits:
         log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
                  f.inputs, ", bias compensated" if f.bias else "", f.error_before, f.error_after)
     return tuple(fits)
+
+
+def _example_shaped(batches: Sequence[tuple[Any, ...]], example: tuple[Any, ...] | None) -> list[tuple[Any, ...]] | None:
+    """``batches`` cut along dim 0 into pieces of the example's shapes; None when some batch cannot be."""
+    if not example or not all(isinstance(x, torch.Tensor) and x.dim() for x in example):
+        return None
+    n = example[0].shape[0]
+    out: list[tuple[Any, ...]] = []
+    for batch in batches:
+        if len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
+            return None
+        if any(t.shape[1:] != x.shape[1:] or t.shape[0] % n or t.shape[0] // n != batch[0].shape[0] // n
+               for t, x in zip(batch, example, strict=True)):
+            return None
+        out += [tuple(t[i:i + n] for t in batch) for i in range(0, batch[0].shape[0], n)]
+    return out
 
 
 def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
