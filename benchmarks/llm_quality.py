@@ -267,6 +267,46 @@ def workflow_check(model: nn.Module, calib: list[Batch], windows: torch.Tensor) 
     print(f"  generate (greedy, 40 bytes; KV cache on == off: {same}): {text!r}")
 
 
+def block_influence(model: nn.Module, calib: list[Batch]) -> list[float]:
+    """ShortGPT's block influence per decoder layer: 1 - mean cosine(input, output) over the calibration tokens."""
+    scores: dict[int, list[float]] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def record(_m: nn.Module, args: tuple, kwargs: dict, out: Any, i: int = i) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            scores.setdefault(i, []).append(float(1 - F.cosine_similarity(x, y, dim=-1).mean()))
+        hooks.append(layer.register_forward_hook(record, with_kwargs=True))
+    with torch.no_grad():
+        for x, _ in calib:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return [sum(v) / len(v) for _, v in sorted(scores.items())]
+
+
+def depth_rows(model: nn.Module, calib: list[Batch], windows: torch.Tensor) -> list[str]:
+    """One block removed: held-out perplexity of every choice, and which one each method picks."""
+    ppl = []
+    for i in range(len(model.model.layers)):
+        other = copy.deepcopy(model)
+        other.model.layers = nn.ModuleList(layer for j, layer in enumerate(other.model.layers) if j != i)
+        ppl.append(perplexity(other, windows))
+    bi = block_influence(model, calib)
+    t0 = time.perf_counter()
+    r = fxprune.prune_depth(model, 1, calibration=[x for x, _ in calib])
+    secs = time.perf_counter() - t0
+    base = perplexity(model, windows)
+    lines = ["| block removed | held-out ppl | change | block influence (ShortGPT) | calibration loss (fxprune) |",
+             "|---|---|---|---|---|"]
+    losses = dict(r.steps[0])
+    for i, p in enumerate(ppl):
+        lines.append(f"| {i} | {p:.3f} | {100 * (p / base - 1):+.0f}% | {bi[i]:.4f} | {losses[i]:.4f} |")
+    lines.append(f"\nblock influence removes block {min(range(len(bi)), key=bi.__getitem__)}, fxprune.prune_depth "
+                 f"removes block {r.removed[0]} ({secs:.1f}s), the best is block {min(range(len(ppl)), key=ppl.__getitem__)}")
+    return lines
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -302,6 +342,7 @@ def main() -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip fxprune's oracle")
     p.add_argument("--no-torch-pruning", dest="torch_pruning", action="store_false")
     p.add_argument("--no-workflow", dest="workflow", action="store_false", help="skip the save/load/generate check")
+    p.add_argument("--no-depth", dest="depth", action="store_false", help="skip the one-block depth table")
     p.add_argument("--checkpoint", help="load the trained model's state_dict from here if present, else save it")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -374,6 +415,10 @@ def main() -> None:
         ft_step_s.append(distill(student, model, ft_batches, args))
         rows[i][7] = f"{perplexity(student, windows):.3f}"
         print(f"KD {' | '.join(rows[i][:4])}: ppl {rows[i][6]} -> {rows[i][7]}", flush=True)
+
+    if args.depth:
+        print("\n### Depth: one of the decoder layers removed\n")
+        print("\n".join(depth_rows(model, calib, windows)), flush=True)
 
     if args.workflow:
         print("\nworkflow check (fxprune l2, whole heads, 0.5):")

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("EpochMetrics", "IterativeResult", "IterativeStep", "finetune", "iterative",
                      "recalibrate_batchnorm"), "fxprune.recovery"),
     **dict.fromkeys(("SensitivityResult", "sensitivity"), "fxprune.sensitivity_analysis"),
+    **dict.fromkeys(("DepthResult", "prune_depth"), "fxprune.depth"),
     "export_onnx": "fxprune.passes.export",
 }
 _SUBMODULES = ("recovery", "sparsity")
@@ -33,6 +34,7 @@ __all__ = [
     "Analysis",
     "ArgumentError",
     "ChannelGroup",
+    "DepthResult",
     "EpochMetrics",
     "ExportError",
     "FxPruneError",
@@ -58,6 +60,7 @@ __all__ = [
     "finetune",
     "iterative",
     "prune",
+    "prune_depth",
     "recalibrate_batchnorm",
     "recovery",
     "sensitivity",
@@ -83,6 +86,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # the names as static analysis sees them
     from fxprune import recovery, sparsity
     from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
+    from fxprune.depth import DepthResult, prune_depth
     from fxprune.errors import (
         ArgumentError,
         ExportError,
