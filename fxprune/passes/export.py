@@ -189,6 +189,20 @@ def _float32_for_export(model: nn.Module, args: tuple[Any, ...]) -> tuple[nn.Mod
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *, opset: int = 18,
                 simplify: bool | str = True, check: bool = True, dynamic_batch: bool = True, n_check_inputs: int = 3,
                 rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, exporter: str = "auto") -> ExportReport:
+    """Export ``model`` to a single, simplified ONNX file verified against PyTorch (``_export_onnx`` has the
+    details: arguments, returns, errors). A Hugging Face model's key/value cache is switched off meanwhile
+    (config ``use_cache``): a cache object is state, not an ONNX output."""
+    from fxprune.partial import no_kv_cache
+
+    with no_kv_cache(model):
+        return _export_onnx(model, example_inputs, path, opset=opset, simplify=simplify, check=check,
+                            dynamic_batch=dynamic_batch, n_check_inputs=n_check_inputs, rtol=rtol, atol=atol,
+                            seed=seed, exporter=exporter)
+
+
+def _export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *, opset: int = 18,
+                simplify: bool | str = True, check: bool = True, dynamic_batch: bool = True, n_check_inputs: int = 3,
+                rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, exporter: str = "auto") -> ExportReport:
     """Export ``model`` to a single, simplified ONNX file verified against PyTorch.
 
     The model is exported in eval mode and left unmodified (training flags restored). Models whose
