@@ -82,3 +82,17 @@ def test_a_fraction_and_a_named_block_list() -> None:
     assert len(r.removed) == 1
     with pytest.raises(fxprune.ArgumentError, match="nn.ModuleList"):
         fxprune.prune_depth(_llama(), 1, calibration=BATCHES, blocks="model.norm")
+
+
+def test_cli_depth_then_width(tmp_path: Path) -> None:
+    from fxprune.cli import main
+
+    _llama().save_pretrained(tmp_path / "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("while True:\n    x = x + 1\n" * 20)
+    code = main(["compile", f"hf:{tmp_path / 'llama'}", "--depth", "1", "--ratio", "0.25", "--data", str(text),
+                 "--runs", "0", "--save-pretrained", str(tmp_path / "out")])
+    assert code == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.num_hidden_layers == 3 and back.config.intermediate_size == 48
+    assert main(["compile", f"hf:{tmp_path / 'llama'}", "--depth", "1", "--runs", "0"]) != 0  # no --data

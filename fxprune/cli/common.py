@@ -190,6 +190,14 @@ def prune_with_args(model: nn.Module, inputs: Inputs, args: argparse.Namespace, 
     if is_ultralytics(args) or str(args.model).startswith("hf:") or getattr(args, "save_pretrained", None):
         kwargs["output"] = "module"
     ratio = args.ratio if args.ratio is not None else 0.5
+    if getattr(args, "depth", None):  # whole blocks first (by calibration loss), then the widths of the rest
+        batches = data_batches(args, inputs)[:32]
+        if not batches:
+            raise ArgumentError("--depth chooses the blocks to remove by the loss on real inputs: pass --data")
+        depth = fxprune.prune_depth(model, args.depth, calibration=[b[0] if len(b) == 1 else b for b in batches])
+        print(f"depth: removed blocks {', '.join(map(str, depth.removed))} of {depth.blocks} (calibration loss "
+              f"{depth.loss_before:.4g} -> {depth.loss_after:.4g})")
+        model = depth.model
     return fxprune.prune(model, ratio, **kwargs)
 
 

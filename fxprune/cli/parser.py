@@ -94,6 +94,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "embeddings, every norm and projection, lm_head), e.g. 0.25")
     g.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of thinning every head")
+    g.add_argument("--depth", type=float, metavar="N",
+                   help="language models: first remove N whole blocks (decoder layers; a fraction < 1: that share "
+                        "of them), chosen by the loss on --data (fxprune.prune_depth)")
     g.add_argument("--reconstruct", action="store_true",
                    help="refit the kept weights of every layer that loses inputs by least squares on --data "
                         "(bias compensation where there is a bias); proven by the oracle like the rest")
