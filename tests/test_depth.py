@@ -40,7 +40,7 @@ def _loss(model: torch.nn.Module) -> float:
 
 def _without(model: torch.nn.Module, removed: list[int]) -> torch.nn.Module:
     other = copy.deepcopy(model)
-    other.model.layers = torch.nn.ModuleList(l for i, l in enumerate(other.model.layers) if i not in removed)
+    other.model.layers = torch.nn.ModuleList(b for i, b in enumerate(other.model.layers) if i not in removed)
     return other
 
 
