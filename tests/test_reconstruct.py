@@ -67,6 +67,25 @@ def test_a_1x1_conv_consumer_is_refitted() -> None:
     assert _error(net, r.model, x) < _error(net, plain.model, x)
 
 
+def test_a_refit_the_reference_does_not_see_fails_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refit must happen before the oracle's reference is taken: one that reaches only the pruned model
+    (here 1% on the refitted layer, after the rewrite) is an InvariantError, not a result."""
+    import fxprune.stages as stages
+
+    real = stages.generated
+
+    def spoiled(gm: torch.nn.Module) -> torch.nn.Module:
+        gm = real(gm)
+        with torch.no_grad():
+            gm.get_submodule("2").weight.mul_(1.01)
+        return gm
+
+    monkeypatch.setattr(stages, "generated", spoiled)
+    with pytest.raises(fxprune.InvariantError, match="mask oracle"):
+        fxprune.prune(_mlp(), 0.5, example_inputs=(CAL[0][:2],), importance="activation", calibration=CAL,
+                      reconstruct=True, verify=True)
+
+
 def test_reconstruct_needs_calibration() -> None:
     with pytest.raises(fxprune.ArgumentError, match="calibration"):
         fxprune.prune(_mlp(), 0.5, example_inputs=(CAL[0][:2],), reconstruct=True)

@@ -48,6 +48,7 @@ class Run:
     importance: str  # "random" (random_importance(seed)) or "l2"
     ratio: float
     onnx: bool = False
+    reconstruct: bool = False  # refit the consumers on two seeded calibration batches (reconstruct=True)
 
     def scorer(self, seed: int) -> Any:
         return random_importance(seed) if self.importance == "random" else self.importance
@@ -81,10 +82,12 @@ class CaseResult:
 
 
 def case_runs(seed: int, onnx_every: int = 20) -> tuple[Run, Run]:
-    """The two prunes of case ``seed`` (ratios drawn from the seed; ONNX on one case in ``onnx_every``)."""
+    """The two prunes of case ``seed`` (ratios drawn from the seed; ONNX on one case in ``onnx_every``; the L2
+    run reconstructs on one case in four)."""
     r = random.Random(seed * 1_000_003 + 17)
     onnx = onnx_every > 0 and seed % onnx_every == 0
-    return Run("random", round(r.uniform(0.1, 0.9), 3), onnx), Run("l2", round(r.uniform(0.1, 0.9), 3))
+    return (Run("random", round(r.uniform(0.1, 0.9), 3), onnx),
+            Run("l2", round(r.uniform(0.1, 0.9), 3), reconstruct=seed % 4 == 1))
 
 
 def _structure(out: Any) -> Any:
@@ -104,7 +107,7 @@ def _expect(ok: bool, what: str) -> None:
 
 def check_case(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: float, importance: Any, *,
-    onnx_path: str | None = None, dynamic_batch: bool = True, replay: bool = False,
+    onnx_path: str | None = None, dynamic_batch: bool = True, replay: bool = False, reconstruct: bool = False,
 ) -> fxprune.PruneResult:
     """Prune ``model`` with ``verify=True`` and assert the fuzz invariants.
 
@@ -117,7 +120,12 @@ def check_case(
     """
     state = {k: v.clone() for k, v in model.state_dict().items()}
     text, training = repr(model), model.training
-    result = fxprune.prune(model, ratio, example_inputs=inputs, importance=importance, verify=True)
+    extra: dict[str, Any] = {}
+    if reconstruct:  # the refit must stay exact: the oracle proves pruned == refitted model with zeros
+        gen = torch.Generator().manual_seed(len(inputs))
+        extra = {"reconstruct": True, "calibration": [tuple(torch.randn(x.shape, generator=gen) for x in inputs)
+                                                      for _ in range(2)]}
+    result = fxprune.prune(model, ratio, example_inputs=inputs, importance=importance, verify=True, **extra)
     after = model.state_dict()
     _expect(repr(model) == text and model.training == training, "prune changed the caller's model (attributes)")
     _expect(state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state),
@@ -211,7 +219,8 @@ def run_spec(spec: NetSpec, run: Run) -> fxprune.PruneResult:
         stateful = any(st.op == "state" for st in spec.steps)  # ONNX holds no state update: not exported
         path = str(Path(tmp) / "m.onnx") if run.onnx and not stateful else None
         return check_case(model, inputs, run.ratio, run.scorer(spec.seed), onnx_path=path,
-                          dynamic_batch=not spec.literal_batch, replay=spec.seed % 4 == 0)
+                          dynamic_batch=not spec.literal_batch, replay=spec.seed % 4 == 0,
+                          reconstruct=run.reconstruct)
 
 
 def _original_exports(spec: NetSpec) -> bool:
