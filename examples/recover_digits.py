@@ -1,8 +1,8 @@
 """Recovery on real data: train a small CNN on scikit-learn's digits, prune it, and fine-tune it back.
 
 1. Train a conv-bn-relu CNN (32-64-128 channels) from scratch on the 8x8 digits (``--size`` upsamples).
-2. Prune 50% of the channels with ``fxprune.prune``; measure accuracy right after the cut and after
-   re-estimating BatchNorm statistics (no training).
+2. Prune 50% of the channels with ``fxprune.prune``; measure accuracy right after the cut, after
+   re-estimating BatchNorm statistics, and with the kept weights refitted on 256 images (no training).
 3. Fine-tune two copies with the same budget: plain cross-entropy, and distillation from the unpruned model.
 4. Prune to 70%: one cut vs three cuts (``fxprune.recovery.iterative``), same total fine-tuning epochs.
 
@@ -128,6 +128,13 @@ def main() -> None:
     recal = copy.deepcopy(result.model)
     recalibrate_batchnorm(recal, loader(), batches=10)
     recal_acc = acc(recal.eval())
+    # No training either: the same channels, the kept weights refitted by least squares on 256 training images
+    # (reconstruct=True; the oracle proves the refitted model, removed channels zeroed, equals the pruned one).
+    images = train_set.tensors[0][:256]
+    calibration = [images[i:i + 64] for i in range(0, len(images), 64)]
+    refit = fxprune.prune(model, 0.5, example_inputs=example, verify=True, calibration=calibration,
+                          reconstruct=True)
+    refit_acc = acc(refit.model.eval())
 
     # 3. Same budget, two losses. A teacher makes the student match the unpruned model's soft outputs.
     ft_lr = 0.01
@@ -169,6 +176,7 @@ def main() -> None:
         (f"unpruned (trained from scratch, {args.train_epochs} ep)", "unpruned", base_acc),
         ("pruned 0.5, right after the cut", "pruned 0.5", cut_acc),
         ("pruned 0.5 + BatchNorm recalibration only (10 batches)", "pruned 0.5", recal_acc),
+        ("pruned 0.5 + reconstruction only (reconstruct=True, 256 images)", "pruned 0.5", refit_acc),
         (f"pruned 0.5 + plain fine-tune ({args.ft_epochs} ep)", "pruned 0.5", runs["plain"][-1].metric),
         (f"pruned 0.5 + KD fine-tune ({args.ft_epochs} ep)", "pruned 0.5", runs["kd"][-1].metric),
         (f"pruned 0.7 one-shot + KD ({args.iter_epochs} ep)", "one-shot 0.7", one_shot.history[-1].metric),
@@ -194,7 +202,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     plot(args.out, base_acc, cut_acc, recal_acc, runs, curves, one_shot, three, args.iter_epochs // steps)
     with open(os.path.join(args.out, "recover_digits.json"), "w") as f:
-        json.dump(dict(base_acc=base_acc, cut_acc=cut_acc, recal_acc=recal_acc, costs=costs, seconds=seconds,
+        json.dump(dict(base_acc=base_acc, cut_acc=cut_acc, recal_acc=recal_acc, refit_acc=refit_acc, costs=costs,
+                       seconds=seconds,
                        train=[h.metric for h in train_hist],
                        finetune={k: [h.__dict__ for h in v] for k, v in runs.items()},
                        one_shot=[h.__dict__ for h in one_shot.history],

@@ -136,3 +136,19 @@ def test_cli_reconstruct_on_a_folder(tmp_path) -> None:
         assert a.mlp.down_proj.weight.shape == b.mlp.down_proj.weight.shape
         assert not torch.allclose(a.mlp.down_proj.weight, b.mlp.down_proj.weight)  # the consumer refitted
     assert main(["compile", f"hf:{tmp_path / 'llama'}", "--reconstruct", "--runs", "0"]) != 0  # no --data
+
+
+@pytest.mark.parametrize("padding", [1, "same", 0])
+def test_a_3x3_conv_consumer_is_refitted_through_its_patches(padding: object) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=padding),
+                        nn.BatchNorm2d(8)).eval()
+    cal = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    plain = fxprune.prune(net, 0.5, example_inputs=(cal[0][:1],), importance="activation", calibration=cal)
+    r = fxprune.prune(net, 0.5, example_inputs=(cal[0][:1],), importance="activation", calibration=cal,
+                      reconstruct=True, verify=True)
+    assert r.oracle.passed
+    (fit,) = r.reconstruction
+    assert (fit.name, fit.kept, fit.inputs, fit.bias) == ("2", 8, 16, True) and fit.error_after < fit.error_before
+    x = torch.randn(16, 3, 8, 8)
+    assert _error(net, r.model, x) < _error(net, plain.model, x)

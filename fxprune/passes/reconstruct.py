@@ -1,7 +1,8 @@
 """Least-squares reconstruction of the consumers of removed channels (``reconstruct=True``).
 
 Once the plan says which channels go, every linear consumer of removed channels (``nn.Linear``, Hugging Face's
-``Conv1D`` and 1x1 ``nn.Conv2d``) gets its kept input columns refitted so that, on the calibration batches, it
+``Conv1D`` and ungrouped ``nn.Conv2d``, whose input is read as its unfolded patches) gets its kept input
+columns refitted so that, on the calibration batches, it
 computes what it computed with every column (the channel-pruning reconstruction of He et al. 2017 and
 ThiNet; FLAP's bias compensation where the layer has a bias):
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxprune.errors import ArgumentError
 from fxprune.passes.dependency import DependencyResult, canonical_names
@@ -72,10 +74,28 @@ def _kind(m: nn.Module) -> str | None:
         return "linear"
     if type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor):
         return "conv1d"  # Hugging Face GPT-2: y = x @ W + b, W of shape (in, out)
-    if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1)
-            and m.padding in ((0, 0), "valid")):
-        return "conv1x1"
+    if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and _padding(m) is not None:
+        return "conv"  # a linear map of its unfolded input: (C * kh * kw) columns
     return None
+
+
+def _padding(m: nn.Conv2d) -> tuple[int, int] | None:
+    """The conv's padding as two ints (None: a 'same' padding that is not symmetric)."""
+    if m.padding == "valid":
+        return (0, 0)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+    return tuple(m.padding)  # type: ignore[return-value]
+
+
+def _columns(m: nn.Module, cols: np.ndarray) -> np.ndarray:
+    """The weight columns (of ``_weight``) that read input channels ``cols``: a conv reads each channel in
+    ``kh * kw`` columns."""
+    if _kind(m) != "conv":
+        return cols
+    area = m.kernel_size[0] * m.kernel_size[1]
+    return (cols[:, None] * area + np.arange(area)).reshape(-1)
 
 
 def consumers(gm: nn.Module, deps: DependencyResult, plan: PruningPlan) -> list[tuple[str, nn.Module, np.ndarray]]:
@@ -102,9 +122,10 @@ def consumers(gm: nn.Module, deps: DependencyResult, plan: PruningPlan) -> list[
 
 
 def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as (samples, channels) in float64."""
-    if _kind(m) == "conv1x1":
-        x = x.movedim(1, -1)
+    """The layer's input as (samples, columns) in float64 (a conv's: every patch it reads, unfolded)."""
+    if _kind(m) == "conv":
+        patches = F.unfold(x.detach().double(), m.kernel_size, m.dilation, _padding(m), m.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     return x.detach().reshape(-1, x.shape[-1]).double()
 
 
@@ -112,12 +133,12 @@ def _weight(m: nn.Module) -> torch.Tensor:
     """The layer's weight as (out, in) in float64."""
     w = m.weight.detach().double()
     kind = _kind(m)
-    return w.t() if kind == "conv1d" else w[:, :, 0, 0] if kind == "conv1x1" else w
+    return w.t() if kind == "conv1d" else w.reshape(w.shape[0], -1) if kind == "conv" else w
 
 
 def _set_weight(m: nn.Module, w: torch.Tensor) -> None:
     kind = _kind(m)
-    value = w.t() if kind == "conv1d" else w[:, :, None, None] if kind == "conv1x1" else w
+    value = w.t() if kind == "conv1d" else w.reshape(m.weight.shape) if kind == "conv" else w
     with torch.no_grad():
         m.weight.copy_(value.to(m.weight.dtype))
 
@@ -145,10 +166,11 @@ def _statistics(layers: Sequence[tuple[str, nn.Module, np.ndarray]], run: Callab
 
 def _refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor) -> LayerFit:
     w = _weight(m)
-    n_in = w.shape[1]
+    n_in, columns = w.shape[1], _columns(m, cols)
     bias = getattr(m, "bias", None) is not None
     full = torch.cat([w, m.bias.detach().double()[:, None]], 1) if bias else w  # type: ignore[union-attr]
-    keep = torch.as_tensor(np.append(cols, n_in) if bias else cols, dtype=torch.long)
+    keep = torch.as_tensor(np.append(columns, n_in) if bias else columns, dtype=torch.long)
+    channels = n_in if _kind(m) != "conv" else m.in_channels
     hk = h[keep][:, keep]
     damp = DAMP * float(hk.diagonal().mean()) + 1e-12
     fitted = torch.linalg.solve(hk + damp * torch.eye(len(keep), dtype=h.dtype), (full @ h[:, keep]).t()).t()
@@ -162,14 +184,14 @@ def _refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor) -> LayerF
 
     before, after = error(full[:, keep]), error(fitted)
     if not after < before or not torch.isfinite(fitted).all():
-        return LayerFit(name, len(cols), n_in, before, before, False)
+        return LayerFit(name, len(cols), channels, before, before, False)
     new_w = w.clone()
-    new_w[:, torch.as_tensor(cols, dtype=torch.long)] = fitted[:, : len(cols)]
+    new_w[:, torch.as_tensor(columns, dtype=torch.long)] = fitted[:, : len(columns)]
     _set_weight(m, new_w)
     if bias:
         with torch.no_grad():
             m.bias.copy_(fitted[:, -1].to(m.bias.dtype))  # type: ignore[union-attr]
-    return LayerFit(name, len(cols), n_in, before, after, bias)
+    return LayerFit(name, len(cols), channels, before, after, bias)
 
 
 def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, batches: Sequence[tuple[Any, ...]],
@@ -260,7 +282,8 @@ def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],
     size = 0
     for i, layer in enumerate(layers):
         chunk.append(layer)
-        size += 8 * (layer[1].weight.shape[0 if _kind(layer[1]) == "conv1d" else 1] + 1) ** 2
+        m = layer[1]
+        size += 8 * ((m.weight.shape[0] if _kind(m) == "conv1d" else m.weight[0].numel()) + 1) ** 2
         if size >= H_BUDGET_BYTES or i == len(layers) - 1:
             stats = _statistics(chunk, run)
             for name, m, cols in chunk:
