@@ -12,9 +12,11 @@ exporter, not of fxprune); any other exception is a failure.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import random
 import re
 import tempfile
@@ -51,7 +53,7 @@ class Run:
     reconstruct: bool = False  # refit the consumers on two seeded calibration batches (reconstruct=True)
 
     def scorer(self, seed: int) -> Any:
-        return random_importance(seed) if self.importance == "random" else self.importance
+        return random_importance(seed) if self.importance == "random" else self.importance  # "l2", "activation"
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,9 @@ def case_runs(seed: int, onnx_every: int = 20) -> tuple[Run, Run]:
     run reconstructs on one case in four)."""
     r = random.Random(seed * 1_000_003 + 17)
     onnx = onnx_every > 0 and seed % onnx_every == 0
+    second = "activation" if seed % 4 == 2 else "l2"  # activation-aware on calibration batches, one case in 4
     return (Run("random", round(r.uniform(0.1, 0.9), 3), onnx),
-            Run("l2", round(r.uniform(0.1, 0.9), 3), reconstruct=seed % 4 == 1))
+            Run(second, round(r.uniform(0.1, 0.9), 3), reconstruct=seed % 4 == 1))
 
 
 def _structure(out: Any) -> Any:
@@ -121,11 +124,16 @@ def check_case(
     state = {k: v.clone() for k, v in model.state_dict().items()}
     text, training = repr(model), model.training
     extra: dict[str, Any] = {}
-    if reconstruct:  # the refit must stay exact: the oracle proves pruned == refitted model with zeros
+    if reconstruct or importance == "activation":  # batches of another size when the model allows it
         gen = torch.Generator().manual_seed(len(inputs))
-        extra = {"reconstruct": True, "calibration": [tuple(torch.randn(x.shape, generator=gen) for x in inputs)
-                                                      for _ in range(2)]}
-    result = fxprune.prune(model, ratio, example_inputs=inputs, importance=importance, verify=True, **extra)
+        n = 0 if not dynamic_batch else 1
+        extra["calibration"] = [tuple(torch.randn((x.shape[0] + n, *x.shape[1:]), generator=gen) for x in inputs)
+                                for _ in range(2)]
+    if reconstruct:  # the refit must stay exact: the oracle proves pruned == refitted model with zeros
+        extra["reconstruct"] = True
+    with _dropped_batches() as dropped:
+        result = fxprune.prune(model, ratio, example_inputs=inputs, importance=importance, verify=True, **extra)
+    _expect(not dropped, f"calibration batches did not reach a part: {dropped[:1]}")
     after = model.state_dict()
     _expect(repr(model) == text and model.training == training, "prune changed the caller's model (attributes)")
     _expect(state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state),
@@ -180,6 +188,24 @@ def _check_result(model: nn.Module, inputs: tuple[torch.Tensor, ...], result: fx
         from fxprune.passes.export import export_onnx
 
         export_onnx(result.model, inputs, onnx_path, dynamic_batch=dynamic_batch)
+
+
+@contextlib.contextmanager
+def _dropped_batches() -> Iterator[list[str]]:
+    """The warnings ``compile_parts`` gives for a part that could not use every calibration batch."""
+    found: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "calibration batches" in record.getMessage():
+                found.append(record.getMessage())
+
+    handler, logger = Catch(), logging.getLogger("fxprune.partial")
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
 
 
 def _check_replay(model: nn.Module, inputs: tuple[torch.Tensor, ...], result: fxprune.PruneResult) -> None:

@@ -361,10 +361,10 @@ def to_source(spec: NetSpec, class_name: str = "Net") -> str:
 
 def load_class(source: str, class_name: str = "Net") -> type[nn.Module]:
     """Execute module source made by ``to_source`` and return the class."""
-    from fxprune.testing.trust_ops import QUICK_GELU, OpaqueConv
+    from fxprune.testing.trust_ops import QUICK_GELU, OpaqueConv, OpaqueMLP
 
     namespace: dict[str, Any] = {"__name__": "fxprune_fuzz_net", "torch": torch, "nn": nn, "F": F,
-                                 "OpaqueConv": OpaqueConv, "QUICK_GELU": QUICK_GELU}
+                                 "OpaqueConv": OpaqueConv, "OpaqueMLP": OpaqueMLP, "QUICK_GELU": QUICK_GELU}
     exec(compile(source, "<fxprune fuzz net>", "exec"), namespace)  # noqa: S102 - our own generated source
     return namespace[class_name]
 

@@ -12,6 +12,8 @@
   a graph that loses the update is refused by the eager check, one that keeps it must stay exact over calls;
 - ``func_module``: a stateless module object called like a function, not a submodule (transformers' hub
   kernels), traced inline;
+- ``opaque_mlp``: an untraceable module with prunable insides, called with a ``None`` argument (its parts
+  must receive the calibration batches);
 - ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
   in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
@@ -127,6 +129,29 @@ class OpaqueConv(nn.Module):
         return self.conv(x)
 
 
+class OpaqueMLP(nn.Module):
+    """Two 1x1 convs (C -> 2C -> C) behind a data-dependent branch, called with a ``None`` argument: an opaque
+    part whose inside is pruned piecewise, where calibration batches must still arrive (a recorded ``None``
+    argument once made every batch look like another call)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.sum() > 1e30:  # never true; only eager Python can decide it
+            x = -x
+        if mask is not None:
+            x = x * mask
+        return self.b(torch.relu(self.a(x)))
+
+
+def emit_opaque_mlp(st: Any, xs: list[Shape]) -> Emitted:
+    """``OpaqueMLP(c)`` called as ``self.v(x, None)``."""
+    _need(len(xs[0]) == 4, "the opaque MLP takes NCHW")
+    return {st.name: xs[0]}, [f"self.{st.name} = OpaqueMLP({xs[0][1]})"], [f"{st.name} = self.{st.name}({st.ins[0]}, None)"]
+
+
 def emit_tied_opaque(st: Any, xs: list[Shape]) -> Emitted:
     """A conv outside sharing its weight with the conv inside an opaque ``OpaqueConv``."""
     return emit_tied(st, xs, opaque=True)
@@ -178,6 +203,6 @@ def emit_func_module(st: Any, xs: list[Shape]) -> Emitted:
 
 STATE_REFUSAL = "the forward updates"  # the eager check's words for a lost state update (passes/eager_check)
 
-TRUST_EMITTERS = {"state": emit_state, "func_module": emit_func_module, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
+TRUST_EMITTERS = {"state": emit_state, "func_module": emit_func_module, "opaque_mlp": emit_opaque_mlp, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
                   "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split,
                   "tied_opaque": emit_tied_opaque}
