@@ -58,6 +58,9 @@ def test_generator_is_deterministic() -> None:
 
 @pytest.mark.parametrize("seed", range(0, 400, 20))
 def test_generated_nets_trace_and_run(seed: int) -> None:
+    plain_fx_fails = {"tied_opaque", "opaque_mlp", "func_module"}  # by design: what fxprune's tracer handles
+    if any(st.op in plain_fx_fails for st in random_spec(seed).steps):
+        pytest.skip("the net holds an op plain torch.fx cannot trace (fxprune's tracer is tested by the budget)")
     model, inputs, source = random_net(seed)
     gm = fx.symbolic_trace(model)
     with torch.no_grad():
