@@ -99,3 +99,17 @@ def test_half_precision_models_through_every_output(dtype: torch.dtype, tmp_path
     module.model.save_pretrained(tmp_path / "hf")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=dtype)
     assert back.dtype == dtype and back.config.hidden_size == 16
+
+
+@pytest.mark.parametrize(("hidden", "width"), [(0.0, 32), (0.99, 4)])
+def test_extreme_hidden_fractions(hidden: float, width: int) -> None:
+    """0 keeps the width; 0.99 keeps the fewest channels the config accepts (a multiple of the 4 heads)."""
+    r = fxprune.prune(_llama(), 0.5, example_inputs=(IDS,), hidden=hidden, output="module", verify=True)
+    assert r.model.config.hidden_size == width and r.params_after < r.params_before
+    with pytest.raises(fxprune.ArgumentError, match="hidden"):
+        fxprune.prune(_llama(), 0.5, example_inputs=(IDS,), hidden=1.0)
+
+
+def test_hidden_with_ignore_through_the_stream_is_refused() -> None:
+    with pytest.raises(fxprune.ArgumentError, match="hidden size runs through it"):
+        fxprune.prune(_llama(), 0.5, example_inputs=(IDS,), hidden=0.5, ignore=["model.layers.0.mlp"])
