@@ -218,6 +218,10 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
     for f in fits:
         log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
                  f.inputs, ", bias compensated" if f.bias else "", f.error_before, f.error_after)
+    no_bias = [f.name for f in fits if not f.bias]
+    if no_bias:  # what was skipped: the removed inputs' mean has nowhere to go (Llama: config mlp_bias=False)
+        log.info("fxprune: bias compensation skipped on %d of %d refitted layers that have no bias (%s)",
+                 len(no_bias), len(fits), ", ".join(no_bias[:4]) + (", ..." if len(no_bias) > 4 else ""))
     return tuple(fits)
 
 
