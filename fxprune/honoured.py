@@ -57,6 +57,10 @@ def unhonoured(model: nn.Module, options: Options, result: PruneResult, heads_be
             opaque = [r for r in pin_summary(result, top=10).split("; ") if "attn" in r or "attention" in r]
             why = opaque[0] if opaque else "no attention reshape could be traced into heads, or too few heads"
             notes.append(f"prune_heads=True removed no attention head ({why})")
+    if getattr(options, "reconstruct", False) and result.params_after < result.params_before \
+            and not result.reconstruction:
+        notes.append("reconstruct=True refitted no layer: no layer it can refit (a Linear, a Conv1D, an ungrouped "
+                     "zero-padded conv, each with its own weight) reads a removed channel")
     if options.hidden and result.params_after < result.params_before:
         before, after = hidden_size(model), hidden_size(result.model)
         if before is not None and after == before:

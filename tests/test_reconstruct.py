@@ -152,3 +152,14 @@ def test_a_3x3_conv_consumer_is_refitted_through_its_patches(padding: object) ->
     assert (fit.name, fit.kept, fit.inputs, fit.bias) == ("2", 8, 16, True) and fit.error_after < fit.error_before
     x = torch.randn(16, 3, 8, 8)
     assert _error(net, r.model, x) < _error(net, plain.model, x)
+
+
+def test_a_refit_that_finds_no_layer_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect")).eval()  # not refittable
+    cal = [torch.randn(2, 3, 8, 8)]
+    with caplog.at_level("WARNING", logger="fxprune"):
+        r = fxprune.prune(net, 0.5, example_inputs=(cal[0][:1],), calibration=cal, reconstruct=True, verify=True)
+    assert r.params_after < r.params_before and r.reconstruction == ()
+    assert any("refitted no layer" in n for n in r.unhonoured) and "refitted no layer" in caplog.text
