@@ -188,7 +188,7 @@ def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool, c
     if refit:
         kwargs["reconstruct"] = True
     r = fxprune.prune(model, ratio, example_inputs=(calib[0][0][:2],), output="module", verify=args.verify,
-                      prune_heads=heads, **kwargs)
+                      prune_heads=heads, round_to=args.round_to, **kwargs)
     if r.oracle is not None:
         oracle = f"passed ({r.oracle.max_abs_diff:.0e})" if r.oracle.passed else f"not applicable: {r.oracle.reason}"
     elif r.parts:
@@ -332,6 +332,7 @@ def main() -> None:
     p.add_argument("--criteria", default="l2,taylor,activation,l2+rc,activation+rc",
                    help="comma-separated; +rc: reconstruct=True on the calibration batches")
     p.add_argument("--head-policies", default="0,1", help="prune_heads values to run (0, 1 or both)")
+    p.add_argument("--round-to", type=int, default=None, help="fxprune's round_to (kernel-friendly widths)")
     p.add_argument("--calib-batches", type=int, default=4, help="Taylor / activation batches of 8 windows")
     p.add_argument("--ft-steps", type=int, default=100, help="KD fine-tune steps per row (0: none)")
     p.add_argument("--ft-ratio", type=float, default=0.5, help="fine-tune only the rows at this ratio")
