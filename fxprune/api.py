@@ -32,7 +32,7 @@ def prune(
     *,
     example_inputs: Any = None,
     ignore: Iterable[str | type] = (),
-    importance: str | Criterion = "l2",
+    importance: str | Criterion | None = None,
     calibration: Iterable[Any] | None = None,
     global_ranking: bool = False,
     target_macs: float | None = None,
@@ -62,8 +62,9 @@ def prune(
         example_inputs: a tensor or tuple of tensors ``model`` accepts positionally; optional when fxprune
             can infer the input shape from the first layer (a ``ShapeError`` says when it cannot).
         ignore: module names (prefixes) or types whose channels stay.
-        importance: "l2" (default), "l1", "random", "bn_scale", "lamp", "activation" (activation-aware,
-            on ``calibration``), a ``Taylor(batches)`` or any ``(GroupTensors) -> scores`` callable.
+        importance: "l2", "l1", "random", "bn_scale", "lamp", "activation" (activation-aware, on
+            ``calibration``), a ``Taylor(batches)`` or any ``(GroupTensors) -> scores`` callable. Default:
+            "activation" when ``calibration`` is given, else "l2".
         calibration: batches of model inputs (a tensor or a tuple of positional tensors each) that
             ``importance="activation"`` measures the layers' inputs on (real data: a few hundred samples).
         global_ranking: rank channels across groups instead of removing ``ratio`` of each.
@@ -108,6 +109,7 @@ def prune(
         onnx_opset=onnx_opset, output=output, partial=partial, hidden=hidden, reconstruct=reconstruct,
     )
     heads = honoured.snapshot(model)
+    honoured.warn_weight_only_language_model(model, options)
     result = run(model, options)
     return honoured.report(model, options, result, heads)  # a request that did nothing is said, by default
 
@@ -118,7 +120,7 @@ def compile(  # noqa: A001 - the public name users expect
     *,
     example_inputs: Any = None,
     ignore: Iterable[str | type] = (),
-    importance: str | Criterion = "l2",
+    importance: str | Criterion | None = None,
     calibration: Iterable[Any] | None = None,
     global_ranking: bool = False,
     target_macs: float | None = None,

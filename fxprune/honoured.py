@@ -89,3 +89,19 @@ def report(model: nn.Module, options: Options, result: PruneResult, heads_before
 def snapshot(model: Any) -> dict[str, int]:
     """The head counts to compare against after the compile (read-only on the caller's model)."""
     return head_counts(model) if isinstance(model, nn.Module) else {}
+
+
+_WEIGHT_ONLY = ("l2", "l1", "lamp", "random", "bn_scale")
+
+
+def warn_weight_only_language_model(model: nn.Module, options: Options) -> None:
+    """One warning when a Hugging Face language model is pruned by its weights alone, with no calibration:
+    the criterion the structured-pruning literature finds collapses these models (FLAP and LLM-Pruner report
+    LLaMA-7B's perplexity going from about 12.6 to several hundred at 20% of the parameters by L2 magnitude)."""
+    is_lm = callable(getattr(model, "generate", None)) and callable(getattr(model, "get_input_embeddings", None))
+    weight_only = options.importance is None or options.importance in _WEIGHT_ONLY
+    if is_lm and weight_only and options.calibration is None and (options.ratio or options.budget or options.hidden):
+        log.warning("fxprune: pruning a language model by weight magnitude alone: published measurements find it "
+                    "collapses them (LLaMA-7B, 20%% of the parameters: perplexity about 12.6 -> several hundred); "
+                    "pass calibration=<batches of your tokenised text> (activation-aware by default) and "
+                    "reconstruct=True, or on the command line --data FILE --reconstruct")

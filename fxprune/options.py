@@ -32,7 +32,7 @@ class Options:
     ratio: float = 0.5
     example_inputs: Any = None
     ignore: tuple[str | type, ...] = ()
-    importance: Any = "l2"
+    importance: Any = None  # None: "activation" when calibration is given, else "l2"
     calibration: Any = None
     global_ranking: bool = False
     target_macs: float | None = None
@@ -79,13 +79,16 @@ class Options:
             example = self.example_inputs
             example = (example,) if isinstance(example, torch.Tensor) else example
             calibration = checked_batches(calibration, tuple(example) if isinstance(example, (list, tuple)) else None)
-        criterion = resolve(self.importance, calibration)  # an unknown name, or one without its data, fails here
+        importance = self.importance
+        if importance is None:  # data given: measured on it, not on the weights alone
+            importance = "activation" if calibration is not None else "l2"
+        criterion = resolve(importance, calibration)  # an unknown name, or one without its data, fails here
         if self.reconstruct and calibration is None:
             raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches of "
                                 "model inputs>")
         if calibration is not None and not getattr(criterion, "needs_activations", False) and not self.reconstruct:
             log.warning("fxprune: calibration= is not used by importance=%r; pass importance='activation' to "
-                        "choose channels by what the batches carry", getattr(criterion, "__name__", self.importance))
+                        "choose channels by what the batches carry", getattr(criterion, "__name__", importance))
         if isinstance(self.ignore, (str, type)) or isinstance(self.leaves, str):
             raise ArgumentError("ignore and leaves take a list of module names (or types), not a single one")
         hidden = None
@@ -96,7 +99,7 @@ class Options:
             if self.budget:
                 raise ArgumentError("hidden cannot be combined with target_macs or target_params: give a ratio")
         return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves),
-                       hidden=hidden, calibration=calibration)
+                       hidden=hidden, calibration=calibration, importance=importance)
 
     def part_options(self) -> Options:
         """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven

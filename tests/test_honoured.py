@@ -81,8 +81,29 @@ def test_ratio_zero_is_not_a_complaint() -> None:
 def test_calibration_without_an_activation_criterion_is_said(caplog: pytest.LogCaptureFixture) -> None:
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     with caplog.at_level(logging.WARNING, logger="fxprune"):
-        fxprune.prune(net, 0.5, example_inputs=(torch.randn(2, 4),), calibration=[torch.randn(3, 4)])
+        fxprune.prune(net, 0.5, example_inputs=(torch.randn(2, 4),), calibration=[torch.randn(3, 4)],
+                      importance="l2")
     assert "calibration= is not used" in caplog.text
+
+
+def test_calibration_makes_the_default_criterion_activation_aware() -> None:
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x, batches = torch.randn(2, 4), [torch.randn(8, 4) for _ in range(2)]
+    default = fxprune.prune(net, 0.5, example_inputs=(x,), calibration=batches)
+    activation = fxprune.prune(net, 0.5, example_inputs=(x,), calibration=batches, importance="activation")
+    l2 = fxprune.prune(net, 0.5, example_inputs=(x,))
+    assert default.plan.kept == activation.plan.kept and l2.plan.kept == fxprune.prune(
+        net, 0.5, example_inputs=(x,), importance="l2").plan.kept
+
+
+def test_a_language_model_pruned_by_weights_alone_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="fxprune"):
+        fxprune.prune(_llama(), 0.5, example_inputs=(IDS,), output="module")
+    assert caplog.text.count("weight magnitude alone") == 1 and "--data" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fxprune"):
+        fxprune.prune(_llama(), 0.5, example_inputs=(IDS,), output="module", calibration=[IDS])
+    assert "weight magnitude alone" not in caplog.text
 
 
 @pytest.mark.parametrize(("batches", "match"), [

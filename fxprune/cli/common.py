@@ -237,6 +237,8 @@ def importance_from_args(args: argparse.Namespace, inputs: Inputs) -> Any:
     batches (required); ``taylor`` scores on ``--data`` batches, else on four seeded
     batches shaped like the inputs (first-order Taylor needs gradients of a loss: the mean square of the
     outputs, which needs no labels)."""
+    if args.importance is None:  # --data given: measured on it, not on the weights alone
+        args.importance = "activation" if getattr(args, "data", None) else "l2"
     if args.importance.lower() == "activation":
         batches = data_batches(args, inputs)[:32]
         if not batches:

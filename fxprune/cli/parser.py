@@ -83,8 +83,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-to", type=_positive_int, metavar="N", help="round kept channel counts to multiples of N")
     g.add_argument("--global-ranking", action="store_true",
                    help="rank channels across groups instead of removing the same fraction from each")
-    g.add_argument("--importance", default="l2", metavar="NAME",
-                   help="channel importance criterion: l2 (default), l1, random, bn_scale, lamp, activation "
+    g.add_argument("--importance", default=None, metavar="NAME",
+                   help="channel importance criterion (default: activation with --data, else l2): l2, l1, "
+                        "random, bn_scale, lamp, activation "
                         "(activation-aware, on --data), or taylor (first-order Taylor on --data, else on seeded "
                         "batches shaped like the inputs)")
     g.add_argument("--min-channels", type=_positive_int, default=1, metavar="N",
