@@ -52,8 +52,13 @@ def unhonoured(model: nn.Module, options: Options, result: PruneResult, heads_be
     if (asked or options.hidden) and result.params_after >= result.params_before:
         notes.append(f"nothing was pruned: {pin_summary(result)}; fxprune.analyze(model, inputs) lists every group")
     if options.prune_heads and asked and heads_before and result.params_after < result.params_before:
-        after = head_counts(result.model)
-        if not any(after.get(k, v) < v for k, v in heads_before.items()):
+        counts = {k: v for k, v in heads_before.items() if not k.startswith(_PARAMS)}
+        sizes = {k[len(_PARAMS):]: v for k, v in heads_before.items() if k.startswith(_PARAMS)}
+        after, modules = head_counts(result.model), dict(result.model.named_modules())
+        # Heads went when an attention module lost parameters (with prune_heads=True they go whole), or when
+        # a head count went down; a config a part left unsynced (a GraphModule's opaque part) cannot say.
+        shrank = any(sum(p.numel() for p in modules[n].parameters()) < v for n, v in sizes.items() if n in modules)
+        if not shrank and not any(after.get(k, v) < v for k, v in counts.items()):
             opaque = [r for r in pin_summary(result, top=10).split("; ") if "attn" in r or "attention" in r]
             why = opaque[0] if opaque else "no attention reshape could be traced into heads, or too few heads"
             notes.append(f"prune_heads=True removed no attention head ({why})")
@@ -86,9 +91,20 @@ def report(model: nn.Module, options: Options, result: PruneResult, heads_before
     return replace(result, unhonoured=notes) if notes else result
 
 
+_PARAMS = "#params:"
+
+
 def snapshot(model: Any) -> dict[str, int]:
-    """The head counts to compare against after the compile (read-only on the caller's model)."""
-    return head_counts(model) if isinstance(model, nn.Module) else {}
+    """The head counts, and the parameter count of every module that holds one (``#params:<name>``), to
+    compare against after the compile (read-only on the caller's model)."""
+    if not isinstance(model, nn.Module):
+        return {}
+    counts = head_counts(model)
+    modules = dict(model.named_modules())
+    attention = [n for n, m in modules.items() if n and ("attention" in type(m).__name__.lower()
+                                                         or n.rpartition(".")[2] in ("attn", "self_attn"))]
+    sizes = {f"{_PARAMS}{n}": sum(p.numel() for p in modules[n].parameters()) for n in attention}
+    return {**counts, **sizes}
 
 
 _WEIGHT_ONLY = ("l2", "l1", "lamp", "random", "bn_scale")

@@ -127,3 +127,14 @@ def test_float64_batches_are_cast_to_the_model_dtype() -> None:
     same = fxprune.prune(net, 0.5, example_inputs=(x,), importance="activation",
                          calibration=[b.float() for b in batches])
     assert r.plan.kept == same.plan.kept
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_heads_removed_in_a_graph_are_not_reported_missing(output: str) -> None:
+    """With the cache off the part inside a GraphModule keeps a config that says 4 heads: the attention's own
+    parameters, not the config, say whether heads went."""
+    model = _llama()
+    model.config.use_cache = False
+    r = fxprune.prune(model, 0.5, example_inputs=(IDS,), prune_heads=True, output=output)
+    assert r.model.get_submodule("model.layers.0.self_attn.q_proj").weight.shape == (16, 32)
+    assert not any("attention head" in n for n in r.unhonoured)
