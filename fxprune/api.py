@@ -108,7 +108,7 @@ def prune(
         min_channels=min_channels, prune_heads=prune_heads, leaves=tuple(leaves), verify=verify, onnx=onnx,
         onnx_opset=onnx_opset, output=output, partial=partial, hidden=hidden, reconstruct=reconstruct,
     )
-    heads = honoured.snapshot(model)
+    heads = honoured.snapshot(model) if prune_heads else {}  # only a head request is judged by them
     honoured.warn_weight_only_language_model(model, options)
     result = run(model, options)
     return honoured.report(model, options, result, heads)  # a request that did nothing is said, by default

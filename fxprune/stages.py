@@ -213,36 +213,24 @@ def rewrite_and_prove(
         if output == "graph":
             restore_output_class(pruned, a.output_type)  # a ModelOutput, not the plain dict fx traced
         pruned = generated(pruned)  # its Python code, generated once, now that the graph is final
-    with kept_buffers(pruned, a.work):  # the proofs' runs leave no state behind (a counter, an average)
-        return _prove(a, plan, pruned, result.modified, reference, params_after_of(pruned, predicted), macs_after,
-                      verify=verify, onnx=onnx, onnx_opset=onnx_opset, output=output)
-
-
-def params_after_of(pruned: nn.Module, predicted: int) -> int:
-    """The pruned parameter count, which must equal the plan's prediction."""
     params_after = count_params(pruned)
     if params_after != predicted:
         raise InvariantError(f"pruned model has {params_after} parameters, the plan predicted {predicted}")
-    return params_after
-
-
-def _prove(a: Prepared, plan: PruningPlan, pruned: nn.Module, modified: bool, reference: nn.Module | None,
-           params_after: int, macs_after: int, *, verify: bool, onnx: str | None, onnx_opset: int,
-           output: str) -> Proven:
     oracle = None
-    if reference is not None:
-        oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
-        if oracle.applicable and not oracle.passed:
-            raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
     model: nn.Module = pruned
-    if output == "module":
-        model = write_back(a.work, pruned, a.inputs, a.deps.prune_heads)  # the user's classes, proven equal to the graph
-        sync_config(model, a.inputs)  # a Hugging Face config follows the pruned widths where it can
-    if onnx is not None:
-        from fxprune.passes.export import export_onnx
+    with kept_buffers(pruned, a.work):  # the proofs' runs leave no state behind (a counter, an average)
+        if reference is not None:
+            oracle = mask_oracle(reference, pruned, a.deps, plan, a.inputs)
+            if oracle.applicable and not oracle.passed:
+                raise InvariantError(f"mask oracle failed: max |pruned - masked original| = {oracle.max_abs_diff:.3g}")
+        if output == "module":
+            model = write_back(a.work, pruned, a.inputs, a.deps.prune_heads)  # the user's classes, proven equal
+            sync_config(model, a.inputs)  # a Hugging Face config follows the pruned widths where it can
+        if onnx is not None:
+            from fxprune.passes.export import export_onnx
 
-        export_onnx(model, a.inputs, onnx, opset=onnx_opset)
+            export_onnx(model, a.inputs, onnx, opset=onnx_opset)
     restore_flags(model, a.flags)  # each module's own training flag, as in the caller's model
     if output == "graph" and a.train_differs:
         guard_train_mode(model, a.train_differs)
-    return Proven(model, modified, params_after, macs_after, oracle)
+    return Proven(model, result.modified, params_after, macs_after, oracle)

@@ -22,7 +22,6 @@ from fxprune.cli.common import (
     check_inputs_exist,
     check_ratio,
     deploy_heads,
-    float32_copy,
     int8_feeds,
     is_ultralytics,
     load_inputs,
@@ -70,7 +69,7 @@ def _export(model: nn.Module, inputs: Inputs, path: Path, args: argparse.Namespa
     Returns:
         The export report, the dtype the model was cast from (None: none), and what simplification did.
     """
-    from fxprune.passes.export import export_onnx
+    from fxprune.passes.export import export_onnx, float32_copy
 
     model, feed, cast = float32_copy(model, inputs)
     options = {"opset": args.opset, "dynamic_batch": not args.static_batch, "check": check}

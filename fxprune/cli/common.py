@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -124,22 +123,6 @@ def float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter or buffer (float32 when it has none)."""
     tensors = (*model.parameters(), *model.buffers())
     return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-
-
-def float32_copy(model: nn.Module, inputs: Inputs) -> tuple[nn.Module, Inputs, str | None]:
-    """A float32 copy of a bfloat16/float16 model and its inputs, for ONNX export only (onnxruntime's CPU
-    kernels lack most half-precision ops); the model itself when it is float32 already.
-
-    Returns:
-        The model to export, its inputs, and the dtype it was cast from (None when nothing was cast).
-    """
-    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
-    dtypes |= {x.dtype for x in inputs if x.is_floating_point()}
-    half = sorted(str(d).removeprefix("torch.") for d in dtypes if d in (torch.bfloat16, torch.float16))
-    if not half:
-        return model, inputs, None
-    cast = tuple(x.float() if x.is_floating_point() else x for x in inputs)
-    return copy.deepcopy(model).float(), cast, "/".join(half)
 
 
 def token_vocabulary(model: nn.Module) -> int | None:

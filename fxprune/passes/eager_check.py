@@ -103,6 +103,13 @@ def _run(fn: Any, inputs: tuple[Any, ...], seed: int, kinds: list[Any] | None = 
         return [t.detach().clone() for t in tensors_of(out)]
 
 
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by qualified name, tied ones under each of their names."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
 def restore_state(work: nn.Module, original: nn.Module, only: set[str] | None = None) -> None:
     """Copy back every parameter and buffer of ``work`` whose value a run changed (read from ``original``).
 
@@ -110,10 +117,7 @@ def restore_state(work: nn.Module, original: nn.Module, only: set[str] | None = 
     statistics, call counters) or even parameters (``Embedding(max_norm=...)`` renormalises its weight).
     ``only``: the names a ``_WriteWatch`` saw written (the others are not compared).
     """
-    mine = dict(work.named_parameters(remove_duplicate=False))
-    mine.update(work.named_buffers(remove_duplicate=False))
-    theirs = dict(original.named_parameters(remove_duplicate=False))
-    theirs.update(original.named_buffers(remove_duplicate=False))
+    mine, theirs = named_tensors(work), named_tensors(original)
     with torch.no_grad():
         for name, t in mine.items():
             src = theirs.get(name)
@@ -134,8 +138,7 @@ class _WriteWatch(TorchDispatchMode):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
-        self.tensors = dict(module.named_parameters(remove_duplicate=False))
-        self.tensors.update(module.named_buffers(remove_duplicate=False))
+        self.tensors = named_tensors(module)
         self.storages: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             if not t.is_meta:
@@ -154,8 +157,7 @@ class _WriteWatch(TorchDispatchMode):
 
     def changed(self) -> set[str]:
         """Names written by an op, or whose tensor was replaced (``self.count = self.count + 1``)."""
-        now = dict(self.module.named_parameters(remove_duplicate=False))
-        now.update(self.module.named_buffers(remove_duplicate=False))
+        now = named_tensors(self.module)
         return self.written | {n for n, t in now.items() if self.tensors.get(n) is not t}
 
 
@@ -280,10 +282,7 @@ def _state_left(work: nn.Module, original: nn.Module, written: set[str] | None) 
 
     The state a forward updates (a running average, a call counter) is an output too: a graph that drops
     the update computes the same output on the first call and a different one on the next."""
-    mine = dict(work.named_parameters(remove_duplicate=False))
-    mine.update(work.named_buffers(remove_duplicate=False))
-    theirs = dict(original.named_parameters(remove_duplicate=False))
-    theirs.update(original.named_buffers(remove_duplicate=False))
+    mine, theirs = named_tensors(work), named_tensors(original)
     out: dict[str, torch.Tensor] = {}
     for name, t in mine.items():
         src = theirs.get(name)

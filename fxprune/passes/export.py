@@ -172,18 +172,21 @@ def _simplify(proto: onnx.ModelProto, tool: str = "onnxsim") -> onnx.ModelProto:
     return simplified
 
 
-def _float32_for_export(model: nn.Module, args: tuple[Any, ...]) -> tuple[nn.Module, tuple[Any, ...]]:
-    """A float32 copy of a bfloat16/float16 model and its inputs (onnxruntime's CPU kernels lack half
-    precision for many ops: its check would fail); other models as they are. Said as a warning."""
+def float32_copy(model: nn.Module, args: Any) -> tuple[nn.Module, Any, str | None]:
+    """A float32 copy of a bfloat16/float16 model and its inputs, for ONNX export only (onnxruntime's CPU
+    kernels lack half precision for many ops: its check would fail); the model itself when nothing is half.
+
+    Returns:
+        The model to export, its inputs, and the dtype(s) it was cast from (None when nothing was cast).
+    """
     half = (torch.bfloat16, torch.float16)
-    dtype = next((t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
-    if dtype not in half:
-        return model, args
-    logger.warning("fxprune: the ONNX file holds a float32 copy of the %s model (onnxruntime's CPU kernels lack %s "
-                "for many ops); cast the exported model back if your runtime supports it",
-                str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    leaves = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers(), *leaves) if t.is_floating_point()}
+    names = sorted(str(d).removeprefix("torch.") for d in dtypes if d in half)
+    if not names:
+        return model, args, None
     cast = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in half else t, args)
-    return copy.deepcopy(model).float(), cast
+    return copy.deepcopy(model).float(), cast, "/".join(names)
 
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *, opset: int = 18,
@@ -239,7 +242,10 @@ def _export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLi
         raise ExportError("example_inputs must be a non-empty tuple of tensors (or of lists of tensors)")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
-    model, args = _float32_for_export(model, args)
+    model, args, cast = float32_copy(model, args)
+    if cast:
+        logger.warning("fxprune: the ONNX file holds a float32 copy of the %s model (onnxruntime's CPU kernels lack "
+                       "it for many ops); cast the exported model back if your runtime supports it", cast)
     target = Path(path)
     try:
         with eval_mode(model), torch.no_grad(), kept_buffers(model):  # the file holds the state as it is

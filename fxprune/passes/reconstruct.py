@@ -34,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune.depgraph import param_value
 from fxprune.errors import ArgumentError
 from fxprune.passes.dependency import DependencyResult, canonical_names
 from fxprune.passes.rewrite import kept_indices
@@ -114,11 +115,16 @@ def consumers(gm: nn.Module, deps: DependencyResult, plan: PruningPlan) -> list[
         kind = _kind(m)
         if kind is None or uses.get(id(m.weight), 0) != 1 or id(m.weight) not in names:
             continue
-        dim = 0 if kind == "conv1d" else 1
-        cols = kept.get((f"param:{names[id(m.weight)]}", dim))
-        if cols is not None and 0 < len(cols) < m.weight.shape[dim]:
+        space = _input_space(m, names)
+        cols = kept.get(space)
+        if cols is not None and 0 < len(cols) < m.weight.shape[space[1]]:
             out.append((name, m, cols))
     return out
+
+
+def _input_space(m: nn.Module, names: dict[int, str]) -> tuple[str, int]:
+    """The channel space of the layer's input: its weight's input dim (dim 0 of a Conv1D's, else dim 1)."""
+    return param_value(names[id(m.weight)]), 0 if _kind(m) == "conv1d" else 1
 
 
 def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +224,7 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
     for f in fits:
         log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
                  f.inputs, ", bias compensated" if f.bias else "", f.error_before, f.error_after)
-    no_bias = [f.name for f in fits if not f.bias]
+    no_bias = [f.name for f in fits if not f.bias and f.error_after < f.error_before]  # refitted, no bias
     if no_bias:  # what was skipped: the removed inputs' mean has nowhere to go (Llama: config mlp_bias=False)
         log.info("fxprune: bias compensation skipped on %d of %d refitted layers that have no bias (%s)",
                  len(no_bias), len(fits), ", ".join(no_bias[:4]) + (", ..." if len(no_bias) > 4 else ""))
@@ -266,8 +272,7 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
         stats = _statistics([(name, m, cols)], run)
         if name in stats:
             fits.append(_refit(name, m, cols, stats.pop(name)))
-        space = (f"param:{names[id(m.weight)]}", 0 if _kind(m) == "conv1d" else 1)
-        committed[sol.space_labels(space)] = True
+        committed[sol.space_labels(_input_space(m, names))] = True
     return fits
 
 
