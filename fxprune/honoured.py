@@ -118,6 +118,6 @@ def warn_weight_only_language_model(model: nn.Module, options: Options) -> None:
     weight_only = options.importance is None or options.importance in _WEIGHT_ONLY
     if is_lm and weight_only and options.calibration is None and (options.ratio or options.budget or options.hidden):
         log.warning("fxprune: pruning a language model by weight magnitude alone: published measurements find it "
-                    "collapses them (LLaMA-7B, 20%% of the parameters: perplexity about 12.6 -> several hundred); "
+                    "collapses them (LLaMA-7B, 20% of the parameters: perplexity about 12.6 -> several hundred); "
                     "pass calibration=<batches of your tokenised text> (activation-aware by default) and "
                     "reconstruct=True, or on the command line --data FILE --reconstruct")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -101,10 +102,27 @@ def sdpa(node: fx.Node, ctx: RuleContext) -> None:
     ctx.same(k, -2, v, -2)
     ctx.same(q, -2, y, -2)
     _batch_dims(ctx, [q, k, v], y, 2)
+    _gqa_heads(ctx, q, [k, v])
     if m is not None:
         ctx.pin(m, f"{node.name}: attention mask")
     ctx.pin(q, f"{node.name}: attention tokens", [ctx.ndim(q) - 2])
     ctx.pin(k, f"{node.name}: attention tokens", [ctx.ndim(k) - 2])
+
+
+def _gqa_heads(ctx: RuleContext, q: str, kv: list[str]) -> None:
+    """Grouped-query attention inside the kernel (``enable_gqa=True``): q holds ``rep`` heads per key/value
+    head, so query head h is coupled with key/value head h // rep (a key/value head and its query heads are
+    one channel class: removing it removes them together)."""
+    qs = ctx.shape_of(q)
+    if len(qs) < 3:
+        return
+    hq = qs[-3]
+    for t in kv:
+        ts = ctx.shape_of(t)
+        if len(ts) < 3 or ts[-3] == hq or ts[-3] <= 0 or hq % ts[-3]:
+            continue
+        index = np.arange(hq, dtype=np.int64)
+        ctx.mapped(q, ctx.ndim(q) - 3, index, t, ctx.ndim(t) - 3, index // (hq // ts[-3]))
 
 
 def unbind(node: fx.Node, ctx: RuleContext) -> None:
