@@ -98,6 +98,14 @@ def run_compile(args: argparse.Namespace) -> int:
     from fxprune.quantize import quantize_onnx
     from fxprune.report import build_report, layer_channels, write_report
 
+    if str(args.model).startswith("hf:") and args.save_pretrained and not args.in_memory:
+        from fxprune.cli.stream import run_stream, stream_blockers
+
+        blockers = stream_blockers(args)
+        if not blockers and _has_safetensors(str(args.model)[3:]):
+            return run_stream(args)
+        if blockers:
+            print(f"note: {', '.join(blockers)} need the whole model: it is loaded into memory (not streamed)")
     check_ratio(args)
     check_inputs_exist(args)
     if args.quantize and not args.onnx:
@@ -180,6 +188,12 @@ def run_compile(args: argparse.Namespace) -> int:
     if result.unhonoured:  # already logged as warnings; --strict makes them an error
         print(f"not honoured ({len(result.unhonoured)}; --strict makes this an error): " + "; ".join(result.unhonoured))
     return 0
+
+
+def _has_safetensors(folder: str) -> bool:
+    """Whether a Hugging Face folder holds safetensors weights (what streaming reads); a config-only folder
+    or ``.bin`` weights load whole."""
+    return any(Path(folder).glob("*.safetensors"))
 
 
 def _save_model(model: nn.Module, path: Path, *, ultralytics: bool = False) -> None:

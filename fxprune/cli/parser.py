@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save", metavar="PATH.pt", help="torch.save the pruned GraphModule")
     o.add_argument("--save-pretrained", metavar="FOLDER",
                    help="Hugging Face models: save_pretrained the pruned model (its config rewritten) into a new "
-                        "folder; reload with from_pretrained")
+                        "folder; reload with from_pretrained. hf:FOLDER with safetensors weights is streamed one "
+                        "decoder layer at a time (the model is never whole in memory) unless an option needs it "
+                        "whole or --in-memory is given")
+    o.add_argument("--in-memory", action="store_true",
+                   help="with hf:FOLDER and --save-pretrained: load the whole model instead of streaming it")
     o.add_argument("--save-plan", metavar="PATH.json", help="save the pruning plan (replay with fxprune.apply)")
     o.add_argument("--no-verify", action="store_true", help="skip the mask-equivalence oracle")
     o.add_argument("--strict", action="store_true",

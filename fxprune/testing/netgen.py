@@ -299,8 +299,10 @@ def propose_trust_op(d: _Draft) -> list[Step]:
     op = r.choice(["dropout", "hooked", "fconv", "tied", "cl_norm", "cl_norm", "spatial_split", "tied_opaque"])
     extra = random.Random(str(r.getstate()[1][:8]))  # its own draw: r's stream stays as it was
     if extra.random() < 0.15:
-        op = extra.choice(["state", "state", "func_module", "opaque_mlp", "opaque_mlp"])
+        op = extra.choice(["state", "state", "func_module", "opaque_mlp", "opaque_mlp", "gqa", "gqa"])
     attrs: dict[str, object] = {}
+    if op == "gqa":
+        attrs = {"kv": extra.choice([1, 2]), "rep": extra.choice([2, 3]), "d": extra.choice([4, 8])}
     if op == "state":
         attrs = {"kind": r.choice(["ema", "count", "copy"])}
     elif op == "dropout":

@@ -14,6 +14,8 @@
   kernels), traced inline;
 - ``opaque_mlp``: an untraceable module with prunable insides, called with a ``None`` argument (its parts
   must receive the calibration batches);
+- ``gqa``: grouped-query attention inside the kernel (``enable_gqa=True``), whose key/value heads must go
+  with their query heads;
 - ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
   in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
@@ -201,8 +203,27 @@ def emit_func_module(st: Any, xs: list[Shape]) -> Emitted:
     return {st.name: xs[0]}, [], [f"{st.name} = QUICK_GELU({st.ins[0]})"]
 
 
+def emit_gqa(st: Any, xs: list[Shape]) -> Emitted:
+    """Grouped-query attention over the pixels with the kernel's own grouping (``enable_gqa=True``): ``rep``
+    query heads per key/value head, added back to ``x``. Query head h reads key/value head h // rep, so a key/
+    value head and its query heads are one channel class (no ``repeat_kv`` in the graph to say so)."""
+    _need(len(xs[0]) == 4, "attention over pixels needs NCHW")
+    c = xs[0][1]
+    n, hk, rep, d = st.name, st.attrs["kv"], st.attrs["rep"], st.attrs["d"]
+    hq = hk * rep
+    init = [f"self.{n}_q = nn.Linear({c}, {hq * d})", f"self.{n}_k = nn.Linear({c}, {hk * d})",
+            f"self.{n}_v = nn.Linear({c}, {hk * d})", f"self.{n}_o = nn.Linear({hq * d}, {c})"]
+    x = st.ins[0]
+    fwd = [f"{n}_t = {x}.flatten(2).transpose(1, 2)",
+           *(f"{n}_{p} = self.{n}_{p}({n}_t).view(*{n}_t.shape[:2], -1, {d}).transpose(1, 2)"  # as transformers
+             for p in ("q", "k", "v")),
+           f"{n}_a = F.scaled_dot_product_attention({n}_q, {n}_k, {n}_v, enable_gqa=True)",
+           f"{n} = {x} + self.{n}_o({n}_a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape({x}.shape)"]
+    return {n: xs[0]}, init, fwd
+
+
 STATE_REFUSAL = "the forward updates"  # the eager check's words for a lost state update (passes/eager_check)
 
-TRUST_EMITTERS = {"state": emit_state, "func_module": emit_func_module, "opaque_mlp": emit_opaque_mlp, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
+TRUST_EMITTERS = {"gqa": emit_gqa, "state": emit_state, "func_module": emit_func_module, "opaque_mlp": emit_opaque_mlp, "inplace": emit_inplace, "dropout": emit_dropout, "hooked": emit_hooked, "fconv": emit_fconv,
                   "tied": emit_tied, "cl_norm": emit_cl_norm, "spatial_split": emit_spatial_split,
                   "tied_opaque": emit_tied_opaque}
