@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,10 @@ SINGLE = "model.safetensors"
 
 
 class Checkpoint:
-    """The tensors of a folder's safetensors shards, read one at a time.
+    """The tensors of a folder's safetensors shards, read one at a time with plain file reads.
+
+    No shard is memory-mapped: a mapped file's pages stay in the process's resident set once read, so a
+    whole model read layer by layer would end up resident. Each ``get`` reads just that tensor's bytes.
 
     Raises:
         ModelLoadError: when the folder has no safetensors weights, the index names a missing file, or a
@@ -32,8 +35,6 @@ class Checkpoint:
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
@@ -47,20 +48,13 @@ class Checkpoint:
         else:
             raise ModelLoadError(f"{self.folder}: no {SINGLE} or {INDEX} (streaming reads safetensors weights); "
                                  "save the model with save_pretrained, or use the in-memory path")
-        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}  # file -> (data start, tensor entries)
         for name in sorted(set(files.values()) or {SINGLE}):
-            path = self.folder / name
-            if not path.is_file():
-                raise ModelLoadError(f"{path}: a weight file the index names is missing; copy the whole folder")
-            try:
-                self._handles[name] = safe_open(str(path), framework="pt")
-            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-                raise ModelLoadError(f"{path}: not a readable safetensors file ({first_line(e)}); save the model "
-                                     "again with save_pretrained") from e
+            self._headers[name] = _read_header(self.folder / name)
         if not files:
-            files = dict.fromkeys(self._handles[SINGLE].keys(), SINGLE)
-        for name, handle in self._handles.items():  # every tensor the index names is in its file
-            missing = sorted(k for k, f in files.items() if f == name and k not in set(handle.keys()))
+            files = dict.fromkeys(self._headers[SINGLE][1], SINGLE)
+        for name, (_, entries) in self._headers.items():  # every tensor the index names is in its file
+            missing = sorted(k for k, f in files.items() if f == name and k not in entries)
             if missing:
                 raise ModelLoadError(f"{self.folder / name}: does not hold {missing[:3]}, which the index places "
                                      "there; copy the whole folder again")
@@ -75,7 +69,7 @@ class Checkpoint:
 
     def files(self) -> list[str]:
         """The weight files read (names relative to the folder)."""
-        return sorted(self._handles)
+        return sorted(self._headers)
 
     def get(self, key: str) -> torch.Tensor:
         """One tensor, in its stored dtype.
@@ -84,23 +78,58 @@ class Checkpoint:
             ModelLoadError: naming the file when its data cannot be read (a truncated shard).
         """
         name = self._files[key]
-        try:
-            return self._handles[name].get_tensor(key)
-        except Exception as e:  # noqa: BLE001 - SafetensorError on truncated data
-            raise ModelLoadError(f"{self.folder / name}: tensor {key} cannot be read ({first_line(e)}); the file "
-                                 "is damaged; copy it again") from e
+        start, entries = self._headers[name]
+        entry = entries[key]
+        begin, end = (int(v) for v in entry["data_offsets"])
+        dtype = _NAMED.get(entry["dtype"])
+        path = self.folder / name
+        if dtype is None:
+            raise ModelLoadError(f"{path}: tensor {key} has dtype {entry['dtype']}, which fxprune does not stream")
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            got = f.readinto(memoryview(out.numpy()))
+        if got != end - begin:
+            raise ModelLoadError(f"{path}: tensor {key} is cut short ({got} of {end - begin} bytes); the file is "
+                                 "damaged; copy it again")
+        return out.view(dtype).reshape(entry["shape"])
 
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape, read from the header only."""
-        return tuple(self._handles[self._files[key]].get_slice(key).get_shape())
+        return tuple(self._headers[self._files[key]][1][key]["shape"])
 
     def nbytes(self) -> int:
         """The size of the weight files on disk."""
-        return sum((self.folder / name).stat().st_size for name in self._handles)
+        return sum((self.folder / name).stat().st_size for name in self._headers)
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the tensor entries) of a safetensors file; ``ModelLoadError`` naming it."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: a weight file the index names is missing; copy the whole folder")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(f.read(n))
+        entries = {k: v for k, v in dict(header).items() if k != "__metadata__"}
+        longest = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({first_line(e)}); save the model again "
+                             "with save_pretrained") from e
+    if 8 + n + longest > size:
+        raise ModelLoadError(f"{path}: the file is cut short ({size} bytes, its header needs {8 + n + longest}); "
+                             "copy it again")
+    return 8 + n, entries
 
 
 class ShardWriter:
     """Write tensors to numbered safetensors shards as they come; ``close`` names them and writes the index.
+
+    Each tensor's bytes go to disk when it is added (a shard's data file grows; nothing is kept in memory);
+    a shard is closed by writing its safetensors header followed by that data.
 
     Args:
         folder: an existing (staging) folder the shards are written into.
@@ -111,38 +140,48 @@ class ShardWriter:
     def __init__(self, folder: str | os.PathLike[str], max_bytes: int = 2 << 30) -> None:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._header: dict[str, Any] = {}
+        self._data: Any = None  # the open data file of the shard being written
+        self._offset = 0
         self._written: list[tuple[str, list[str]]] = []  # (temporary file name, its keys)
+        self._keys: set[str] = set()
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (a private contiguous copy when it is a view); a full shard is written now."""
-        if key in self._pending or any(key in keys for _, keys in self._written):
+        """Write one tensor's bytes to the current shard (closed once it is full)."""
+        if key in self._keys:
             raise ValueError(f"tensor {key} written twice")
-        t = tensor.detach()
-        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
-            t = t.contiguous().clone()
-        self._pending[key] = t
-        self._pending_bytes += t.nbytes
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"tensor {key}: dtype {tensor.dtype} has no safetensors name")
+        t = tensor.detach().contiguous()
+        if self._data is None:
+            self._data = open(self.folder / f".shard-{len(self._written):05d}.data", "wb")  # noqa: SIM115
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._data.write(memoryview(raw))
+        end = self._offset + t.nbytes
+        self._header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, end]}
+        self._offset = end
+        self._keys.add(key)
         self.total_bytes += t.nbytes
-        if self._pending_bytes >= self.max_bytes:
+        if self._offset >= self.max_bytes:
             self._flush()
 
-    def add_all(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """Queue every (name, tensor) pair."""
-        for key, t in items:
-            self.add(key, t)
-
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
+        """Header, then the data file's bytes, into the shard's file; the data file goes."""
+        if self._data is None:
             return
+        self._data.close()
+        data = Path(self._data.name)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-(8 + len(header)) % 8)  # the data starts 8-byte aligned
         name = f".shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, str(self.folder / name), metadata={"format": "pt"})
-        self._written.append((name, sorted(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        with open(self.folder / name, "wb") as out, open(data, "rb") as src:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 << 20)
+        data.unlink()
+        self._written.append((name, sorted(self._header)))
+        self._header, self._data, self._offset = {}, None, 0
 
     def close(self) -> list[str]:
         """Write what is queued, give the shards their final names and write the index (several shards).
@@ -165,3 +204,9 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return [*names, INDEX]
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_NAMED = {v: k for k, v in _DTYPES.items()}

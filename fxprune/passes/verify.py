@@ -10,7 +10,6 @@ recorded as inexact by their rule, and the oracle then says "not applicable".
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,7 +17,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.errors import InvariantError, ShapeError
@@ -124,6 +122,8 @@ class MaskedInterpreter(fx.Interpreter):
         w, b = self._arg(spec.weight), self._arg(spec.bias)
         w = w.index_select(0 if spec.kind == "group_norm" else -1, keep) if isinstance(w, torch.Tensor) else None
         b = b.index_select(0 if spec.kind == "group_norm" else -1, keep) if isinstance(b, torch.Tensor) else None
+        w = w.to(x.dtype) if isinstance(w, torch.Tensor) and w.is_floating_point() else w  # a module's own weight
+        b = b.to(x.dtype) if isinstance(b, torch.Tensor) and b.is_floating_point() else b
         xs = x.index_select(dim, keep)
         if spec.kind == "group_norm":
             ys = F.group_norm(xs, int(spec.shape), w, b, 1e-5 if spec.eps is None else float(spec.eps))
@@ -217,12 +217,18 @@ def mask_oracle(
         if dropped[sol.space_labels(space)].any():
             return OracleReport(False, reason, float("nan"), False)
     zero = zero_masks(deps, dropped)
-    ref_model = copy.deepcopy(original).double().eval()
-    new_model = copy.deepcopy(pruned).double().eval()
     inputs = _double(example_inputs)
-    with torch.no_grad():
-        ref = tensors_of(MaskedInterpreter(ref_model, zero).run(*inputs))
-        got = tensors_of(new_model(*inputs))
+    flags = {m: m.training for g in (original, pruned) for m in g.modules()}
+    try:  # both in eval mode; neither copied: the runs read every tensor in float64, a module's at a time
+        original.eval()
+        pruned.eval()
+        with torch.no_grad(), kept_buffers(original), kept_buffers(pruned):
+            ref = tensors_of(_MaskedFloat64(original, zero).run(*inputs))
+            got = tensors_of(_Float64(pruned).run(*inputs))
+            random = _random(original, zero, inputs, ref)
+    finally:
+        for m, training in flags.items():
+            m.training = training
     if len(ref) != len(got):
         raise InvariantError(f"pruned model returns {len(got)} tensors, the original {len(ref)}")
     worst = 0.0
@@ -238,7 +244,7 @@ def mask_oracle(
         scale = peak if peak > 0 else 1.0
         worst = max(worst, diff)
         passed &= diff <= tol * scale
-    if not passed and _random(ref_model, zero, inputs, ref):
+    if not passed and random:
         reason = ("the model's forward is random (two runs on the same input differ, e.g. torch.randn or "
                   "dropout that ignores eval mode): no oracle can compare it; make the eval forward deterministic")
         log.warning("fxprune: %s", reason)
@@ -246,10 +252,36 @@ def mask_oracle(
     return OracleReport(True, "", worst, passed)
 
 
-def _random(ref_model: nn.Module, zero: dict[str, list[tuple[int, torch.Tensor]]], inputs: tuple[Any, ...],
+def _random(ref_model: fx.GraphModule, zero: dict[str, list[tuple[int, torch.Tensor]]], inputs: tuple[Any, ...],
             first: list[torch.Tensor]) -> bool:
     """Whether the masked reference gives other outputs on a second run with another random seed."""
     with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(ref_model):
         torch.manual_seed(torch.initial_seed() + 7919)
-        again = tensors_of(MaskedInterpreter(ref_model, zero).run(*inputs))
+        again = tensors_of(_MaskedFloat64(ref_model, zero).run(*inputs))
     return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def _as_float64(t: Any) -> Any:
+    """A float64 copy of a floating tensor (a copy even when it is float64: the run may write into it)."""
+    return t.to(torch.float64, copy=True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+class _Float64(fx.Interpreter):
+    """Runs a graph in float64 without a float64 copy of the model: each parameter or buffer read
+    (``get_attr``) is a float64 copy, and each module call runs on float64 copies of that module's own
+    tensors (``functional_call``), freed when it returns. Peak memory is the model plus its largest module
+    in float64, not the whole model in float64; what a forward writes into its state goes to the copies."""
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return _as_float64(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        state = {name: _as_float64(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
+        if not state:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, state, tuple(args), dict(kwargs), tie_weights=True, strict=False)
+
+
+class _MaskedFloat64(_Float64, MaskedInterpreter):
+    """The masked reference (``MaskedInterpreter``) run in float64 a module at a time (``_Float64``)."""
