@@ -21,6 +21,7 @@ Piecewise pruning compiles each part with the function ``compile_parts`` is give
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -92,6 +93,10 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     except TraceError as e:
         if not options.partial:
             raise
+        # The failed attempt's private copy lives on in the traceback's frames (and cycles): freed before
+        # the piecewise strategy makes its own (a whole model's worth of memory)
+        _forget_frames(e)
+        gc.collect()
         return None if options.budget else _compile_root_parts(model, options, e)  # e. piecewise, the root
     # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
     opaque = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
@@ -157,6 +162,25 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
     return PruneResult(done.model, plan, done.modified or changed, params_before, params_after, macs_before,
                        macs_after, done.oracle, 0.0, tuple(parts),
                        reconstruction=(*fits, *(f for r in part_fits.values() for f in r)))
+
+
+def _forget_frames(e: BaseException) -> None:
+    """Drop the tracebacks of ``e`` and of the errors it was raised from, clearing their frames' locals (a
+    failed trace's frames hold the model copy it traced)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        ex = stack.pop()
+        if ex is None or id(ex) in seen:
+            continue
+        seen.add(id(ex))
+        tb = ex.__traceback__
+        while tb is not None:
+            with contextlib.suppress(RuntimeError):  # a frame still running (this one's callers) stays
+                tb.tb_frame.clear()
+            tb = tb.tb_next
+        ex.__traceback__ = None
+        stack += [ex.__cause__, ex.__context__]
 
 
 def _select(a: Prepared, options: Options, scores: list[Any], cost: CostModel) -> PruningPlan:

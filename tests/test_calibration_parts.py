@@ -116,7 +116,7 @@ def test_cli_data_decides_every_layer(tmp_path) -> None:
     model.save_pretrained(folder)
     text.write_text("def f(x):\n    return [x * i for i in range(10)]  # calibration text\n" * 8)
     code = main(["compile", f"hf:{folder}", "--ratio", "0.5", "--importance", "activation", "--data", str(text),
-                 "--save-pretrained", str(out), "--runs", "0"])
+                 "--save-pretrained", str(out), "--runs", "0", "--in-memory"])  # streamed: test_streaming.py
     assert code == 0
     batches = [b[0] for b in load_batches(text, ((1, 32),), vocabulary=96)]
     expected = _eager_choice(model, batches, 32)

@@ -177,3 +177,26 @@ def test_a_config_that_cannot_describe_the_layer_fails_after_the_first(tmp_path:
     with pytest.raises(FxPruneError, match="cannot describe the pruned layer transformer.h.0"):
         prune_pretrained(tmp_path / "in", tmp_path / "out", 0.5, on_layer=lambda i, n, r: seen.append(i))
     assert seen == [] and not (tmp_path / "out").exists()
+
+
+def test_the_command_line_streams_what_python_streams(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fxprune compile hf:FOLDER --data FILE --save-pretrained OUT`` streams by default and writes what
+    ``prune_pretrained`` writes with the same batches; an option that needs the whole model loads it whole."""
+    from fxprune.cli import main
+    from fxprune.data import load_batches
+
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "in")
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return [x * i for i in range(10)]  # calibration text\n" * 8)
+    assert main(["compile", f"hf:{tmp_path / 'in'}", "--ratio", "0.5", "--prune-heads", "--data", str(text),
+                 "--save-pretrained", str(tmp_path / "cli")]) == 0
+    assert "streamed layer by layer (3 layers, importance activation" in capsys.readouterr().out
+    batches = load_batches(text, ((1, 32),), dtype=torch.int64, vocabulary=96)[:32]
+    prune_pretrained(tmp_path / "in", tmp_path / "api", 0.5, prune_heads=True, calibration=batches)
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "api")
+    _same_weights(a, b)
+    assert main(["compile", f"hf:{tmp_path / 'in'}", "--ratio", "0.5", "--save-pretrained", str(tmp_path / "whole"),
+                 "--save-plan", str(tmp_path / "plan.json"), "--runs", "0"]) == 0
+    assert "--save-plan need the whole model: it is loaded into memory" in capsys.readouterr().out

@@ -36,7 +36,7 @@ class MemberSlice:
         param: qualified parameter name.
         dim: the dim of the parameter that the group's channels index.
         module_type: type name of the module owning the parameter (e.g. ``BatchNorm2d``).
-        tensor: the whole parameter (detached, float32).
+        stored: the whole parameter, detached, in its own dtype (``tensor`` is it in float32).
         index: the rows of ``dim`` that belong to this group, or None for all of them.
         position: group-local channel position of every row (int array of ``n_rows``).
         grad: the gradient as ``[n_rows, rest]`` when a criterion asked for gradients, else None.
@@ -48,16 +48,23 @@ class MemberSlice:
     param: str
     dim: int
     module_type: str
-    tensor: torch.Tensor
+    stored: torch.Tensor
     index: torch.Tensor | None
     position: np.ndarray
     grad: torch.Tensor | None
     act: torch.Tensor | None = None
 
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The whole parameter in float32 (a copy made on each use for half-precision weights, so a model's
+        weights are never all held in float32 at once while its groups are scored)."""
+        return self.stored.float()
+
     @functools.cached_property
     def rows(self) -> torch.Tensor:
         """Float32 ``[n_rows, rest]``: the parameter with ``dim`` first, rest flattened (copied on first use)."""
-        base = self.tensor.movedim(self.dim, 0).reshape(self.tensor.shape[self.dim], -1)
+        t = self.tensor
+        base = t.movedim(self.dim, 0).reshape(t.shape[self.dim], -1)
         return base if self.index is None else base[self.index]
 
     def row_sums(self, p: float = 2.0) -> torch.Tensor:
@@ -120,7 +127,7 @@ def group_tensors(
         t = params.get(qual)
         if t is None:
             continue
-        base = t.detach().float()
+        base = t.detach()  # in its own dtype: ``MemberSlice.tensor`` casts on use
         for d in (d for d in range(t.dim()) if (value, d) in sol.offsets):
             space = (value, d)
             labels = sol.space_labels(space)
