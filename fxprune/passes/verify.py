@@ -10,6 +10,7 @@ recorded as inexact by their rule, and the oracle then says "not applicable".
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -280,6 +281,8 @@ class _Float64(fx.Interpreter):
         state = {name: _as_float64(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
         if not state:
             return module(*args, **kwargs)
+        if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):  # no stateless API: a copy
+            return copy.deepcopy(module).double()(*args, **kwargs)
         return torch.func.functional_call(module, state, tuple(args), dict(kwargs), tie_weights=True, strict=False)
 
 
