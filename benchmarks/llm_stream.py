@@ -12,6 +12,8 @@ idle machine. Paths:
 - ``stream``: ``fxprune compile hf:FOLDER --ratio 0.5 --prune-heads --data calib.txt --save-pretrained OUT``
   (streaming is the default for this command);
 - ``in-memory``: the same with ``--in-memory`` (sizes up to ``--in-memory-max``);
+- ``torch-pruning``: ``from_pretrained``, Torch-Pruning's ``MetaPruner`` as ``llm_scale.py`` runs it (MLP and
+  whole heads at 0.5, L2 magnitude: its pruner takes no calibration data), ``save_pretrained`` (same sizes);
 - then a reload check in another fresh process: ``from_pretrained(OUT, dtype=bfloat16)``, the config's widths,
   and ``generate`` of 8 new tokens with the KV cache.
 
@@ -95,6 +97,19 @@ def measured(cmd: list[str], timeout: float) -> dict[str, Any]:
             "stdout": stdout, "stderr_tail": stderr[-800:]}
 
 
+TORCH_PRUNING = """
+import sys, time, torch, transformers
+sys.path.insert(0, sys.argv[3])
+from llm_scale import prune_torch_pruning
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+ids = torch.randint(0, m.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+m.config.use_cache = False  # its tracer follows a tensor output, not a cache
+model, seconds = prune_torch_pruning(m, ids, {"ratio": 0.5, "heads": True})
+model.config.use_cache = True
+model.save_pretrained(sys.argv[2])
+print(f"prune call {seconds:.1f}s")
+"""
+
 RELOAD = """
 import sys, torch, transformers
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
@@ -134,18 +149,22 @@ def main() -> None:
             nbytes = write_folder(folder, size)
             print(f"wrote {folder}: {nbytes / GiB:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
         nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        paths = ["stream"] + (["in-memory"] if ORDER.index(size) <= ORDER.index(args.in_memory_max) else [])
+        whole = ORDER.index(size) <= ORDER.index(args.in_memory_max)
+        paths = ["stream"] + (["in-memory", "torch-pruning"] if whole else [])
         for path in paths:
             out = root / f"{size}-{path}-out"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             cmd = [sys.executable, "-m", "fxprune.cli", "compile", f"hf:{folder}", "--ratio", "0.5", "--prune-heads",
                    "--data", str(calib), "--save-pretrained", str(out)] + (["--in-memory"] if path == "in-memory" else [])
+            if path == "torch-pruning":  # load, prune in place (L2 magnitude: MetaPruner has no calibration), save
+                cmd = [sys.executable, "-c", TORCH_PRUNING, str(folder), str(out), str(Path(__file__).parent)]
             row: dict[str, Any] = {**stamp, "size": size, "path": path, "model_gib": round(nbytes / GiB, 3),
                                    **measured(cmd, args.timeout)}
             if row["rc"] == 0:
                 check = measured([sys.executable, "-c", RELOAD, str(out)], args.timeout)
                 row["reload"] = check["stdout"].strip().splitlines()[-1] if check["rc"] == 0 else check
                 row["reload_peak_rss_gib"] = check.get("peak_rss_gib")
+            row["prune_call"] = next((ln for ln in row.get("stdout", "").splitlines() if ln.startswith("prune call")), "")
             row["peak_over_model"] = round(row.get("peak_rss_gib", 0) / max(row["model_gib"], 1e-9), 3)
             print(json.dumps({k: v for k, v in row.items() if k not in ("stdout", "stderr_tail")}), flush=True)
             with open(args.out, "a", encoding="utf-8") as f:

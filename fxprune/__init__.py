@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
                      "recalibrate_batchnorm"), "fxprune.recovery"),
     **dict.fromkeys(("SensitivityResult", "sensitivity"), "fxprune.sensitivity_analysis"),
     **dict.fromkeys(("DepthResult", "prune_depth"), "fxprune.depth"),
+    **dict.fromkeys(("StreamResult", "prune_pretrained"), "fxprune.streaming"),
     "export_onnx": "fxprune.passes.export",
 }
 _SUBMODULES = ("recovery", "sparsity")
@@ -50,6 +51,7 @@ __all__ = [
     "QuantizationError",
     "SensitivityResult",
     "ShapeError",
+    "StreamResult",
     "Taylor",
     "TraceError",
     "TrainModeError",
@@ -61,6 +63,7 @@ __all__ = [
     "iterative",
     "prune",
     "prune_depth",
+    "prune_pretrained",
     "recalibrate_batchnorm",
     "recovery",
     "sensitivity",
@@ -111,3 +114,4 @@ if TYPE_CHECKING:  # the names as static analysis sees them
         recalibrate_batchnorm,
     )
     from fxprune.sensitivity_analysis import SensitivityResult, sensitivity
+    from fxprune.streaming import StreamResult, prune_pretrained
