@@ -39,7 +39,7 @@ from fxprune.partial import PartReport, _Bound, _Call, _part_ignore, no_kv_cache
 from fxprune.passes.importance import resolve
 from fxprune.pipeline import _part_compiler
 from fxprune.shards import ShardWriter
-from fxprune.streaming_model import Skeleton, open_skeleton
+from fxprune.streaming_model import Skeleton, is_parameter, open_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,8 @@ def _stream(sk: Skeleton, options: Options, stage: Path, max_shard_bytes: int,
             writer.add(f"{name}.{key}", t)
         params_after += sum(p.numel() for p in pruned.parameters())
         log.info("fxprune: layer %d/%d %s: %d -> %d parameters%s", i + 1, n, name, report.params_before,
-                    report.params_after, f" (oracle {report.oracle})" if report.oracle else
-                    (f" (kept whole: {report.skipped})" if report.skipped else ""))
+                 report.params_after, f" (oracle {report.oracle})" if report.oracle else
+                 (f" (kept whole: {report.skipped})" if report.skipped else ""))
         if i == 0 and n > 1:
             _probe_config(sk, pruned)
         if i == n - 1:  # kept real for the config's proof
@@ -226,7 +226,7 @@ def _stream(sk: Skeleton, options: Options, stage: Path, max_shard_bytes: int,
     for key in sk.outside_layers():  # embeddings, final norm, head: as they are
         t = sk.checkpoint.get(key)
         writer.add(key, t)
-        params_after += t.numel()
+        params_after += t.numel() if is_parameter(sk.model, key) else 0
     assert last is not None
     changes = _write_config(sk, last, stage)
     sk.set_layer(n - 1, last[0].to("meta"))

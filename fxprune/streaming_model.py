@@ -187,7 +187,7 @@ def open_skeleton(folder: str | Any) -> Skeleton:
                            "in-memory path")
     layers_name = f"{base_name}.{lists[0][0]}"
     _check_names(model, checkpoint, layers_name)
-    params_before = sum(_numel(checkpoint.shape(k)) for k in checkpoint.names() if _is_parameter(model, k))
+    params_before = sum(_numel(checkpoint.shape(k)) for k in checkpoint.names() if is_parameter(model, k))
     emb = model.get_input_embeddings()
     return Skeleton(path, model, checkpoint, base, base_name, lists[0][1], layers_name,
                     bool(getattr(config, "use_cache", False)), params_before, int(emb.num_embeddings))
@@ -200,7 +200,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-def _is_parameter(model: nn.Module, key: str) -> bool:
+def is_parameter(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` names a parameter of ``model`` (not a buffer)."""
     module, _, attr = key.rpartition(".")
     try:
         return attr in model.get_submodule(module)._parameters

@@ -200,3 +200,28 @@ def test_the_command_line_streams_what_python_streams(tmp_path: Path, capsys: py
     assert main(["compile", f"hf:{tmp_path / 'in'}", "--ratio", "0.5", "--save-pretrained", str(tmp_path / "whole"),
                  "--save-plan", str(tmp_path / "plan.json"), "--runs", "0"]) == 0
     assert "--save-plan need the whole model: it is loaded into memory" in capsys.readouterr().out
+
+
+def test_reconstruct_streams_and_strict_writes_nothing(tmp_path: Path) -> None:
+    """``reconstruct=True`` refits each layer on the batches that reach it (the streamed layers before it);
+    the refitted model is closer to the original's logits than the plain one. ``--strict`` with a request
+    that did nothing (every layer ignored: nothing pruned) writes nothing and exits 3."""
+    from fxprune.cli import main
+
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "in")
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 96, (2, 24), generator=g) for _ in range(8)]
+    plain = prune_pretrained(tmp_path / "in", tmp_path / "plain", 0.5, calibration=batches)
+    refit = prune_pretrained(tmp_path / "in", tmp_path / "refit", 0.5, calibration=batches, reconstruct=True)
+    assert plain.params_after == refit.params_after and all(p.oracle == "passed" for p in refit.parts)
+    x = torch.randint(0, 96, (2, 24), generator=g)
+    with torch.no_grad():
+        want = model(x).logits
+        errs = [(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name)(x).logits - want).square().mean()
+                for name in ("plain", "refit")]
+    assert errs[1] < errs[0]
+    every_layer = [a for i in range(3) for a in ("--ignore", f"model.layers.{i}")]
+    code = main(["compile", f"hf:{tmp_path / 'in'}", "--ratio", "0.5", "--strict", "--save-pretrained",
+                 str(tmp_path / "strict"), *every_layer])
+    assert code == 3 and not (tmp_path / "strict").exists()
