@@ -20,7 +20,6 @@ import gc
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,6 +38,7 @@ from fxprune.partial import PartReport, _Bound, _Call, _part_ignore, no_kv_cache
 from fxprune.passes.importance import resolve
 from fxprune.pipeline import _part_compiler
 from fxprune.shards import ShardWriter
+from fxprune.stage_dirs import make_stage
 from fxprune.streaming_model import Skeleton, is_parameter, open_skeleton
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def prune_pretrained(
                             "layer at a time; use 'activation' with calibration, or the in-memory path")
     honoured.warn_weight_only_language_model(skeleton.model, options)
     _large_allocations_mapped()
-    stage = Path(tempfile.mkdtemp(prefix=".fxprune-", suffix=".tmp", dir=target.parent))
+    stage = make_stage(target.parent)  # all or nothing; a killed run's staging folders there go first
     try:
         result = _stream(skeleton, options, stage, max_shard_bytes, on_layer)
         if target.is_dir():

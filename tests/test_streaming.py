@@ -225,3 +225,22 @@ def test_reconstruct_streams_and_strict_writes_nothing(tmp_path: Path) -> None:
     code = main(["compile", f"hf:{tmp_path / 'in'}", "--ratio", "0.5", "--strict", "--save-pretrained",
                  str(tmp_path / "strict"), *every_layer])
     assert code == 3 and not (tmp_path / "strict").exists()
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """``kill -9`` leaves the hidden staging folder (no output folder); the next run beside it removes the
+    folders of processes that have ended, and keeps those of live ones."""
+    import os
+    import subprocess
+    import sys
+
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "in")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".fxprune-{int(ended.stdout)}-abc123.tmp"
+    live = tmp_path / f".fxprune-{os.getppid()}-def456.tmp"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    prune_pretrained(tmp_path / "in", tmp_path / "out", 0.5)
+    assert not dead.exists() and live.exists() and (tmp_path / "out" / "config.json").is_file()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import TracebackType
 
 from fxprune.errors import ArgumentError
+from fxprune.stage_dirs import make_stage
 
 __all__ = ["OutputStage"]
 
@@ -75,7 +75,7 @@ class OutputStage:
         final = Path(target)
         folder = final.parent.resolve()
         if folder not in self._dirs:
-            self._dirs[folder] = Path(tempfile.mkdtemp(prefix=".fxprune-", suffix=".tmp", dir=folder))
+            self._dirs[folder] = make_stage(folder)  # a killed run's folders there are removed first
         return self._dirs[folder] / final.name
 
     def commit(self) -> list[Path]:
