@@ -10,14 +10,17 @@ recorded as inexact by their rule, and the oracle then says "not applicable".
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.errors import InvariantError, ShapeError
@@ -219,17 +222,10 @@ def mask_oracle(
             return OracleReport(False, reason, float("nan"), False)
     zero = zero_masks(deps, dropped)
     inputs = _double(example_inputs)
-    flags = {m: m.training for g in (original, pruned) for m in g.modules()}
-    try:  # both in eval mode; neither copied: the runs read every tensor in float64, a module's at a time
-        original.eval()
-        pruned.eval()
-        with torch.no_grad(), kept_buffers(original), kept_buffers(pruned):
-            ref = tensors_of(_MaskedFloat64(original, zero).run(*inputs))
-            got = tensors_of(_Float64(pruned).run(*inputs))
-            random = _random(original, zero, inputs, ref)
-    finally:
-        for m, training in flags.items():
-            m.training = training
+    with _evaluated(original, pruned), torch.no_grad(), kept_buffers(original), kept_buffers(pruned):
+        # neither model copied: the runs read every tensor in float64, a module's at a time
+        ref = tensors_of(_MaskedFloat64(original, zero).run(*inputs))
+        got = tensors_of(_Float64(pruned).run(*inputs))
     if len(ref) != len(got):
         raise InvariantError(f"pruned model returns {len(got)} tensors, the original {len(ref)}")
     worst = 0.0
@@ -245,7 +241,7 @@ def mask_oracle(
         scale = peak if peak > 0 else 1.0
         worst = max(worst, diff)
         passed &= diff <= tol * scale
-    if not passed and random:
+    if not passed and _random(original, zero, inputs, ref):  # a second run only to explain a failure
         reason = ("the model's forward is random (two runs on the same input differ, e.g. torch.randn or "
                   "dropout that ignores eval mode): no oracle can compare it; make the eval forward deterministic")
         log.warning("fxprune: %s", reason)
@@ -253,10 +249,23 @@ def mask_oracle(
     return OracleReport(True, "", worst, passed)
 
 
+@contextlib.contextmanager
+def _evaluated(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode, their flags restored afterwards."""
+    flags = {m: m.training for g in models for m in g.modules()}
+    try:
+        for g in models:
+            g.eval()
+        yield
+    finally:
+        for m, training in flags.items():
+            m.training = training
+
+
 def _random(ref_model: fx.GraphModule, zero: dict[str, list[tuple[int, torch.Tensor]]], inputs: tuple[Any, ...],
             first: list[torch.Tensor]) -> bool:
     """Whether the masked reference gives other outputs on a second run with another random seed."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(ref_model):
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(ref_model), _evaluated(ref_model):
         torch.manual_seed(torch.initial_seed() + 7919)
         again = tensors_of(_MaskedFloat64(ref_model, zero).run(*inputs))
     return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again, strict=True))
