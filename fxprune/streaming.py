@@ -170,6 +170,7 @@ def _large_allocations_mapped() -> None:
 
 
 def _check_target(save_to: str | os.PathLike[str]) -> Path:
+    """``save_to`` as a path: a new folder, or an empty one, in a folder that exists (``ArgumentError``)."""
     target = Path(save_to)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ArgumentError(f"save_to {target} exists and is not an empty folder; give a new folder")
@@ -231,7 +232,7 @@ def _stream(sk: Skeleton, options: Options, stage: Path, max_shard_bytes: int,
     changes = _write_config(sk, last, stage)
     sk.set_layer(n - 1, last[0].to("meta"))
     files = [*writer.close(), "config.json", *_copy_other_files(sk.folder, stage)]
-    unhonoured = _unhonoured(sk, options, reports, changes)
+    unhonoured = _unhonoured(options, reports, changes)
     return StreamResult(stage, sk.params_before, params_after, tuple(reports), changes, tuple(files), 0.0,
                         tuple(unhonoured))
 
@@ -244,6 +245,7 @@ def _with_hidden(call: _Call, hidden: torch.Tensor) -> _Call:
 
 
 def _layer_output(layer: nn.Module, call: _Call, name: str) -> torch.Tensor:
+    """What ``layer`` gives the next layer on ``call``: its hidden states, shaped like its input."""
     out = layer(*call.args, **call.kwargs)
     if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):  # (hidden, ...) of older layers
         out = out[0]
@@ -337,7 +339,7 @@ def _copy_other_files(folder: Path, stage: Path) -> list[str]:
     return copied
 
 
-def _unhonoured(sk: Skeleton, options: Options, reports: list[PartReport], changes: dict[str, Any]) -> list[str]:
+def _unhonoured(options: Options, reports: list[PartReport], changes: dict[str, Any]) -> list[str]:
     """Requests that did nothing, each also a warning."""
     said = []
     if options.ratio > 0 and not any(r.params_after < r.params_before for r in reports):
