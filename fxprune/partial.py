@@ -79,6 +79,21 @@ class _Bound(nn.Module):
         )
 
 
+def fed_batches(name: str, bound: _Bound, calls: list[_Call | None]) -> list[tuple[torch.Tensor, ...]]:
+    """The tensors of every calibration call of part ``name`` that ``bound`` can be fed (None: the batch never
+    called it); the user's data not all used is said by default, as a warning."""
+    got = [bound.tensors(c) for c in calls if c is not None and bound.fits(c)]
+    if len(got) < len(calls):
+        log.warning("fxprune: part %s: only %d of %d calibration batches call it with the example's non-tensor "
+                    "arguments; the others are not used for this part", name, len(got), len(calls))
+    return got
+
+
+def oracle_verdict(oracle: Any) -> str:
+    """A part's oracle in a word for its report: "passed", the reason it did not apply, or "" (not run)."""
+    return "" if oracle is None else ("passed" if oracle.applicable and oracle.passed else oracle.reason)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two recorded non-tensor arguments are the same constant (identity first: objects whose ``==``
     is not a bool, such as arrays, count as different unless they are the same object)."""
@@ -222,12 +237,7 @@ def compile_parts(
         if sequential:  # what the parts pruned so far give this one
             with kept_buffers(root):
                 calibration_calls[:] = [record_calls(root, scope, batch) for batch in calibration]
-        got = [bound.tensors(c[name]) for c in calibration_calls if name in c and bound.fits(c[name])]
-        if len(got) < len(calibration_calls):  # the user's data is not all used: said by default
-            log.warning("fxprune: part %s: only %d of %d calibration batches call it with the example's "
-                        "non-tensor arguments; the others are not used for this part",
-                        name, len(got), len(calibration_calls))
-        return got
+        return fed_batches(name, bound, [c.get(name) for c in calibration_calls])
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in parent.named_children():
@@ -277,9 +287,8 @@ def compile_parts(
             pruned = result.model.inner  # type: ignore[union-attr]
             pruned.train(child.training)
             setattr(parent, child_name, pruned)
-            oracle = result.oracle
-            verdict = "" if oracle is None else ("passed" if oracle.applicable and oracle.passed else oracle.reason)
-            if oracle is None and result.parts:  # pruned part by part itself: proven by its own parts' oracles
+            verdict = oracle_verdict(result.oracle)
+            if result.oracle is None and result.parts:  # pruned part by part itself: proven by its own parts' oracles
                 changed = [p for p in result.parts if p.params_after < p.params_before]
                 bad = next((p for p in changed if p.oracle != "passed"), None)
                 verdict = "passed" if changed and bad is None else (f"{bad.name}: {bad.oracle}" if bad else "")

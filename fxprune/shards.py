@@ -67,10 +67,6 @@ class Checkpoint:
     def __contains__(self, key: object) -> bool:
         return key in self._files
 
-    def files(self) -> list[str]:
-        """The weight files read (names relative to the folder)."""
-        return sorted(self._headers)
-
     def get(self, key: str) -> torch.Tensor:
         """One tensor, in its stored dtype.
 
@@ -97,10 +93,6 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape, read from the header only."""
         return tuple(self._headers[self._files[key]][1][key]["shape"])
-
-    def nbytes(self) -> int:
-        """The size of the weight files on disk."""
-        return sum((self.folder / name).stat().st_size for name in self._headers)
 
 
 def _read_header(path: Path) -> tuple[int, dict[str, Any]]:

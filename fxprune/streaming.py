@@ -34,12 +34,12 @@ from fxprune.errors import ArgumentError, FxPruneError, first_line
 from fxprune.hf_config import _same_structure, propose
 from fxprune.options import Options
 from fxprune.outputs import tensors_of
-from fxprune.partial import PartReport, _Bound, _Call, _part_ignore, no_kv_cache
+from fxprune.partial import PartReport, _Bound, _Call, _part_ignore, fed_batches, no_kv_cache, oracle_verdict
 from fxprune.passes.importance import resolve
 from fxprune.pipeline import _part_compiler
 from fxprune.shards import ShardWriter
 from fxprune.stage_dirs import make_stage
-from fxprune.streaming_model import Skeleton, is_parameter, open_skeleton
+from fxprune.streaming_model import Skeleton, hidden_of, is_parameter, open_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ def _stream(sk: Skeleton, options: Options, stage: Path, max_shard_bytes: int,
     compile_part, _, _ = _part_compiler(options)
     writer = ShardWriter(stage, max_shard_bytes)
     reports: list[PartReport] = []
-    hidden = calls[0].args[0] if calls[0].args else calls[0].kwargs["hidden_states"]
-    cal_hidden = [c[0].args[0] if c[0].args else c[0].kwargs["hidden_states"] for c in cal_calls or ()]
+    hidden = hidden_of(calls[0])
+    cal_hidden = [hidden_of(c[0]) for c in cal_calls or ()]
     params_after, last = 0, None
     n = len(sk.layers)
     for i in range(n):
@@ -249,7 +249,7 @@ def _layer_output(layer: nn.Module, call: _Call, name: str) -> torch.Tensor:
     out = layer(*call.args, **call.kwargs)
     if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):  # (hidden, ...) of older layers
         out = out[0]
-    hidden = call.args[0] if call.args else call.kwargs["hidden_states"]
+    hidden = hidden_of(call)
     if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
         raise FxPruneError(f"{name} returns {type(out).__name__}, not hidden states shaped like its input "
                            f"{tuple(hidden.shape)}: its layers cannot be streamed; use the in-memory path")
@@ -264,21 +264,14 @@ def _prune_layer(layer: nn.Module, name: str, call: _Call, calibration: list[_Ca
     if inside is None:
         return layer, PartReport(name, before, before, skipped="ignored by the user")
     bound = _Bound(layer, call)
-    own = None
-    if calibration is not None:
-        own = [bound.tensors(c) for c in calibration if bound.fits(c)]
-        if len(own) < len(calibration):
-            log.warning("fxprune: layer %s: only %d of %d calibration batches call it with the example's non-tensor "
-                        "arguments; the others are not used for it", name, len(own), len(calibration))
+    own = None if calibration is None else fed_batches(name, bound, list(calibration))
     try:
         result = compile_part(bound, bound.tensors(call), inside, own, None, name)
     except FxPruneError as e:
         log.warning("fxprune: layer %s kept whole: %s", name, first_line(e, typed=True))
         return layer, PartReport(name, before, before, skipped=first_line(e, typed=True))
     pruned = result.model.inner.eval()
-    oracle = result.oracle
-    verdict = "" if oracle is None else ("passed" if oracle.applicable and oracle.passed else oracle.reason)
-    return pruned, PartReport(name, result.params_before, result.params_after, verdict)
+    return pruned, PartReport(name, result.params_before, result.params_after, oracle_verdict(result.oracle))
 
 
 def _probe_config(sk: Skeleton, first: nn.Module) -> None:

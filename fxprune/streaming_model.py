@@ -9,6 +9,7 @@ is known without any layer being loaded; ``load_layer`` then loads one layer's t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class _Recorder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls[self.index] = _Call(tuple(args), dict(kwargs))
-        return args[0] if args else kwargs["hidden_states"]
+        return hidden_of(self.calls[self.index])
 
     def __getattr__(self, name: str) -> Any:  # the base model reads layer attributes (attention_type)
         try:
@@ -81,7 +82,7 @@ class Skeleton:
         if sorted(calls) != list(range(len(originals))):
             raise FxPruneError(f"{self.layers_name}: only layers {sorted(calls)} of {len(originals)} were called "
                                "once each: its layers cannot be streamed; use the in-memory path")
-        first = calls[0].args[0] if calls[0].args else calls[0].kwargs.get("hidden_states")
+        first = hidden_of(calls[0])
         if not isinstance(first, torch.Tensor) or not first.is_floating_point():
             raise FxPruneError(f"{self.layers_name}.0 is not called with hidden states first: its layers cannot be "
                                "streamed; use the in-memory path")
@@ -119,24 +120,19 @@ class Skeleton:
         return [k for k in self.checkpoint.names() if not k.startswith(prefix)]
 
 
+def hidden_of(call: _Call) -> Any:
+    """A decoder layer's hidden-state input in a recorded call: its first argument, or ``hidden_states=``."""
+    return call.args[0] if call.args else call.kwargs.get("hidden_states")
+
+
 def _own_tensors(m: nn.Module) -> bool:
     return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
 
 
 def _load(module: nn.Module, prefix: str, checkpoint: Checkpoint, model: nn.Module, recurse: bool) -> None:
     """Make ``module`` real on the CPU with the checkpoint's tensors (in their stored dtype)."""
-    if recurse:
-        module.to_empty(device="cpu")
-        owners = list(module.modules())
-    else:  # only this module's own tensors
-        for key, p in list(module._parameters.items()):
-            if p is not None:
-                module._parameters[key] = nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad)
-        for key, b in list(module._buffers.items()):
-            if b is not None:
-                module._buffers[key] = torch.empty_like(b, device="cpu")
-        owners = [module]
-    for m in owners:  # rotary tables and the like are not in the checkpoint: transformers' own init makes them
+    module.to_empty(device="cpu", recurse=recurse)  # recurse=False: only this module's own tensors
+    for m in module.modules() if recurse else [module]:  # rotary tables and the like are not in the checkpoint: transformers' own init makes them
         if m._non_persistent_buffers_set and callable(getattr(model, "_init_weights", None)):
             model._init_weights(m)
     keys = list(module.state_dict().keys()) if recurse else [
@@ -187,17 +183,10 @@ def open_skeleton(folder: str | Any) -> Skeleton:
                            "in-memory path")
     layers_name = f"{base_name}.{lists[0][0]}"
     _check_names(model, checkpoint, layers_name)
-    params_before = sum(_numel(checkpoint.shape(k)) for k in checkpoint.names() if is_parameter(model, k))
+    params_before = sum(math.prod(checkpoint.shape(k)) for k in checkpoint.names() if is_parameter(model, k))
     emb = model.get_input_embeddings()
     return Skeleton(path, model, checkpoint, base, base_name, lists[0][1], layers_name,
                     bool(getattr(config, "use_cache", False)), params_before, int(emb.num_embeddings))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def is_parameter(model: nn.Module, key: str) -> bool:

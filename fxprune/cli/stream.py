@@ -33,7 +33,7 @@ def stream_blockers(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def run_stream(args: argparse.Namespace, print_compile_line: bool = True) -> int:
+def run_stream(args: argparse.Namespace) -> int:
     """Prune ``hf:FOLDER`` layer by layer into ``--save-pretrained``; all or nothing is written."""
     from fxprune.cli.commands import EXIT_STRICT
     from fxprune.streaming import prune_pretrained

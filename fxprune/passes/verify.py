@@ -287,11 +287,11 @@ class _Float64(fx.Interpreter):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
+        if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):  # no stateless API: a copy
+            return copy.deepcopy(module).double()(*args, **kwargs)
         state = {name: _as_float64(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
         if not state:
             return module(*args, **kwargs)
-        if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):  # no stateless API: a copy
-            return copy.deepcopy(module).double()(*args, **kwargs)
         return torch.func.functional_call(module, state, tuple(args), dict(kwargs), tie_weights=True, strict=False)
 
 
