@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.passes.reconstruct import DAMP
 
 
 def _mlp() -> nn.Module:
@@ -43,10 +44,31 @@ def test_refit_is_the_least_squares_solution_and_is_proven(output: str) -> None:
     xk = np.concatenate([x[:, kept], np.ones((len(x), 1))], 1)
     target = x @ model[2].weight.detach().double().numpy().T + model[2].bias.detach().double().numpy()
     h = xk.T @ xk
-    solution = np.linalg.solve(h + 0.01 * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
+    solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
     got = r.model.state_dict()
     np.testing.assert_allclose(got["2.weight"].double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["2.bias"].double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_chain_is_refitted_in_order_toward_the_unpruned_outputs() -> None:
+    """Two consumers in a row: the second is fitted on what the pruned, refitted first one gives it, with the
+    unpruned model's output as the target (so it also makes up for what the first one lost): numpy, on the
+    eager model and on the pruned model, gives the same weights."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 8)).eval()
+    r = fxprune.prune(model, 0.5, example_inputs=(CAL[0][:2],), importance="activation", calibration=CAL,
+                      reconstruct=True, verify=True, output="module")
+    assert r.oracle.passed and [f.name for f in r.reconstruction] == ["2", "4"]
+    with torch.no_grad():
+        x_o = torch.cat([model[3](model[2](model[1](model[0](b)))) for b in CAL]).double().numpy()
+        x_p = torch.cat([r.model[3](r.model[2](r.model[1](r.model[0](b)))) for b in CAL]).double().numpy()
+    w, b = model[4].weight.detach().double().numpy(), model[4].bias.detach().double().numpy()
+    target = x_o @ w.T + b
+    xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
+    h = xk.T @ xk
+    solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
+    np.testing.assert_allclose(r.model[4].weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.model[4].bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
 
 
 def _kept_columns(original: torch.Tensor, pruned: nn.Module) -> list[int]:

@@ -8,12 +8,14 @@ ThiNet; FLAP's bias compensation where the layer has a bias):
 
     [W' b'] = [W b] H[:, K] (H[K, K] + damp I)^-1,   H = sum over samples of [x; 1] [x; 1]^T
 
-with ``K`` the kept inputs (and the ones row when there is a bias), ``damp`` 1% of the mean of ``H[K, K]``'s
-diagonal (as GPTQ damps). The refit changes the private copy's weights before the rewrite, so the mask oracle
+with ``K`` the kept inputs (and the ones row when there is a bias), ``damp`` 0.1% of the mean of ``H[K, K]``'s
+diagonal (GPTQ damps by 1%; on the benchmark's Llama 0.1% fits better, docs/llm.md). The refit changes the private copy's weights before the rewrite, so the mask oracle
 proves ``pruned == refitted original with the removed channels zeroed``: exactness is kept.
 
 Sequential, as SlimGPT and GPTQ are: layers are fitted in graph order, each on what the already pruned and
-refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far zeroed).
+refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far zeroed),
+toward what it computed in the unpruned model (``X`` pruned inputs, ``X_o`` unpruned ones: ``H[:, K]`` above
+becomes ``X_o^T X[:, K]``), so each refit also makes up for what the layers before it lost.
 A graph specialised to the example's shapes cannot run batches of other shapes: then every layer is fitted
 on the unpruned model's inputs (the eager copy runs them), a few layers per run so that the float64 ``H``
 matrices held at once stay under ``H_BUDGET_BYTES``. A layer whose refit would not lower its calibration
@@ -24,7 +26,8 @@ parts pruned before it give it (``partial.compile_parts``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +48,7 @@ from fxprune.state import kept_buffers
 log = logging.getLogger(__name__)
 
 H_BUDGET_BYTES = 256 * 2**20  # float64 statistics held at once
-DAMP = 0.01
+DAMP = 0.001
 
 
 @dataclass(frozen=True)
@@ -170,23 +173,30 @@ def _statistics(layers: Sequence[tuple[str, nn.Module, np.ndarray]], run: Callab
     return stats
 
 
-def _refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor) -> LayerFit:
+def _refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor, cross: torch.Tensor | None = None,
+           target: float | None = None) -> LayerFit:
+    """Refit ``m``'s kept columns: ``h`` is ``X^T X`` of the inputs it gets now (upstream pruned); ``cross`` is
+    ``X_o^T X`` with ``X_o`` what the unpruned model gives it, ``target`` is ``||X_o [W b]^T||^2`` (both absent:
+    the target is the layer's full output on its current inputs)."""
     w = _weight(m)
     n_in, columns = w.shape[1], _columns(m, cols)
     bias = getattr(m, "bias", None) is not None
     full = torch.cat([w, m.bias.detach().double()[:, None]], 1) if bias else w  # type: ignore[union-attr]
     keep = torch.as_tensor(np.append(columns, n_in) if bias else columns, dtype=torch.long)
     channels = n_in if _kind(m) != "conv" else m.in_channels
+    c = h if cross is None else cross
     hk = h[keep][:, keep]
     damp = DAMP * float(hk.diagonal().mean()) + 1e-12
-    fitted = torch.linalg.solve(hk + damp * torch.eye(len(keep), dtype=h.dtype), (full @ h[:, keep]).t()).t()
+    fitted = torch.linalg.solve(hk + damp * torch.eye(len(keep), dtype=h.dtype), (full @ c[:, keep]).t()).t()
+    total = float(torch.einsum("ij,jk,ik->", full, h, full)) if target is None else target
+    reach = full @ c  # (out, in): full X_o^T X
 
     def error(kept_part: torch.Tensor) -> float:
+        """``||X_o full^T - X E^T||^2 / ||X_o full^T||^2`` with ``E`` the kept part embedded at full width."""
         embedded = torch.zeros_like(full)
         embedded[:, keep] = kept_part
-        diff = full - embedded
-        total = float(torch.einsum("ij,jk,ik->", full, h, full))
-        return float(torch.einsum("ij,jk,ik->", diff, h, diff)) / total if total > 0 else 0.0
+        quad = float(torch.einsum("ij,jk,ik->", embedded, h, embedded)) - 2 * float((reach * embedded).sum())
+        return max(0.0, total + quad) / total if total > 0 else 0.0
 
     before, after = error(full[:, keep]), error(fitted)
     if not after < before or not torch.isfinite(fitted).all():
@@ -251,29 +261,89 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
                 layers: list[tuple[str, nn.Module, np.ndarray]], batches: Sequence[tuple[Any, ...]]) -> list[LayerFit]:
     """Layers in graph order, each fitted on what the pruned, refitted upstream gives it: the graph runs with
     the removed channels of every layer already fitted set to zero (``MaskedInterpreter``), while the
-    layer's own removed inputs are still there (they are what its refit makes up for)."""
+    layer's own removed inputs are still there (they are what its refit makes up for). The target is what
+    the layer computed in the unpruned model (the graph run again with the fitted layers' original weights),
+    so a refit also makes up for what the layers before it lost, and errors do not pile up."""
     sol = deps.solution
     dropped = plan.dropped_mask(sol.n_classes)
     committed = np.zeros_like(dropped)
     order = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     names = canonical_names(gm)
+    originals: dict[nn.Module, list[torch.Tensor]] = {}
     fits: list[LayerFit] = []
     for name, m, cols in sorted(layers, key=lambda layer: order.get(layer[0], len(order))):
         if name not in order:  # traced through, not called as a module: no hook sees its input
             log.info("fxprune: %s is not one call in the graph: not reconstructed", name)
             continue
         zero = zero_masks(deps, dropped & committed)
-
-        def run(zero: dict[str, list[tuple[int, torch.Tensor]]] = zero) -> None:
-            with torch.no_grad(), kept_buffers(gm):
-                for inputs in batches:
-                    MaskedInterpreter(gm, zero).run(*inputs)
-
-        stats = _statistics([(name, m, cols)], run)
-        if name in stats:
-            fits.append(_refit(name, m, cols, stats.pop(name)))
+        h, cross, target = _paired_statistics(gm, m, zero, originals, batches)
+        if h is not None:
+            originals[m] = [t.detach().clone() for t in _tensors(m)]
+            fits.append(_refit(name, m, cols, h, cross, target))
         committed[sol.space_labels(_input_space(m, names))] = True
     return fits
+
+
+def _tensors(m: nn.Module) -> list[torch.Tensor]:
+    return [m.weight] + ([m.bias] if getattr(m, "bias", None) is not None else [])
+
+
+@contextmanager
+def _original_weights(originals: dict[nn.Module, list[torch.Tensor]]) -> Iterator[None]:
+    """The refitted layers' weights as they were before their refit, for the block."""
+    saved = {m: [t.detach().clone() for t in _tensors(m)] for m in originals}
+    try:
+        with torch.no_grad():
+            for m, old in originals.items():
+                for t, o in zip(_tensors(m), old, strict=True):
+                    t.copy_(o)
+        yield
+    finally:
+        with torch.no_grad():
+            for m, now in saved.items():
+                for t, o in zip(_tensors(m), now, strict=True):
+                    t.copy_(o)
+
+
+def _paired_statistics(gm: fx.GraphModule, m: nn.Module, zero: dict[str, list[tuple[int, torch.Tensor]]],
+                       originals: dict[nn.Module, list[torch.Tensor]], batches: Sequence[tuple[Any, ...]],
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """``(X^T X, X_o^T X, ||X_o [W b]^T||^2)`` of ``m``'s input over ``batches``: ``X`` what the pruned upstream
+    gives it (masked run), ``X_o`` what the unpruned model gives it (plain run, original weights); a ones
+    column when it has a bias. ``(None, None, 0)`` when the layer never ran."""
+    seen: list[torch.Tensor] = []
+
+    def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        x = _rows(mod, args[0])
+        if getattr(mod, "bias", None) is not None:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        seen.append(x)
+
+    full = torch.cat([_weight(m)] + ([m.bias.detach().double()[:, None]] if getattr(m, "bias", None) is not None
+                                      else []), 1)
+    h = cross = None
+    target = 0.0
+    hook = m.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad(), kept_buffers(gm):
+            for inputs in batches:
+                with _original_weights(originals):
+                    gm(*inputs)
+                if not seen:
+                    return None, None, 0.0
+                xo = torch.cat(seen)
+                seen.clear()
+                MaskedInterpreter(gm, zero).run(*inputs)
+                x = torch.cat(seen) if seen else None
+                seen.clear()
+                if x is None or x.shape != xo.shape:
+                    return None, None, 0.0
+                h = x.t() @ x if h is None else h + x.t() @ x
+                cross = xo.t() @ x if cross is None else cross + xo.t() @ x
+                target += float((xo @ full.t()).square().sum())
+    finally:
+        hook.remove()
+    return h, cross, target
 
 
 def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],
