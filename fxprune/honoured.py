@@ -61,7 +61,7 @@ def unhonoured(model: nn.Module, options: Options, result: PruneResult, heads_be
         if not shrank and not any(after.get(k, v) < v for k, v in counts.items()):
             opaque = [r for r in pin_summary(result, top=10).split("; ") if "attn" in r or "attention" in r]
             why = opaque[0] if opaque else "no attention reshape could be traced into heads, or too few heads"
-            notes.append(f"prune_heads=True removed no attention head ({why})")
+            notes.append(f"prune_heads={options.prune_heads!r} removed no attention head ({why})")
     if getattr(options, "reconstruct", False) and result.params_after < result.params_before \
             and not result.reconstruction:
         notes.append("reconstruct=True refitted no layer: no layer it can refit (a Linear, a Conv1D, an ungrouped "

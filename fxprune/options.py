@@ -41,7 +41,7 @@ class Options:
     group_ratios: Mapping[int, float] | None = None
     round_to: int | None = None
     min_channels: int = 1
-    prune_heads: bool = False
+    prune_heads: bool | str = False  # True: whole heads (a key/value head with its query heads); "query"
     leaves: tuple[str, ...] = ()
     verify: bool = False
     onnx: str | None = None
@@ -71,6 +71,10 @@ class Options:
             raise ArgumentError(f"round_to must be a positive integer, got {self.round_to!r}")
         if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
             raise ArgumentError(f"min_channels must be a positive integer, got {self.min_channels!r}")
+        if self.prune_heads not in (False, True, "query") or not isinstance(self.prune_heads, (bool, str)):
+            raise ArgumentError(f"prune_heads must be False, True (whole heads: a key/value head goes with its "
+                                f"query heads) or 'query' (query heads inside every key/value group), got "
+                                f"{self.prune_heads!r}")
         if self.output not in ("graph", "module"):
             raise ArgumentError(f"output must be 'graph' (a GraphModule) or 'module' (your own classes), "
                                 f"got {self.output!r}")

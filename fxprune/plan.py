@@ -64,7 +64,8 @@ class PruningPlan:
         dropped_labels: class labels removed (sorted), as used by the rewrite and the oracle.
         fingerprint: hash of the traced graph the plan was computed on ("" when unknown).
         versions: library versions that produced the plan.
-        prune_heads: the plan removes whole attention heads (replay analyses the model the same way).
+        prune_heads: the plan removes whole attention heads (True) or query heads inside key/value groups
+            ("query"); replay analyses the model the same way.
         inputs: shape and dtype of every example input the plan was computed with; ``fxprune.apply`` makes
             inputs of these when it is given none (the fingerprint depends on the shapes).
         hidden: with ``prune(hidden=...)``, the kept hidden channels of each stream (the residual stream
@@ -85,7 +86,7 @@ class PruningPlan:
     dropped_labels: tuple[int, ...]
     fingerprint: str = ""
     versions: dict[str, str] = field(default_factory=dict)
-    prune_heads: bool = False
+    prune_heads: bool | str = False
     inputs: tuple[tuple[tuple[int, ...], str], ...] = ()
     hidden: tuple[tuple[int, ...], ...] = ()
     pieces: tuple[str, ...] = ()
@@ -167,7 +168,7 @@ class PruningPlan:
             raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
         return PruningPlan(float(ratio), tuple(groups), tuple(kept), (),
                            str(data.get("fingerprint", "")), dict(data.get("versions", {})),
-                           _flag(data.get("prune_heads", False), "prune_heads"),
+                           _heads(data.get("prune_heads", False)),
                            tuple((tuple(_integer(d, "input size", low=0) for d in i["shape"]), str(i["dtype"]))
                                  for i in data.get("inputs", [])),
                            tuple(_indices(k, f"kept hidden channels of stream {j}", None)
@@ -246,6 +247,12 @@ def _indices(values: Any, what: str, size: int | None) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"{what} repeat a channel")
     return out
+
+
+def _heads(value: Any) -> bool | str:
+    if value == "query":
+        return "query"
+    return _flag(value, "prune_heads")
 
 
 def _flag(value: Any, what: str) -> bool:

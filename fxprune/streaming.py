@@ -339,7 +339,7 @@ def _unhonoured(options: Options, reports: list[PartReport], changes: dict[str, 
         said.append("nothing was pruned: " + ("; ".join(f"{r.name}: {r.skipped}" for r in reports if r.skipped)[:300]
                                               or "every group is pinned or too small"))
     if options.prune_heads and "num_attention_heads" not in changes:
-        said.append("prune_heads=True removed no attention head")
+        said.append(f"prune_heads={options.prune_heads!r} removed no attention head")
     for s in said:
         log.warning("fxprune: %s", s)
     return said

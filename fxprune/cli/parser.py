@@ -93,8 +93,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=float, metavar="F",
                    help="language models: also remove this fraction of the hidden size (the residual stream: "
                         "embeddings, every norm and projection, lm_head), e.g. 0.25")
-    g.add_argument("--prune-heads", action="store_true",
-                   help="remove whole attention heads instead of thinning every head")
+    g.add_argument("--prune-heads", nargs="?", const=True, default=False, choices=[True, "query"], metavar="query",
+                   help="remove whole attention heads instead of thinning every head (a key/value head with its "
+                        "query heads); --prune-heads query: keep every key/value head and remove the same query "
+                        "heads from each group")
     g.add_argument("--depth", type=float, metavar="N",
                    help="language models: first remove N whole blocks (decoder layers; a fraction < 1: that share "
                         "of them), chosen by the loss on --data (fxprune.prune_depth)")

@@ -42,7 +42,7 @@ class DependencyResult:
     solution: Solution
     value_shapes: dict[str, Shape]
     params: dict[str, str]
-    prune_heads: bool = False
+    prune_heads: bool | str = False
     pinned: tuple[tuple[str, int, str], ...] = ()
 
 
@@ -71,7 +71,7 @@ def build_dependencies(
     value_shapes: dict[str, Shape],
     ignore: Iterable[str | type] = (),
     opaque: dict[str, str] | None = None,
-    prune_heads: bool = False,
+    prune_heads: bool | str = False,
     pinned: tuple[tuple[str, int, str], ...] = (),
 ) -> DependencyResult:
     """Apply the rule of every node, resolve reshapes, and solve the couplings.
@@ -82,7 +82,9 @@ def build_dependencies(
         ignore: module names (prefixes) or types whose channels must not be pruned.
         opaque: submodules kept opaque by the tracer, with the reason (used in pin messages).
         prune_heads: a reshape into or out of attention heads couples its head-count factor instead of
-            its head-dim factor, so whole heads are removed and every head keeps its width.
+            its head-dim factor, so whole heads are removed and every head keeps its width. ``"query"``:
+            where query heads share key/value heads (grouped-query attention), every key/value head stays
+            and the same query heads go from each group (the repeat of the keys couples its copy factor).
         pinned: parameter dims whose channels must stay, ``(qualified name, dim, reason)``: the residual
             stream once ``hidden=`` has chosen its width (a name the graph does not use is skipped).
     """
@@ -91,6 +93,7 @@ def build_dependencies(
     dep = DependencyGraph()
     ctx = RuleContext(gm, dep, canonical_names(gm))
     ctx.value_shapes = dict(value_shapes)
+    ctx.query_heads = prune_heads == "query"
     for node in gm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -118,7 +121,11 @@ def build_dependencies(
         value = param_value(name)
         if value in ctx.value_shapes:
             ctx.pin(value, reason, [dim])
-    heads = _attention_reshapes(gm, {rg.node for rg in ctx.regroups}) if prune_heads else frozenset()
+    heads = frozenset()
+    if prune_heads:
+        heads = _attention_reshapes(gm, {rg.node for rg in ctx.regroups}, rotary=ctx.query_heads)
+    if ctx.query_heads:
+        _query_groups(dep, ctx, heads)
     _resolve_regroups(dep, ctx.regroups, heads)
     params = {v: v[len("param:") :] for v in ctx.value_shapes if v.startswith("param:")}
     return DependencyResult(couplings=dep, solution=dep.solve(), value_shapes=ctx.value_shapes, params=params,
@@ -209,8 +216,17 @@ def _is(node: fx.Node, functions: set[Any], methods: set[str]) -> bool:
     )
 
 
-def _attention_reshapes(gm: fx.GraphModule, names: set[str]) -> frozenset[str]:
-    """The reshapes (by node name) that reach an attention product through layout ops only, either way."""
+# Elementwise ops a rotary embedding puts between a head reshape and the attention product.
+_ROTARY_OPS = {operator.mul, operator.add, operator.sub, operator.neg, torch.mul, torch.add, torch.cat, torch.neg}
+_ROTARY_METHODS = {"mul", "add", "neg", "float", "type_as", "to"}
+
+
+def _attention_reshapes(gm: fx.GraphModule, names: set[str], rotary: bool = False) -> frozenset[str]:
+    """The reshapes (by node name) that reach an attention product through layout ops only, either way
+    (``rotary``: also through the elementwise ops of a rotary embedding)."""
+    layout, methods = _LAYOUT_OPS, _LAYOUT_METHODS
+    if rotary:
+        layout, methods = layout | _ROTARY_OPS, methods | _ROTARY_METHODS
     found = set()
     for node in gm.graph.nodes:
         if node.name not in names:
@@ -225,10 +241,25 @@ def _attention_reshapes(gm: fx.GraphModule, names: set[str]) -> frozenset[str]:
                     seen.add(m)
                     if _is(m, _ATTENTION_OPS, _ATTENTION_METHODS):
                         found.add(node.name)
-                    elif _is(m, _LAYOUT_OPS, _LAYOUT_METHODS):
+                    elif _is(m, layout, methods):
                         nxt.append(m)
             frontier = nxt
     return frozenset(found)
+
+
+def _query_groups(dep: DependencyGraph, ctx: RuleContext, heads: frozenset[str]) -> None:
+    """``prune_heads="query"``: a head reshape that merges key/value heads with the copies an expand made of
+    them (``repeat_kv``: ``(kv, rep) -> kv * rep``) couples the copy factor, so query head ``g * rep + r`` is
+    coupled with copy ``r`` of every group, and pins the key/value heads."""
+    for rg in list(ctx.regroups):
+        copies = [k for k, f in enumerate(rg.factors) if f in ctx.expanded and rg.factor_sizes[k] > 1]
+        if rg.node in heads and len(copies) == 1:
+            for k, f in enumerate(rg.factors):
+                if k != copies[0]:
+                    dep.pin(f, "prune_heads='query' keeps every key/value head")
+            dep.produce(rg.factors[copies[0]])  # the query heads of a group are channels: reshapes seeing them couple them
+            _couple_factor(dep, rg, copies[0])
+            ctx.regroups.remove(rg)
 
 
 def _resolve_regroups(dep: DependencyGraph, regroups: list[Regroup], heads: frozenset[str] = frozenset()) -> None:

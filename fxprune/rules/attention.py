@@ -112,7 +112,9 @@ def sdpa(node: fx.Node, ctx: RuleContext) -> None:
 def _gqa_heads(ctx: RuleContext, q: str, kv: list[str]) -> None:
     """Grouped-query attention inside the kernel (``enable_gqa=True``): q holds ``rep`` heads per key/value
     head, so query head h is coupled with key/value head h // rep (a key/value head and its query heads are
-    one channel class: removing it removes them together)."""
+    one channel class: removing it removes them together). With ``prune_heads="query"`` every key/value head
+    stays and query head h is coupled with query head h % rep of every group instead, so each group loses
+    the same query heads and the kernel's grouping stays valid."""
     qs = ctx.shape_of(q)
     if len(qs) < 3:
         return
@@ -122,7 +124,12 @@ def _gqa_heads(ctx: RuleContext, q: str, kv: list[str]) -> None:
         if len(ts) < 3 or ts[-3] == hq or ts[-3] <= 0 or hq % ts[-3]:
             continue
         index = np.arange(hq, dtype=np.int64)
-        ctx.mapped(q, ctx.ndim(q) - 3, index, t, ctx.ndim(t) - 3, index // (hq // ts[-3]))
+        rep = hq // ts[-3]
+        if ctx.query_heads:
+            ctx.pin(t, "prune_heads='query' keeps every key/value head", [ctx.ndim(t) - 3])
+            ctx.mapped(q, ctx.ndim(q) - 3, index, q, ctx.ndim(q) - 3, index % rep)
+        else:
+            ctx.mapped(q, ctx.ndim(q) - 3, index, t, ctx.ndim(t) - 3, index // rep)
 
 
 def unbind(node: fx.Node, ctx: RuleContext) -> None:
@@ -148,10 +155,12 @@ def expand(node: fx.Node, ctx: RuleContext) -> None:
         return
     x, y = io
     xs, ys = ctx.shape_of(x), ctx.shape_of(y)
-    for i, s in enumerate(xs):
-        od = len(ys) - len(xs) + i
-        if s == ys[od]:
-            ctx.same(x, i, y, od)
+    lead = len(ys) - len(xs)
+    for od in range(len(ys)):
+        if od >= lead and xs[od - lead] == ys[od]:
+            ctx.same(x, od - lead, y, od)
+        elif ys[od] > 1:
+            ctx.expanded.add(ctx.space(y, od))
 
 
 def multihead_attention(node: fx.Node, ctx: RuleContext) -> None:

@@ -55,7 +55,7 @@ def fix_attention_attributes(root: nn.Module, prune_heads: bool = False) -> list
                     setattr(mod, total_attr, head_dim * heads)
                 changed.append(name)
             break
-    return changed + fix_fused_kv_heads(root) + fix_mlp_attributes(root)
+    return changed + fix_fused_kv_heads(root) + fix_kv_groups(root) + fix_mlp_attributes(root)
 
 
 def fix_fused_kv_heads(root: nn.Module) -> list[str]:
@@ -70,6 +70,22 @@ def fix_fused_kv_heads(root: nn.Module) -> list[str]:
         new, rest = divmod(qkv - o.in_features, 2 * hd)
         if not rest and 0 < new != kv:
             mod.num_key_value_heads = new
+            changed.append(name)
+    return changed
+
+
+def fix_kv_groups(root: nn.Module) -> list[str]:
+    """Grouped-query attention's ``num_key_value_groups`` (query heads per key/value head, Llama's
+    ``repeat_kv`` factor) follows the pruned q and k projections (``prune_heads="query"`` changes it)."""
+    changed = []
+    for name, mod in root.named_modules():
+        groups, hd = int_attribute(mod, "num_key_value_groups"), int_attribute(mod, "head_dim")
+        q, k = out_width(getattr(mod, "q_proj", None)), out_width(getattr(mod, "k_proj", None))
+        if groups is None or not hd or q is None or k is None or q % hd or k % hd or not k or (q // hd) % (k // hd):
+            continue
+        new = (q // hd) // (k // hd)
+        if 0 < new != groups:
+            mod.num_key_value_groups = new
             changed.append(name)
     return changed
 

@@ -45,6 +45,8 @@ class RuleContext:
         self.node: fx.Node | None = None
         self.regroups: list[Regroup] = []
         self.value_shapes: dict[str, Shape] = {}
+        self.query_heads = False  # prune_heads="query": query heads go inside each key/value group
+        self.expanded: set[SpaceKey] = set()  # dims an expand made (copies of one slice)
 
     # ---- values and shapes -------------------------------------------------------------------
     def shape_of(self, value: str) -> Shape:
