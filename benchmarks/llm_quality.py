@@ -37,6 +37,7 @@ import fxprune
 
 VOCAB = 256  # byte-level tokens, no specials
 Batch = tuple[torch.Tensor, torch.Tensor]
+POLICY_NAMES = {False: "default", True: "whole heads", "query": "q heads in groups"}
 
 
 def load_corpus(every: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -174,7 +175,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool, calib: list[Batch],
+def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool | str, calib: list[Batch],
                   args: argparse.Namespace) -> tuple[nn.Module, str]:
     """fxprune at ``ratio``; returns the pruned LlamaForCausalLM and the oracle's verdict. A criterion ending in
     ``+rc`` also refits the kept weights on the calibration batches (``reconstruct=True``)."""
@@ -331,7 +332,8 @@ def main() -> None:
     p.add_argument("--ratios", default="0.3,0.5")
     p.add_argument("--criteria", default="l2,taylor,activation,l2+rc,activation+rc",
                    help="comma-separated; +rc: reconstruct=True on the calibration batches")
-    p.add_argument("--head-policies", default="0,1", help="prune_heads values to run (0, 1 or both)")
+    p.add_argument("--head-policies", default="0,1,query",
+                   help="prune_heads values to run: 0 (MLP only), 1 (whole KV groups), query (query heads in groups)")
     p.add_argument("--round-to", type=int, default=None, help="fxprune's round_to (kernel-friendly widths)")
     p.add_argument("--calib-batches", type=int, default=4, help="Taylor / activation batches of 8 windows")
     p.add_argument("--ft-steps", type=int, default=100, help="KD fine-tune steps per row (0: none)")
@@ -379,9 +381,9 @@ def main() -> None:
     rows: list[list[str]] = [["unpruned", "-", "-", "0", "1.000", dims(model), f"{base:.3f}", "-", "-", "-"]]
     jobs: list[tuple[str, str, str, float, Callable[[], tuple[nn.Module, str]]]] = []
     for ratio in (float(r) for r in args.ratios.split(",") if r):
-        for heads in (bool(int(h)) for h in args.head_policies.split(",")):
+        for heads in (h if h == "query" else bool(int(h)) for h in args.head_policies.split(",")):
             for crit in args.criteria.split(","):
-                jobs.append(("fxprune", crit, "whole heads" if heads else "default", ratio,
+                jobs.append(("fxprune", crit, POLICY_NAMES[heads], ratio,
                              lambda r=ratio, c=crit, h=heads: prune_fxprune(model, r, c, h, calib, args)))
         for pin in (True, False) if args.torch_pruning else ():
             jobs.append(("Torch-Pruning", "magnitude (L2)", f"q heads, d {'kept' if pin else 'pruned'}", ratio,
