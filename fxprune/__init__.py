@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
                      "recalibrate_batchnorm"), "fxprune.recovery"),
     **dict.fromkeys(("SensitivityResult", "sensitivity"), "fxprune.sensitivity_analysis"),
     **dict.fromkeys(("DepthResult", "prune_depth"), "fxprune.depth"),
+    "GraphDepthResult": "fxprune.depth_graph",
     **dict.fromkeys(("StreamResult", "prune_pretrained"), "fxprune.streaming"),
     "export_onnx": "fxprune.passes.export",
 }
@@ -39,6 +40,7 @@ __all__ = [
     "EpochMetrics",
     "ExportError",
     "FxPruneError",
+    "GraphDepthResult",
     "GroupTensors",
     "InvariantError",
     "IterativeResult",
@@ -90,6 +92,7 @@ if TYPE_CHECKING:  # the names as static analysis sees them
     from fxprune import recovery, sparsity
     from fxprune.api import Analysis, PruneResult, analyze, apply, compile, prune
     from fxprune.depth import DepthResult, prune_depth
+    from fxprune.depth_graph import GraphDepthResult
     from fxprune.errors import (
         ArgumentError,
         ExportError,

@@ -15,6 +15,11 @@ The result is a private copy with the chosen blocks deleted: the block list is r
 ``layer_idx`` and the Hugging Face config (``num_hidden_layers``, ``layer_types``) follow, so
 ``save_pretrained`` / ``from_pretrained`` and ``generate`` with the KV cache work. The caller's model is never
 run or changed.
+
+A model without a block list (a torchvision ResNet or ViT, whose blocks sit in ``nn.Sequential``s), or any
+model with ``blocks="graph"``, goes to ``fxprune.depth_graph``: its residual units are found in the traced
+FX graph, removed by the same greedy loss, and the result (a ``GraphDepthResult`` holding a GraphModule) is
+proven equal, in float64, to the original with the removed residual branches zeroed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -36,9 +41,13 @@ from fxprune.metrics import count_params
 from fxprune.partial import no_kv_cache
 from fxprune.state import kept_buffers
 
+if TYPE_CHECKING:
+    from fxprune.depth_graph import GraphDepthResult
+
 log = logging.getLogger(__name__)
 
 Loss = Callable[[Any, tuple[Any, ...]], torch.Tensor]
+GRAPH = "graph"  # blocks=GRAPH: the residual units of the traced graph (fxprune.depth_graph)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,16 @@ def find_blocks(model: nn.Module, name: str | None = None) -> str:
     return best
 
 
+def _has_block_list(model: nn.Module) -> bool:
+    if not isinstance(model, nn.Module):
+        return False  # the graph version's check names what was passed
+    try:
+        find_blocks(model)
+    except ArgumentError:
+        return False
+    return True
+
+
 def _count(remove: float, n: int) -> int:
     if isinstance(remove, bool) or not isinstance(remove, (int, float)):
         raise ArgumentError(f"remove must be a block count or a fraction in (0, 1), got {remove!r}")
@@ -106,7 +125,7 @@ def _count(remove: float, n: int) -> int:
 
 
 def prune_depth(model: nn.Module, remove: float, *, calibration: Sequence[Any], loss_fn: Loss | None = None,
-                blocks: str | None = None, example_inputs: Any = None) -> DepthResult:
+                blocks: str | None = None, example_inputs: Any = None) -> DepthResult | GraphDepthResult:
     """Remove ``remove`` blocks (a count, or a fraction of the blocks) of ``model``, chosen greedily by the
     calibration loss of each removal.
 
@@ -114,13 +133,20 @@ def prune_depth(model: nn.Module, remove: float, *, calibration: Sequence[Any], 
         model: the model (only read: the result is a private copy).
         remove: how many blocks go (an int), or which fraction of them (a float in (0, 1)).
         calibration: batches of model inputs (a tensor or a tuple of positional tensors each).
-        loss_fn: ``(output, batch) -> scalar loss``; default the next-token loss of a causal language model.
-        blocks: the name of the block list (default: found, ``find_blocks``).
+        loss_fn: ``(output, batch) -> scalar loss``; default the next-token loss of a causal language model
+            (for the graph version, the relative squared error to the unpruned output on other models).
+        blocks: the name of the block list (default: found, ``find_blocks``), or ``"graph"`` for the residual
+            units of the traced graph (the default when the model has no block list: ``fxprune.depth_graph``).
         example_inputs: the model's inputs, to check the batches against (default: the first batch).
 
     Raises:
-        ArgumentError: a bad count, no block list, or batches that do not fit.
+        ArgumentError: a bad count, no block list or residual unit, or batches that do not fit.
     """
+    if blocks == GRAPH or (blocks is None and not _has_block_list(model)):
+        from fxprune.depth_graph import prune_graph_depth
+
+        return prune_graph_depth(model, remove, calibration=calibration, loss_fn=loss_fn,
+                                 example_inputs=example_inputs)
     batches = checked_batches(calibration, None if example_inputs is None else
                               (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
     batches = tuple(b if isinstance(b, tuple) else (b,) for b in batches)
