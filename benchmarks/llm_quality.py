@@ -178,16 +178,17 @@ def n_params(model: nn.Module) -> int:
 def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool | str, calib: list[Batch],
                   args: argparse.Namespace) -> tuple[nn.Module, str]:
     """fxprune at ``ratio``; returns the pruned LlamaForCausalLM and the oracle's verdict. A criterion ending in
-    ``+rc`` also refits the kept weights on the calibration batches (``reconstruct=True``)."""
-    refit = criterion.endswith("+rc")
-    criterion = criterion.removesuffix("+rc")
+    ``+rc`` also refits the kept weights on the calibration batches (``reconstruct=True``); ``+rcb`` also adds
+    the biases the config can describe, for the refit to compensate into (``reconstruct="bias"``)."""
+    refit: bool | str = "bias" if criterion.endswith("+rcb") else criterion.endswith("+rc")
+    criterion = criterion.removesuffix("+rcb").removesuffix("+rc")
     kwargs: dict[str, Any] = {"importance": criterion}
     if criterion == "taylor":
         kwargs["importance"] = fxprune.Taylor(calib, lm_loss)
     if criterion == "activation" or refit:
         kwargs["calibration"] = [x for x, _ in calib]
     if refit:
-        kwargs["reconstruct"] = True
+        kwargs["reconstruct"] = refit
     r = fxprune.prune(model, ratio, example_inputs=(calib[0][0][:2],), output="module", verify=args.verify,
                       prune_heads=heads, round_to=args.round_to, **kwargs)
     if r.oracle is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from fxprune import honoured
@@ -49,7 +50,7 @@ def prune(
     output: str = "graph",
     partial: bool = True,
     hidden: float | None = None,
-    reconstruct: bool = False,
+    reconstruct: bool | str = False,
 ) -> PruneResult:
     """Prune ``model`` and return the smaller model with its plan, counts and proof.
 
@@ -90,6 +91,10 @@ def prune(
             consumer of removed channels by least squares on ``calibration`` (required), so each layer
             computes on the batches what it did before pruning; proven by the oracle like the rest
             (``PruneResult.reconstruction`` has each layer's calibration error before and after).
+            ``"bias"``: also give the layers a bias where the Hugging Face config can describe one
+            (``mlp_bias``, and ``attention_bias`` with ``prune_heads``), zero except where the refit
+            compensates the removed inputs' mean into it (FLAP); the result reloads with ``from_pretrained``
+            (``fxprune/config_bias.py``).
 
     Returns:
         A ``PruneResult``: ``model``, ``plan``, parameter and MAC counts before and after, the oracle's
@@ -110,6 +115,11 @@ def prune(
     )
     heads = honoured.snapshot(model) if prune_heads else {}  # only a head request is judged by them
     honoured.warn_weight_only_language_model(model, options)
+    if reconstruct == "bias" and example_inputs is not None:  # biases the config can describe, to compensate into
+        from fxprune.config_bias import with_config_biases
+
+        example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        model, _ = with_config_biases(model, example, bool(prune_heads))
     result = run(model, options)
     return honoured.report(model, options, result, heads)  # a request that did nothing is said, by default
 
@@ -137,7 +147,7 @@ def compile(  # noqa: A001 - the public name users expect
     output: str = "graph",
     partial: bool = True,
     hidden: float | None = None,
-    reconstruct: bool = False,
+    reconstruct: bool | str = False,
 ) -> nn.Module:
     """Return a physically smaller, dense copy of ``model`` with ``ratio`` of each coupled group's channels
     removed: ``prune(...).model``. The arguments are ``prune``'s.

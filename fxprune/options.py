@@ -49,7 +49,7 @@ class Options:
     output: str = "graph"
     partial: bool = True
     hidden: float | None = None
-    reconstruct: bool = False
+    reconstruct: bool | str = False  # "bias": with biases the config can describe (fxprune/config_bias.py)
     pinned: tuple[tuple[str, int, str], ...] = ()  # internal: parameter dims kept whole (the hidden size's)
 
     @property
@@ -87,6 +87,9 @@ class Options:
         if importance is None:  # data given: measured on it, not on the weights alone
             importance = "activation" if calibration is not None else "l2"
         criterion = resolve(importance, calibration)  # an unknown name, or one without its data, fails here
+        if self.reconstruct not in (False, True, "bias") or not isinstance(self.reconstruct, (bool, str)):
+            raise ArgumentError(f"reconstruct must be False, True or 'bias' (also add the biases a Hugging Face "
+                                f"config can describe), got {self.reconstruct!r}")
         if self.reconstruct and calibration is None:
             raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches of "
                                 "model inputs>")

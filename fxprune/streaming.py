@@ -129,6 +129,9 @@ def prune_pretrained(
     options = Options(ratio=ratio, example_inputs=example_inputs, ignore=tuple(ignore), importance=importance,
                       calibration=calibration, round_to=round_to, min_channels=min_channels, prune_heads=prune_heads,
                       verify=verify, output="module", reconstruct=reconstruct).checked()
+    if reconstruct == "bias":
+        raise ArgumentError("reconstruct='bias' changes the config of every layer before pruning; streaming "
+                            "prunes one layer at a time: use reconstruct=True, or the in-memory path")
     criterion = resolve(options.importance, options.calibration)
     if getattr(criterion, "needs_grad", False):
         raise ArgumentError("a gradient-based importance (Taylor) needs the whole model's loss: streaming prunes one "
