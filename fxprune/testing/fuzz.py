@@ -51,6 +51,7 @@ class Run:
     ratio: float
     onnx: bool = False
     reconstruct: bool = False  # refit the consumers on two seeded calibration batches (reconstruct=True)
+    heads: bool | str = False  # prune_heads: whole heads (True) or query heads inside key/value groups
 
     def scorer(self, seed: int) -> Any:
         return random_importance(seed) if self.importance == "random" else self.importance  # "l2", "activation"
@@ -89,8 +90,9 @@ def case_runs(seed: int, onnx_every: int = 20) -> tuple[Run, Run]:
     r = random.Random(seed * 1_000_003 + 17)
     onnx = onnx_every > 0 and seed % onnx_every == 0
     second = "activation" if seed % 4 == 2 else "l2"  # activation-aware on calibration batches, one case in 4
+    heads = (False, True, "query")[seed % 3]  # the head policies, on the second run
     return (Run("random", round(r.uniform(0.1, 0.9), 3), onnx),
-            Run(second, round(r.uniform(0.1, 0.9), 3), reconstruct=seed % 4 == 1))
+            Run(second, round(r.uniform(0.1, 0.9), 3), reconstruct=seed % 4 == 1, heads=heads))
 
 
 def _structure(out: Any) -> Any:
@@ -111,6 +113,7 @@ def _expect(ok: bool, what: str) -> None:
 def check_case(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: float, importance: Any, *,
     onnx_path: str | None = None, dynamic_batch: bool = True, replay: bool = False, reconstruct: bool = False,
+    heads: bool | str = False,
 ) -> fxprune.PruneResult:
     """Prune ``model`` with ``verify=True`` and assert the fuzz invariants.
 
@@ -131,6 +134,8 @@ def check_case(
                                 for _ in range(2)]
     if reconstruct:  # the refit must stay exact: the oracle proves pruned == refitted model with zeros
         extra["reconstruct"] = True
+    if heads:
+        extra["prune_heads"] = heads
     with _dropped_batches() as dropped:
         result = fxprune.prune(model, ratio, example_inputs=inputs, importance=importance, verify=True, **extra)
     _expect(not dropped, f"calibration batches did not reach a part: {dropped[:1]}")
@@ -247,7 +252,7 @@ def run_spec(spec: NetSpec, run: Run) -> fxprune.PruneResult:
         path = str(Path(tmp) / "m.onnx") if run.onnx and not stateful else None
         return check_case(model, inputs, run.ratio, run.scorer(spec.seed), onnx_path=path,
                           dynamic_batch=not spec.literal_batch, replay=spec.seed % 4 == 0,
-                          reconstruct=run.reconstruct)
+                          reconstruct=run.reconstruct, heads=run.heads)
 
 
 def _original_exports(spec: NetSpec) -> bool:

@@ -302,7 +302,8 @@ def propose_trust_op(d: _Draft) -> list[Step]:
         op = extra.choice(["state", "state", "func_module", "opaque_mlp", "opaque_mlp", "gqa", "gqa"])
     attrs: dict[str, object] = {}
     if op == "gqa":
-        attrs = {"kv": extra.choice([1, 2]), "rep": extra.choice([2, 3]), "d": extra.choice([4, 8])}
+        attrs = {"kv": extra.choice([1, 2]), "rep": extra.choice([2, 3]), "d": extra.choice([4, 8]),
+                 "repeat": extra.random() < 0.5}  # keys repeated as transformers' repeat_kv, or the kernel's grouping
     if op == "state":
         attrs = {"kind": r.choice(["ema", "count", "copy"])}
     elif op == "dropout":

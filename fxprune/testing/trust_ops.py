@@ -14,8 +14,9 @@
   kernels), traced inline;
 - ``opaque_mlp``: an untraceable module with prunable insides, called with a ``None`` argument (its parts
   must receive the calibration batches);
-- ``gqa``: grouped-query attention inside the kernel (``enable_gqa=True``), whose key/value heads must go
-  with their query heads;
+- ``gqa``: grouped-query attention, inside the kernel (``enable_gqa=True``) or with the keys and values
+  repeated (transformers' ``repeat_kv``: an expand and a reshape), whose key/value heads must go with their
+  query heads (or, with ``prune_heads="query"``, stay while the same query heads go from each group);
 - ``spatial_split``: a split of a spatial dim with sizes read from the tensor (``x.shape[2] // 2``), put back
   in the other order: those sizes must stay computed, or the model breaks at other input sizes.
 
@@ -204,9 +205,10 @@ def emit_func_module(st: Any, xs: list[Shape]) -> Emitted:
 
 
 def emit_gqa(st: Any, xs: list[Shape]) -> Emitted:
-    """Grouped-query attention over the pixels with the kernel's own grouping (``enable_gqa=True``): ``rep``
-    query heads per key/value head, added back to ``x``. Query head h reads key/value head h // rep, so a key/
-    value head and its query heads are one channel class (no ``repeat_kv`` in the graph to say so)."""
+    """Grouped-query attention over the pixels: ``rep`` query heads per key/value head, added back to ``x``.
+    With the kernel's own grouping (``enable_gqa=True``) query head h reads key/value head h // rep, and no
+    ``repeat_kv`` in the graph says so; with ``repeat`` the keys and values are copied as transformers'
+    ``repeat_kv`` does (an expand and a reshape), then plain attention."""
     _need(len(xs[0]) == 4, "attention over pixels needs NCHW")
     c = xs[0][1]
     n, hk, rep, d = st.name, st.attrs["kv"], st.attrs["rep"], st.attrs["d"]
@@ -216,9 +218,14 @@ def emit_gqa(st: Any, xs: list[Shape]) -> Emitted:
     x = st.ins[0]
     fwd = [f"{n}_t = {x}.flatten(2).transpose(1, 2)",
            *(f"{n}_{p} = self.{n}_{p}({n}_t).view(*{n}_t.shape[:2], -1, {d}).transpose(1, 2)"  # as transformers
-             for p in ("q", "k", "v")),
-           f"{n}_a = F.scaled_dot_product_attention({n}_q, {n}_k, {n}_v, enable_gqa=True)",
-           f"{n} = {x} + self.{n}_o({n}_a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape({x}.shape)"]
+             for p in ("q", "k", "v"))]
+    if st.attrs.get("repeat"):  # transformers' repeat_kv: each key/value head copied rep times, then plain attention
+        fwd += [f"{n}_{p} = {n}_{p}[:, :, None].expand({n}_{p}.shape[0], {hk}, {rep}, {n}_{p}.shape[2], {d})"
+                f".reshape({n}_{p}.shape[0], {hq}, {n}_{p}.shape[2], {d})" for p in ("k", "v")]
+        fwd.append(f"{n}_a = F.scaled_dot_product_attention({n}_q, {n}_k, {n}_v)")
+    else:
+        fwd.append(f"{n}_a = F.scaled_dot_product_attention({n}_q, {n}_k, {n}_v, enable_gqa=True)")
+    fwd += [f"{n} = {x} + self.{n}_o({n}_a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape({x}.shape)"]
     return {n: xs[0]}, init, fwd
 
 
