@@ -25,17 +25,16 @@ proven equal, in float64, to the original with the removed residual branches zer
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxprune.calibration import checked_batches
 from fxprune.copying import private_copy
+from fxprune.depth_common import Loss, next_token_loss, removal_count
 from fxprune.errors import ArgumentError
 from fxprune.metrics import count_params
 from fxprune.partial import no_kv_cache
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Loss = Callable[[Any, tuple[Any, ...]], torch.Tensor]
 GRAPH = "graph"  # blocks=GRAPH: the residual units of the traced graph (fxprune.depth_graph)
 
 
@@ -73,13 +71,6 @@ class DepthResult:
     steps: tuple[tuple[tuple[int, float], ...], ...]
     params_before: int
     params_after: int
-
-
-def next_token_loss(out: Any, batch: tuple[Any, ...]) -> torch.Tensor:
-    """Causal language-model loss: the logits at each position against the next token of ``batch[0]``."""
-    logits = out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out
-    ids = batch[0]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
 def find_blocks(model: nn.Module, name: str | None = None) -> str:
@@ -115,15 +106,6 @@ def _has_block_list(model: nn.Module) -> bool:
     return True
 
 
-def _count(remove: float, n: int) -> int:
-    if isinstance(remove, bool) or not isinstance(remove, (int, float)):
-        raise ArgumentError(f"remove must be a block count or a fraction in (0, 1), got {remove!r}")
-    count = int(remove) if isinstance(remove, int) or remove >= 1 else math.floor(remove * n + 1e-9)
-    if not 0 <= count < n:
-        raise ArgumentError(f"remove={remove!r} asks for {count} of the {n} blocks: keep at least one")
-    return count
-
-
 def prune_depth(model: nn.Module, remove: float, *, calibration: Sequence[Any], loss_fn: Loss | None = None,
                 blocks: str | None = None, example_inputs: Any = None) -> DepthResult | GraphDepthResult:
     """Remove ``remove`` blocks (a count, or a fraction of the blocks) of ``model``, chosen greedily by the
@@ -156,7 +138,7 @@ def prune_depth(model: nn.Module, remove: float, *, calibration: Sequence[Any], 
     parent_name, _, attr = name.rpartition(".")
     parent = work.get_submodule(parent_name) if parent_name else work
     original = list(getattr(parent, attr))
-    count = _count(remove, len(original))
+    count = removal_count(remove, len(original))
     keep = list(range(len(original)))
 
     def loss_of(indices: list[int]) -> float:

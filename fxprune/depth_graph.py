@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 from fxprune import fast
 from fxprune.calibration import checked_batches
 from fxprune.copying import private_copy
-from fxprune.depth import Loss, _count, next_token_loss
+from fxprune.depth_common import Loss, next_token_loss, removal_count
 from fxprune.errors import ArgumentError, InvariantError, first_line
 from fxprune.metrics import count_params
 from fxprune.outputs import restore_output_class, tensors_of
@@ -346,7 +346,7 @@ def prune_graph_depth(model: nn.Module, remove: float, *, calibration: Sequence[
         kept = f" (kept whole, untraceable: {', '.join(sorted(opaque))})" if opaque else ""
         raise ArgumentError(f"{what} has no residual unit (an add of x and a function of x alone, of one shape) "
                             f"in its traced graph{kept} for depth pruning to remove; prune its width instead")
-    count = _count(remove, len(units))
+    count = removal_count(remove, len(units))
     refs, probe = [], _Probe(reference, [a for u in units for a in u.adds], units)  # the unpruned outputs
     with torch.no_grad(), kept_buffers(gm):
         for k, batch in enumerate(batches):
