@@ -42,6 +42,7 @@ from fxprune.hidden_oracle import both, hidden_oracle, resize_normalized_shape
 from fxprune.hidden_streams import HiddenSizeError, Space, Stream, find_stream
 from fxprune.metrics import count_macs, count_params
 from fxprune.rules.registry import fix_attributes
+from fxprune.validate import check_hidden
 
 if TYPE_CHECKING:
     from fxprune.options import Options
@@ -95,14 +96,6 @@ class HiddenResult:
     params_before: int
     params_after: int
     config: str = ""
-
-
-def check_hidden(hidden: Any) -> float:
-    """``hidden`` as a float in [0, 1), or ``ArgumentError``."""
-    if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or not 0.0 <= float(hidden) < 1.0:
-        raise ArgumentError(f"hidden must be a number with 0 <= hidden < 1 (the fraction of the hidden size, "
-                            f"the residual stream, removed), or None to keep it; got {hidden!r}")
-    return float(hidden)
 
 
 def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -369,7 +362,7 @@ def prune_with_hidden(model: nn.Module, options: Options,
 
     The layers the config sizes with the hidden size (BERT's pooler and masked-LM transform) keep their new
     width in the second pass (they are added to ``ignore``)."""
-    from fxprune.plan import PruningPlan
+    from fxprune.plan import PruningPlan, input_specs, versions
     from fxprune.results import PruneResult
 
     t0 = time.perf_counter()
@@ -388,7 +381,6 @@ def prune_with_hidden(model: nn.Module, options: Options,
     if options.ratio == 0 and options.onnx is None:  # nothing else to prune
         if plan.new_size < plan.size:
             sync_hidden_config(work, inputs, plan.size)
-        from fxprune.pipeline import input_specs, versions
 
         replay = PruningPlan(0.0, (), (), (), versions=versions(), inputs=input_specs(inputs), hidden=plan.kept)
         return PruneResult(work, replay, plan.new_size < plan.size, params_before,

@@ -12,7 +12,7 @@ import torch
 from fxprune.calibration import checked_batches
 from fxprune.errors import ArgumentError
 from fxprune.passes.importance import resolve
-from fxprune.validate import check_output_path
+from fxprune.validate import check_hidden, check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ class Options:
             raise ArgumentError("ignore and leaves take a list of module names (or types), not a single one")
         hidden = None
         if self.hidden is not None:  # the hidden size (residual stream), pruned first: fxprune/hidden.py
-            from fxprune.hidden import check_hidden
-
             hidden = check_hidden(self.hidden)
             if self.budget:
                 raise ArgumentError("hidden cannot be combined with target_macs or target_params: give a ratio")

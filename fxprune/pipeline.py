@@ -44,7 +44,7 @@ from fxprune.passes.reconstruct import reconstruct
 from fxprune.passes.select import Policy, select_channels
 from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError, repeats_of
-from fxprune.plan import PruningPlan
+from fxprune.plan import PruningPlan, input_specs, versions
 from fxprune.results import PruneResult
 from fxprune.stages import Prepared, as_inputs, fork, gc_paused, prepare, reanalysed, rewrite_and_prove
 from fxprune.validate import check_forward_runs
@@ -288,17 +288,3 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int) ->
     flags = {n: m.training for n, m in model.named_modules()}
     export_onnx(model, inputs, path, opset=opset)
     restore_flags(model, flags)
-
-
-def input_specs(inputs: tuple[Any, ...]) -> tuple[tuple[tuple[int, ...], str], ...]:
-    """Shape and dtype of every tensor input (what a replay needs to rebuild the same graph)."""
-    if not all(isinstance(x, torch.Tensor) for x in inputs):
-        return ()
-    return tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs)
-
-
-def versions() -> dict[str, str]:
-    """The library versions a plan records."""
-    from fxprune import __version__
-
-    return {"fxprune": __version__, "torch": torch.__version__}

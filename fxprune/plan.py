@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from fxprune.errors import ArgumentError, PlanMismatchError
 
@@ -259,3 +260,17 @@ def _flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{what} must be true or false, got {value!r}")
     return value
+
+
+def input_specs(inputs: tuple[Any, ...]) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """Shape and dtype of every tensor input (what a replay needs to rebuild the same graph)."""
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return ()
+    return tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs)
+
+
+def versions() -> dict[str, str]:
+    """The library versions a plan records."""
+    from fxprune import __version__
+
+    return {"fxprune": __version__, "torch": torch.__version__}

@@ -156,6 +156,14 @@ def check_forward_runs(work: nn.Module, original: nn.Module, inputs: tuple[Any, 
         restore_state(work, original)  # a forward may update buffers
 
 
+def check_hidden(hidden: Any) -> float:
+    """``hidden`` as a float in [0, 1), or ``ArgumentError``."""
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or not 0.0 <= float(hidden) < 1.0:
+        raise ArgumentError(f"hidden must be a number with 0 <= hidden < 1 (the fraction of the hidden size, "
+                            f"the residual stream, removed), or None to keep it; got {hidden!r}")
+    return float(hidden)
+
+
 def check_output_path(path: Any, what: str) -> None:
     """Check that a file can be written at ``path`` before any work is done.
 

@@ -18,6 +18,7 @@ from torch import nn
 
 import fxprune
 from fxprune.cli.common import (
+    EXIT_STRICT,
     Inputs,
     check_inputs_exist,
     check_ratio,
@@ -35,7 +36,6 @@ from fxprune.metrics import compare_latency, count_macs, count_params, default_t
 
 __all__ = ["EXIT_STRICT", "run_analyze", "run_compile"]
 
-EXIT_STRICT = 3  # --strict: a request was not honoured (nothing pruned, no head removed, ...)
 
 
 def _costs(original: nn.Module, pruned: nn.Module, inputs: Inputs,

@@ -28,6 +28,7 @@ from fxprune.model_loader import (
 
 Inputs = tuple[torch.Tensor, ...]
 DEFAULT_TOKENS = (1, 32)  # a language model's default input: one sequence of 32 token ids
+EXIT_STRICT = 3  # --strict: a request was not honoured (nothing pruned, no head removed, ...)
 
 
 class Steps:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fxprune.cli.common import DEFAULT_TOKENS, check_inputs_exist, check_ratio
+from fxprune.cli.common import DEFAULT_TOKENS, EXIT_STRICT, check_inputs_exist, check_ratio
 from fxprune.cli.staging import OutputStage
 from fxprune.errors import ArgumentError
 from fxprune.model_loader import parse_shape
@@ -35,7 +35,6 @@ def stream_blockers(args: argparse.Namespace) -> list[str]:
 
 def run_stream(args: argparse.Namespace) -> int:
     """Prune ``hf:FOLDER`` layer by layer into ``--save-pretrained``; all or nothing is written."""
-    from fxprune.cli.commands import EXIT_STRICT
     from fxprune.streaming import prune_pretrained
 
     check_ratio(args)

@@ -11,8 +11,9 @@ from fxprune.testing.fuzz import (
     shrink_case,
     write_regression,
 )
+from fxprune.testing.invalid import InvalidNet
 from fxprune.testing.netgen import random_net, random_spec
-from fxprune.testing.netspec import InvalidNet, NetSpec, Step, build, instantiate, make_inputs, to_source
+from fxprune.testing.netspec import NetSpec, Step, build, instantiate, make_inputs, to_source
 
 __all__ = [
     "CaseResult",

@@ -34,8 +34,9 @@ from fxprune.metrics import count_params
 from fxprune.outputs import tensors_of
 from fxprune.passes.importance import random_importance
 from fxprune.state import kept_buffers
+from fxprune.testing.invalid import InvalidNet
 from fxprune.testing.netgen import random_spec
-from fxprune.testing.netspec import InvalidNet, NetSpec, Step, build, to_source
+from fxprune.testing.netspec import NetSpec, Step, build, to_source
 from fxprune.testing.trust_ops import STATE_REFUSAL
 
 

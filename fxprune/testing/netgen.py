@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from fxprune.testing.netspec import ACT_FUNCTIONS, BATCH, InvalidNet, NetSpec, Shape, Step, build, emit_step
+from fxprune.testing.invalid import InvalidNet
+from fxprune.testing.netspec import ACT_FUNCTIONS, BATCH, NetSpec, Shape, Step, build, emit_step
 from fxprune.testing.trust_ops import FRESH_PRODUCERS
 
 ACTS = tuple(ACT_FUNCTIONS)

@@ -18,6 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune.testing.invalid import need
+from fxprune.testing.trust_ops import TRUST_EMITTERS
+
 Shape = tuple[int, ...]
 Emitted = tuple[dict[str, Shape], list[str], list[str]]  # (output shapes, __init__ lines, forward lines)
 
@@ -29,10 +32,6 @@ ACT_MODULES = {"relu": "nn.ReLU()", "silu": "nn.SiLU()", "gelu": "nn.GELU()", "h
                "sigmoid": "nn.Sigmoid()"}
 ACT_FUNCTIONS = {"relu": "F.relu", "silu": "F.silu", "gelu": "F.gelu", "hardswish": "F.hardswish",
                  "sigmoid": "torch.sigmoid"}
-
-
-class InvalidNet(ValueError):
-    """A spec whose shapes do not fit together (a generator proposal or a shrink candidate to discard)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,7 @@ class NetSpec:
         return any(st.attrs.get("batch") == "literal" for st in self.steps)
 
 
-def _need(ok: bool, why: str) -> None:
-    if not ok:
-        raise InvalidNet(why)
+_need = need
 
 
 def _rank(shape: Shape, rank: int, what: str) -> Shape:
@@ -323,8 +320,6 @@ def emit_step(st: Step, shapes: dict[str, Shape]) -> Emitted:
     """Emit one step given the shapes defined so far; raise ``InvalidNet`` when it does not fit."""
     missing = [r for r in st.ins if r not in shapes]
     _need(not missing, f"{st.name} reads undefined {missing}")
-    from fxprune.testing.trust_ops import TRUST_EMITTERS  # they raise this module's InvalidNet
-
     outs, init, fwd = (EMITTERS.get(st.op) or TRUST_EMITTERS[st.op])(st, [shapes[r] for r in st.ins])
     for s in outs.values():
         _need(min(s) >= 1, f"{st.name}: empty output {s}")

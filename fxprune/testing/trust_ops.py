@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from fxprune.testing.invalid import need
+
 Shape = tuple[int, ...]
 Emitted = tuple[dict[str, Shape], list[str], list[str]]
 
@@ -38,11 +40,7 @@ FRESH_PRODUCERS = frozenset({"conv", "conv_transpose", "bn", "binary", "cat", "l
                              "tied_opaque"})
 
 
-def _need(ok: bool, why: str) -> None:
-    if not ok:
-        from fxprune.testing.netspec import InvalidNet
-
-        raise InvalidNet(why)
+_need = need
 
 
 def emit_inplace(st: Any, xs: list[Shape]) -> Emitted:
