@@ -75,7 +75,7 @@ class PruneResult:
         seconds: wall time of analysis and rewrite.
         parts: submodules pruned piecewise (inside opaque modules, or all of them when the root forward
             cannot be traced), each with its own counts and oracle verdict.
-        reconstruction: with ``reconstruct=True``, one ``fxprune.passes.reconstruct.LayerFit`` per refitted
+        reconstruction: with ``reconstruct=True``, one ``fxprune.passes.refit.LayerFit`` per refitted
             layer (its calibration error before and after), parts included.
         unhonoured: requests that ended up doing nothing (nothing pruned, no head removed), one sentence
             each; also logged as warnings (``fxprune.honoured``).

@@ -10,7 +10,7 @@ import torch
 
 import fxprune
 from fxprune.config_bias import with_config_biases
-from fxprune.passes.reconstruct import DAMP
+from fxprune.passes.refit import DAMP
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.passes.reconstruct import DAMP
+from fxprune.passes.refit import DAMP
 
 
 def _mlp() -> nn.Module:
@@ -185,3 +185,36 @@ def test_a_refit_that_finds_no_layer_is_said(caplog: pytest.LogCaptureFixture) -
         r = fxprune.prune(net, 0.5, example_inputs=(cal[0][:1],), calibration=cal, reconstruct=True, verify=True)
     assert r.params_after < r.params_before and r.reconstruction == ()
     assert any("refitted no layer" in n for n in r.unhonoured) and "refitted no layer" in caplog.text
+
+
+class _Residual(nn.Module):
+    """Two residual MLP blocks: ``h = x + W2 relu(W1 x)``, ``y = h + W4 relu(W3 h)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3, self.w4 = nn.Linear(16, 48), nn.Linear(48, 16), nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.w2(torch.relu(self.w1(x)))
+        return h + self.w4(torch.relu(self.w3(h)))
+
+
+def test_a_residual_branch_is_refitted_toward_the_unpruned_sum() -> None:
+    """The last layer of a residual branch is fitted so that stream + branch (the pruned stream, refitted branch)
+    matches the unpruned sum: numpy, on the eager original and pruned models, gives the same weights."""
+    torch.manual_seed(3)
+    model = _Residual().eval()
+    r = fxprune.prune(model, 0.5, example_inputs=(CAL[0][:2],), importance="activation", calibration=CAL,
+                      reconstruct=True, verify=True, output="module")
+    assert r.oracle.passed and [f.name for f in r.reconstruction] == ["w2", "w4"]
+    p = r.model
+    with torch.no_grad():
+        want = torch.cat([model(b) for b in CAL]).double().numpy()  # the unpruned sum
+        h_p = torch.cat([b + p.w2(torch.relu(p.w1(b))) for b in CAL])
+        x_p = torch.relu(p.w3(h_p)).double().numpy()
+    target = want - h_p.double().numpy()
+    xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
+    h = xk.T @ xk
+    solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
+    np.testing.assert_allclose(p.w4.weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p.w4.bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)

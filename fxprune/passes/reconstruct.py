@@ -2,45 +2,49 @@
 
 Once the plan says which channels go, every linear consumer of removed channels (``nn.Linear``, Hugging Face's
 ``Conv1D`` and ungrouped ``nn.Conv2d``, whose input is read as its unfolded patches) gets its kept input
-columns refitted so that, on the calibration batches, it
-computes what it computed with every column (the channel-pruning reconstruction of He et al. 2017 and
-ThiNet; FLAP's bias compensation where the layer has a bias):
-
-    [W' b'] = [W b] H[:, K] (H[K, K] + damp I)^-1,   H = sum over samples of [x; 1] [x; 1]^T
-
-with ``K`` the kept inputs (and the ones row when there is a bias), ``damp`` 0.1% of the mean of ``H[K, K]``'s
-diagonal (GPTQ damps by 1%; on the benchmark's Llama 0.1% fits better, docs/llm.md). The refit changes the private copy's weights before the rewrite, so the mask oracle
-proves ``pruned == refitted original with the removed channels zeroed``: exactness is kept.
+columns refitted by least squares on the calibration batches (``passes/refit.py``: the channel-pruning
+reconstruction of He et al. 2017 and ThiNet; FLAP's bias compensation where the layer has a bias). The refit
+changes the private copy's weights before the rewrite, so the mask oracle proves ``pruned == refitted
+original with the removed channels zeroed``: exactness is kept.
 
 Sequential, as SlimGPT and GPTQ are: layers are fitted in graph order, each on what the already pruned and
 refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far zeroed),
-toward what it computed in the unpruned model (``X`` pruned inputs, ``X_o`` unpruned ones: ``H[:, K]`` above
-becomes ``X_o^T X[:, K]``), so each refit also makes up for what the layers before it lost.
+toward what the unpruned model computed: the layer's own output, or, for the last layer of a residual
+branch (its output added straight to the stream, or through an eval-mode BatchNorm), the unpruned sum less
+what the pruned stream brings; so each refit also makes up for what the layers before it lost.
 A graph specialised to the example's shapes cannot run batches of other shapes: then every layer is fitted
-on the unpruned model's inputs (the eager copy runs them), a few layers per run so that the float64 ``H``
-matrices held at once stay under ``H_BUDGET_BYTES``. A layer whose refit would not lower its calibration
-error is left as it was. Across the parts of a model pruned part by part, each part is fitted on what the
-parts pruned before it give it (``partial.compile_parts``).
+on the unpruned model's inputs (the eager copy runs them), a few layers per run so that the float64
+statistics held at once stay under ``H_BUDGET_BYTES``. Across the parts of a model pruned part by part,
+each part is fitted on what the parts pruned before it give it (``partial.compile_parts``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import operator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fxprune.depgraph import param_value
 from fxprune.errors import ArgumentError
 from fxprune.passes.dependency import DependencyResult, canonical_names
-from fxprune.passes.rewrite import kept_indices
+from fxprune.passes.refit import (
+    LayerFit,
+    consumers,
+    fitted_tensors,
+    input_rows,
+    input_space,
+    layer_kind,
+    output_rows,
+    refit,
+    statistics,
+    weight_matrix,
+)
 from fxprune.passes.verify import MaskedInterpreter, zero_masks
 from fxprune.plan import PruningPlan
 from fxprune.state import kept_buffers
@@ -48,166 +52,6 @@ from fxprune.state import kept_buffers
 log = logging.getLogger(__name__)
 
 H_BUDGET_BYTES = 256 * 2**20  # float64 statistics held at once
-DAMP = 0.001
-
-
-@dataclass(frozen=True)
-class LayerFit:
-    """What reconstruction did to one layer.
-
-    Attributes:
-        name: the layer's module name.
-        kept: input channels kept, of ``inputs``.
-        inputs: its input channels before pruning.
-        error_before: relative calibration error of its output with the kept columns as they were
-            (``||(W - W_K) X||^2 / ||W X||^2``).
-        error_after: the same after the refit (equal to ``error_before`` when the refit was not applied).
-        bias: whether its bias absorbed the removed inputs' mean (a layer without a bias cannot).
-    """
-
-    name: str
-    kept: int
-    inputs: int
-    error_before: float
-    error_after: float
-    bias: bool
-
-
-def _kind(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor):
-        return "conv1d"  # Hugging Face GPT-2: y = x @ W + b, W of shape (in, out)
-    if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and _padding(m) is not None:
-        return "conv"  # a linear map of its unfolded input: (C * kh * kw) columns
-    return None
-
-
-def _padding(m: nn.Conv2d) -> tuple[int, int] | None:
-    """The conv's padding as two ints (None: a 'same' padding that is not symmetric)."""
-    if m.padding == "valid":
-        return (0, 0)
-    if m.padding == "same":
-        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
-        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
-    return tuple(m.padding)  # type: ignore[return-value]
-
-
-def _columns(m: nn.Module, cols: np.ndarray) -> np.ndarray:
-    """The weight columns (of ``_weight``) that read input channels ``cols``: a conv reads each channel in
-    ``kh * kw`` columns."""
-    if _kind(m) != "conv":
-        return cols
-    area = m.kernel_size[0] * m.kernel_size[1]
-    return (cols[:, None] * area + np.arange(area)).reshape(-1)
-
-
-def consumers(gm: nn.Module, deps: DependencyResult, plan: PruningPlan) -> list[tuple[str, nn.Module, np.ndarray]]:
-    """``(name, module, kept input columns)`` of every refittable layer that loses input channels.
-
-    A weight shared by several modules (a tie) is left alone: one refit cannot serve two inputs."""
-    kept = kept_indices(deps, plan)
-    names = canonical_names(gm)
-    uses: dict[int, int] = {}
-    for m in gm.modules():
-        for t in m._parameters.values():
-            if t is not None:
-                uses[id(t)] = uses.get(id(t), 0) + 1
-    out = []
-    for name, m in gm.named_modules():
-        kind = _kind(m)
-        if kind is None or uses.get(id(m.weight), 0) != 1 or id(m.weight) not in names:
-            continue
-        space = _input_space(m, names)
-        cols = kept.get(space)
-        if cols is not None and 0 < len(cols) < m.weight.shape[space[1]]:
-            out.append((name, m, cols))
-    return out
-
-
-def _input_space(m: nn.Module, names: dict[int, str]) -> tuple[str, int]:
-    """The channel space of the layer's input: its weight's input dim (dim 0 of a Conv1D's, else dim 1)."""
-    return param_value(names[id(m.weight)]), 0 if _kind(m) == "conv1d" else 1
-
-
-def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as (samples, columns) in float64 (a conv's: every patch it reads, unfolded)."""
-    if _kind(m) == "conv":
-        patches = F.unfold(x.detach().double(), m.kernel_size, m.dilation, _padding(m), m.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return x.detach().reshape(-1, x.shape[-1]).double()
-
-
-def _weight(m: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out, in) in float64."""
-    w = m.weight.detach().double()
-    kind = _kind(m)
-    return w.t() if kind == "conv1d" else w.reshape(w.shape[0], -1) if kind == "conv" else w
-
-
-def _set_weight(m: nn.Module, w: torch.Tensor) -> None:
-    kind = _kind(m)
-    value = w.t() if kind == "conv1d" else w.reshape(m.weight.shape) if kind == "conv" else w
-    with torch.no_grad():
-        m.weight.copy_(value.to(m.weight.dtype))
-
-
-def _statistics(layers: Sequence[tuple[str, nn.Module, np.ndarray]], run: Callable[[], None]) -> dict[str, torch.Tensor]:
-    """``H = sum [x; 1][x; 1]^T`` of each layer's input over the batches ``run`` feeds (ones row: with a bias)."""
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, m, _ in layers:
-        def record(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            x = _rows(mod, args[0])
-            if getattr(mod, "bias", None) is not None:
-                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-            h = x.t() @ x
-            stats[name] = stats[name] + h if name in stats else h
-
-        hooks.append(m.register_forward_pre_hook(record))
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
-
-
-def _refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor, cross: torch.Tensor | None = None,
-           target: float | None = None) -> LayerFit:
-    """Refit ``m``'s kept columns: ``h`` is ``X^T X`` of the inputs it gets now (upstream pruned); ``cross`` is
-    ``X_o^T X`` with ``X_o`` what the unpruned model gives it, ``target`` is ``||X_o [W b]^T||^2`` (both absent:
-    the target is the layer's full output on its current inputs)."""
-    w = _weight(m)
-    n_in, columns = w.shape[1], _columns(m, cols)
-    bias = getattr(m, "bias", None) is not None
-    full = torch.cat([w, m.bias.detach().double()[:, None]], 1) if bias else w  # type: ignore[union-attr]
-    keep = torch.as_tensor(np.append(columns, n_in) if bias else columns, dtype=torch.long)
-    channels = n_in if _kind(m) != "conv" else m.in_channels
-    c = h if cross is None else cross
-    hk = h[keep][:, keep]
-    damp = DAMP * float(hk.diagonal().mean()) + 1e-12
-    fitted = torch.linalg.solve(hk + damp * torch.eye(len(keep), dtype=h.dtype), (full @ c[:, keep]).t()).t()
-    total = float(torch.einsum("ij,jk,ik->", full, h, full)) if target is None else target
-    reach = full @ c  # (out, in): full X_o^T X
-
-    def error(kept_part: torch.Tensor) -> float:
-        """``||X_o full^T - X E^T||^2 / ||X_o full^T||^2`` with ``E`` the kept part embedded at full width."""
-        embedded = torch.zeros_like(full)
-        embedded[:, keep] = kept_part
-        quad = float(torch.einsum("ij,jk,ik->", embedded, h, embedded)) - 2 * float((reach * embedded).sum())
-        return max(0.0, total + quad) / total if total > 0 else 0.0
-
-    before, after = error(full[:, keep]), error(fitted)
-    if not after < before or not torch.isfinite(fitted).all():
-        return LayerFit(name, len(cols), channels, before, before, False)
-    new_w = w.clone()
-    new_w[:, torch.as_tensor(columns, dtype=torch.long)] = fitted[:, : len(columns)]
-    _set_weight(m, new_w)
-    if bias:
-        with torch.no_grad():
-            m.bias.copy_(fitted[:, -1].to(m.bias.dtype))  # type: ignore[union-attr]
-    return LayerFit(name, len(cols), channels, before, after, bias)
 
 
 def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, batches: Sequence[tuple[Any, ...]],
@@ -262,12 +106,15 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
     """Layers in graph order, each fitted on what the pruned, refitted upstream gives it: the graph runs with
     the removed channels of every layer already fitted set to zero (``MaskedInterpreter``), while the
     layer's own removed inputs are still there (they are what its refit makes up for). The target is what
-    the layer computed in the unpruned model (the graph run again with the fitted layers' original weights),
-    so a refit also makes up for what the layers before it lost, and errors do not pile up."""
+    the unpruned model computed (the graph run again with the fitted layers' original weights): the layer's
+    output, or, where the layer's output is added straight to a residual stream, that sum less what the pruned
+    stream brings to it; so a refit also makes up for what the layers before it lost, and errors do not pile
+    up."""
     sol = deps.solution
     dropped = plan.dropped_mask(sol.n_classes)
     committed = np.zeros_like(dropped)
-    order = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    order = {name: i for i, name in enumerate(calls)}
     names = canonical_names(gm)
     originals: dict[nn.Module, list[torch.Tensor]] = {}
     fits: list[LayerFit] = []
@@ -276,74 +123,138 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
             log.info("fxprune: %s is not one call in the graph: not reconstructed", name)
             continue
         zero = zero_masks(deps, dropped & committed)
-        h, cross, target = _paired_statistics(gm, m, zero, originals, batches)
+        h, xty, target = _paired_statistics(gm, m, _residual(gm, calls[name]), zero, originals, batches)
         if h is not None:
-            originals[m] = [t.detach().clone() for t in _tensors(m)]
-            fits.append(_refit(name, m, cols, h, cross, target))
-        committed[sol.space_labels(_input_space(m, names))] = True
+            originals[m] = [t.detach().clone() for t in fitted_tensors(m)]
+            fits.append(refit(name, m, cols, h, xty, target))
+        committed[sol.space_labels(input_space(m, names))] = True
     return fits
 
 
-def _tensors(m: nn.Module) -> list[torch.Tensor]:
-    return [m.weight] + ([m.bias] if getattr(m, "bias", None) is not None else [])
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _residual(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, nn.Module | None] | None:
+    """``(add, stream, norm)`` when the layer's output goes only into ``add = stream + output`` (a residual
+    branch's last layer: ``o_proj``, ``down_proj``), or only through an eval-mode BatchNorm ``norm`` into it (a
+    ResNet block's last conv); else None."""
+    norm = None
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        bn = gm.get_submodule(str(users[0].target))
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training and bn.running_var is not None:
+            node, norm, users = users[0], bn, list(users[0].users)
+    add = users[0] if len(users) == 1 else None
+    if add is None or add.kwargs or len(add.args) != 2 or not (
+            (add.op == "call_function" and add.target in _ADDS) or (add.op == "call_method" and add.target == "add")):
+        return None
+    a, b = add.args
+    stream = b if a is node else a if b is node else None
+    return (add, stream, norm) if isinstance(stream, fx.Node) and stream is not node else None
+
+
+def _before_norm(norm: nn.Module | None, y: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """The input an eval-mode BatchNorm needs to give ``y`` (channels whose scale is zero: ``plain``)."""
+    if norm is None:
+        return y
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().double()
+    shift = -norm.running_mean.double() * scale + (norm.bias.detach().double() if norm.bias is not None else 0)
+    ok = scale.abs() > 1e-12
+    x = (y.double() - shift.view(shape)) / torch.where(ok, scale, 1.0).view(shape)
+    return torch.where(ok.view(shape), x, plain.double())
+
+
+class _Capture(MaskedInterpreter):
+    """A ``MaskedInterpreter`` that keeps the values of the nodes ``keep`` names."""
+
+    def __init__(self, gm: fx.GraphModule, zero: dict[str, list[tuple[int, torch.Tensor]]], keep: set[str]) -> None:
+        super().__init__(gm, zero)
+        self.keep, self.kept = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.kept[n.name] = out
+        return out
 
 
 @contextmanager
 def _original_weights(originals: dict[nn.Module, list[torch.Tensor]]) -> Iterator[None]:
     """The refitted layers' weights as they were before their refit, for the block."""
-    saved = {m: [t.detach().clone() for t in _tensors(m)] for m in originals}
+    saved = {m: [t.detach().clone() for t in fitted_tensors(m)] for m in originals}
     try:
         with torch.no_grad():
             for m, old in originals.items():
-                for t, o in zip(_tensors(m), old, strict=True):
+                for t, o in zip(fitted_tensors(m), old, strict=True):
                     t.copy_(o)
         yield
     finally:
         with torch.no_grad():
             for m, now in saved.items():
-                for t, o in zip(_tensors(m), now, strict=True):
+                for t, o in zip(fitted_tensors(m), now, strict=True):
                     t.copy_(o)
 
 
-def _paired_statistics(gm: fx.GraphModule, m: nn.Module, zero: dict[str, list[tuple[int, torch.Tensor]]],
+def _paired_statistics(gm: fx.GraphModule, m: nn.Module, residual: tuple[fx.Node, fx.Node, nn.Module | None] | None,
+                       zero: dict[str, list[tuple[int, torch.Tensor]]],
                        originals: dict[nn.Module, list[torch.Tensor]], batches: Sequence[tuple[Any, ...]],
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-    """``(X^T X, X_o^T X, ||X_o [W b]^T||^2)`` of ``m``'s input over ``batches``: ``X`` what the pruned upstream
-    gives it (masked run), ``X_o`` what the unpruned model gives it (plain run, original weights); a ones
-    column when it has a bias. ``(None, None, 0)`` when the layer never ran."""
+    """``(X^T X, X^T Y, ||Y||^2)`` of ``m`` over ``batches``: ``X`` its input from the pruned upstream (masked
+    run; a ones column when it has a bias), ``Y`` the target from the unpruned model (plain run, original
+    weights): ``X_o [W b]^T``, or with a ``residual`` ``(add, stream, norm)`` the unpruned sum less the pruned
+    stream (through the norm's inverse). ``(None, None, 0)`` when the layer never ran or shapes do not line up."""
+    layer_out: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
 
     def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
-        x = _rows(mod, args[0])
+        x = input_rows(mod, args[0])
         if getattr(mod, "bias", None) is not None:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
         seen.append(x)
 
-    full = torch.cat([_weight(m)] + ([m.bias.detach().double()[:, None]] if getattr(m, "bias", None) is not None
+    full = torch.cat([weight_matrix(m)] + ([m.bias.detach().double()[:, None]] if getattr(m, "bias", None) is not None
                                       else []), 1)
-    h = cross = None
+    add, stream, norm = residual if residual is not None else (None, None, None)
+    h = xty = None
     target = 0.0
     hook = m.register_forward_pre_hook(record)
+    out_hook = m.register_forward_hook(lambda mod, args, out: layer_out.append(out))
     try:
         with torch.no_grad(), kept_buffers(gm):
             for inputs in batches:
                 with _original_weights(originals):
-                    gm(*inputs)
+                    plain = _Capture(gm, {}, {add.name} if add is not None else set())
+                    plain.run(*inputs)
                 if not seen:
                     return None, None, 0.0
-                xo = torch.cat(seen)
+                y = torch.cat(seen) @ full.t()
                 seen.clear()
-                MaskedInterpreter(gm, zero).run(*inputs)
+                unpruned_out = layer_out[0] if len(layer_out) == 1 else None
+                layer_out.clear()
+                masked = _Capture(gm, zero, {stream.name} if stream is not None else set())
+                masked.run(*inputs)
+                layer_out.clear()
                 x = torch.cat(seen) if seen else None
                 seen.clear()
-                if x is None or x.shape != xo.shape:
+                if x is None or x.shape[0] != y.shape[0]:
                     return None, None, 0.0
+                if add is not None and stream is not None:
+                    total, part = plain.kept.get(add.name), masked.kept.get(stream.name)
+                    if isinstance(total, torch.Tensor) and isinstance(part, torch.Tensor) and total.shape == part.shape \
+                            and (norm is None or isinstance(unpruned_out, torch.Tensor) and unpruned_out.shape == total.shape):
+                        residual_y = output_rows(m, _before_norm(norm, total - part, unpruned_out))
+                        if residual_y.shape == y.shape:
+                            y = residual_y
                 h = x.t() @ x if h is None else h + x.t() @ x
-                cross = xo.t() @ x if cross is None else cross + xo.t() @ x
-                target += float((xo @ full.t()).square().sum())
+                xty = x.t() @ y if xty is None else xty + x.t() @ y
+                target += float(y.square().sum())
     finally:
         hook.remove()
-    return h, cross, target
+        out_hook.remove()
+    return h, xty, target
 
 
 def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],
@@ -362,11 +273,11 @@ def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],
     for i, layer in enumerate(layers):
         chunk.append(layer)
         m = layer[1]
-        size += 8 * ((m.weight.shape[0] if _kind(m) == "conv1d" else m.weight[0].numel()) + 1) ** 2
+        size += 8 * ((m.weight.shape[0] if layer_kind(m) == "conv1d" else m.weight[0].numel()) + 1) ** 2
         if size >= H_BUDGET_BYTES or i == len(layers) - 1:
-            stats = _statistics(chunk, run)
+            stats = statistics(chunk, run)
             for name, m, cols in chunk:
                 if name in stats:
-                    fits.append(_refit(name, m, cols, stats.pop(name)))
+                    fits.append(refit(name, m, cols, stats.pop(name)))
             chunk, size = [], 0
     return fits
