@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,33 +268,3 @@ def every_expert(m: nn.Module, lay: Layout, calls: Calls) -> list[tuple[tuple[An
         ones = torch.ones(x.shape[0], 1, dtype=w.dtype)
         out += [((x, torch.full_like(index[:, :1], e), ones), {}) for e in range(lay.experts)]
     return out
-
-
-class _Probe(nn.Module):
-    """A gated MLP of inner width ``width``: what the part compiler keeps of it is the experts' keep count."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.gate, self.up, self.down = nn.Linear(1, width), nn.Linear(1, width), nn.Linear(width, 1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.linspace(0.5, 1.5, p.numel()).reshape(p.shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
-
-
-def keep_count(compile_fn: Callable[..., Any], width: int, gradients: Any = None) -> int:
-    """How many of ``width`` inner channels the part compiler keeps (its ratio, ``round_to``, ``min_channels``).
-
-    ``compile_fn`` is ``compile_parts``'s per-part compile; it is run on a small gated MLP of that width, so
-    the count follows the same policy as every traced group. ``gradients`` (a ``PartGradients``) stands in
-    for gradient criteria, with zero gradients (the count does not depend on the scores).
-    """
-    probe = _Probe(width)
-    own = None
-    if gradients is not None:
-        own = copy.copy(gradients)
-        own.grads = {n: torch.zeros_like(p) for n, p in probe.named_parameters()}
-    result = compile_fn(probe, (torch.ones(2, 1),), [], None, own, "")  # no part of the model: no name
-    return int(result.model.gate.weight.shape[0])

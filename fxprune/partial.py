@@ -25,6 +25,7 @@ from fxprune import experts
 from fxprune.errors import FxPruneError, TraceError
 from fxprune.importance_taylor import PartGradients, WholeModelGradients
 from fxprune.passes.eager_check import restore_state
+from fxprune.passes.select import Policy, lone_keep
 from fxprune.passes.ties import retie
 from fxprune.state import kept_buffers
 
@@ -171,18 +172,18 @@ def _part_ignore(full: str, ignore: list[str | type]) -> list[str | type] | None
     return inside
 
 
-def _prune_experts(child: nn.Module, full: str, call: _Call, compile_fn: CompilePart, importance: Any,
+def _prune_experts(child: nn.Module, full: str, call: _Call, policy: Policy, importance: Any,
                    calibration: list[_Call] | None, gradients: WholeModelGradients | None, ignore: list[Any],
                    ) -> tuple[nn.Module | None, PartReport]:
-    """A fused-experts part pruned by ``fxprune.experts`` (keep count from ``compile_fn``'s policy), with its
-    report; None and a skipped report when it is not (ignored by type, the criterion cannot score it, the
-    oracle failed)."""
+    """A fused-experts part pruned by ``fxprune.experts`` (each expert keeps what ``policy`` keeps of a free
+    group of its inner width), with its report; None and a skipped report when it is not (ignored by type,
+    the criterion cannot score it, the oracle failed)."""
     if any(isinstance(t, type) and isinstance(child, t) for t in ignore):
         return None, PartReport(full, skipped="ignored by the user")
     before = sum(p.numel() for p in child.parameters())
     try:
         own = None if gradients is None else gradients.for_part(child, full)
-        k = experts.keep_count(compile_fn, experts.layout(child).inner, own)  # type: ignore[union-attr]
+        k = lone_keep(experts.layout(child).inner, policy)  # type: ignore[union-attr]
         done = experts.prune_experts(child, k, [(call.args, call.kwargs)], importance if own is None else own,
                                      None if own is None else own.grads,
                                      None if calibration is None else [(c.args, c.kwargs) for c in calibration])
@@ -206,7 +207,7 @@ def compile_parts(
     only: str | None = None,
     calibration: list[tuple[Any, ...]] | None = None,
     importance: Any = None,
-    experts_too: bool = True,
+    expert_policy: Policy | None = None,
     sequential: bool = False,
 ) -> list[PartReport]:
     """Prune the largest traceable submodules of ``scope`` in place (``root`` is a private copy).
@@ -221,8 +222,8 @@ def compile_parts(
     part: it is run once on the whole ``root``, before any part changes, and each part is scored by the
     gradients of its own parameters (``compile_fn``'s fifth argument; None for other criteria). A fused
     mixture-of-experts module (``fxprune.experts.layout``) is never traced: each of its experts is pruned by
-    ``fxprune.experts`` to the count ``compile_fn``'s policy keeps of a plain MLP, and proven by its own oracle
-    (``experts_too=False``: left to ``compile_fn``, as a replay does). With ``sequential``, each part's
+    ``fxprune.experts`` to the count ``expert_policy`` keeps of a free group of its inner width, and proven by
+    its own oracle (no ``expert_policy``: left to ``compile_fn``, as a replay does). With ``sequential``, each part's
     calibration inputs are recorded just before it is compiled, from the root with the parts before it already
     pruned (what reconstruction fits on: the pruned upstream, as SlimGPT does), not once up front.
     """
@@ -259,10 +260,10 @@ def compile_parts(
             if inside is None:
                 reports.append(PartReport(full, skipped="ignored by the user"))
                 continue
-            if experts_too and experts.layout(child) is not None:  # fused experts: pruned expert by expert
+            if expert_policy is not None and experts.layout(child) is not None:  # fused: pruned expert by expert
                 cal = None if calibration is None else [c[name] for c in calibration_calls if name in c]
-                pruned_experts, report = _prune_experts(child, full, call, compile_fn, importance, cal, gradients,
-                                                        inside)
+                pruned_experts, report = _prune_experts(child, full, call, expert_policy, importance, cal,
+                                                        gradients, inside)
                 if pruned_experts is not None:
                     setattr(parent, child_name, pruned_experts)
                 reports.append(report)

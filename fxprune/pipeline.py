@@ -143,7 +143,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         parts += compile_parts(done.model, done.model.get_submodule(parent), parent, a.inputs, compile_part,
                                [*options.ignore, *options.leaves],  # a leaf the user named stays whole
                                only=child, calibration=options.calibration_batches(), importance=options.importance,
-                               sequential=options.reconstruct)
+                               expert_policy=_policy(options.part_options()), sequential=options.reconstruct)
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0, reconstruction=fits)
@@ -183,10 +183,15 @@ def _forget_frames(e: BaseException) -> None:
         stack += [ex.__cause__, ex.__context__]
 
 
+def _policy(options: Options) -> Policy:
+    """The selection policy the options ask for."""
+    return Policy(options.ratio, options.ratios, options.group_ratios, options.global_ranking,
+                  round_to=options.round_to, min_channels=options.min_channels)
+
+
 def _select(a: Prepared, options: Options, scores: list[Any], cost: CostModel) -> PruningPlan:
     """Step 1c: the kept channels, by ratio or searched to the budget, stamped with what a replay needs."""
-    policy = Policy(options.ratio, options.ratios, options.group_ratios, options.global_ranking,
-                    round_to=options.round_to, min_channels=options.min_channels)
+    policy = _policy(options)
     if options.budget:
         plan = plan_for_budget(cost, a.groups, scores, policy, options.target_macs, options.target_params)
     else:
@@ -230,7 +235,7 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     compile_part, part_plans, part_fits = _part_compiler(options)
     parts = compile_parts(root, root, "", inputs, compile_part, [*options.ignore, *options.leaves],
                           calibration=options.calibration_batches(), importance=options.importance,
-                          sequential=options.reconstruct)
+                          expert_policy=_policy(options.part_options()), sequential=options.reconstruct)
     settle_parts(root, model)
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
     modified = any(p.params_after < p.params_before for p in parts)

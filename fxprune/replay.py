@@ -113,7 +113,7 @@ class _PartReplayer:
             only: str | None = None) -> None:
         """Replay every planned part under ``scope``."""
         try:
-            compile_parts(self.root, scope, scope_name, inputs, self, ignore, only=only, experts_too=False)
+            compile_parts(self.root, scope, scope_name, inputs, self, ignore, only=only)
         except _Failed as e:
             raise e.__cause__ from None  # type: ignore[misc]
 

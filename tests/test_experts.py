@@ -215,3 +215,29 @@ def test_qwen2_moe_experts_alone() -> None:
     nn.init.normal_(m.down_proj)
     pruned, _ = _masked_equals_pruned(m, 6)
     assert pruned.intermediate_dim == 6 and pruned.config is m.config
+
+
+class _GatedMLP(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(4, width), torch.nn.Linear(4, width)
+        self.down = torch.nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("width", [7, 32, 96])
+@pytest.mark.parametrize(("ratio", "round_to", "min_channels", "global_ranking"),
+                         [(0.5, None, 1, False), (0.3, 8, 1, False), (0.9, None, 5, False), (0.95, None, 1, True),
+                          (0.4, 16, 3, True)])
+def test_an_expert_keeps_what_a_traced_mlp_of_its_width_keeps(width: int, ratio: float, round_to: int | None,
+                                                               min_channels: int, global_ranking: bool) -> None:
+    """The experts' keep count (``select.lone_keep``) is the count the whole pipeline gives a plain gated MLP of
+    the same inner width under the same options: computed here by pruning one."""
+    from fxprune.passes.select import Policy, lone_keep
+
+    policy = Policy(ratio, global_ranking=global_ranking, round_to=round_to, min_channels=min_channels)
+    r = fxprune.prune(_GatedMLP(width), ratio, example_inputs=(torch.randn(2, 4),), round_to=round_to,
+                      min_channels=min_channels, global_ranking=global_ranking)
+    assert lone_keep(width, policy) == r.model.get_submodule("gate").out_features

@@ -141,6 +141,20 @@ def keep_counts(
     return out
 
 
+def lone_keep(size: int, policy: Policy) -> int:
+    """The keep count ``keep_counts`` gives one free group of ``size`` one-channel classes (nothing pinned): how
+    many inner channels of each fused expert stay (``fxprune.experts``), by the rule every traced group follows
+    (the ratio, or the global budget with its per-group cap, then ``min_channels`` and ``round_to``)."""
+    floor = max(policy.min_channels, 1)
+    cut = math.floor(policy.ratio * size + 1e-9)
+    if policy.global_ranking:
+        cut = min(cut, size - floor, math.floor(policy.max_group_ratio * size))
+    keep = max(size - cut, floor)
+    if policy.round_to and keep < size:
+        keep = _round(keep, size, floor, policy.round_to)
+    return min(keep, size)
+
+
 def select_channels(
     deps: DependencyResult,
     groups: tuple[ChannelGroup, ...],
