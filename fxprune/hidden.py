@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,6 +40,7 @@ from fxprune.hidden_config import (
 from fxprune.hidden_oracle import both, hidden_oracle, resize_normalized_shape
 from fxprune.hidden_streams import HiddenSizeError, Space, Stream, find_stream
 from fxprune.metrics import count_macs, count_params
+from fxprune.passes.select import Policy, lone_keep
 from fxprune.rules.registry import fix_attributes
 from fxprune.validate import check_hidden
 
@@ -169,7 +169,8 @@ def _prune(work: nn.Module, hidden: float, inputs: tuple[Any, ...], calibration:
     place (a private copy)."""
     emb = _input_embedding(work)
     size = emb.embedding_dim
-    keep = keep_count(size, hidden, round_to, min_channels) if kept is None else len(kept[0])
+    keep = lone_keep(size, Policy(hidden, round_to=round_to, min_channels=min_channels)) if kept is None \
+        else len(kept[0])
     if kept is None:
         keep = config_valid_keep(work, size, keep)
     seed = (next(n for n, p in work.named_parameters() if p is emb.weight), 1)
@@ -273,14 +274,6 @@ def config_valid_keep(model: nn.Module, size: int, keep: int) -> int:
                         keep, type(config).__name__, n)
         return n
     return keep
-
-
-def keep_count(size: int, hidden: float, round_to: int | None, min_channels: int) -> int:
-    """How many hidden channels stay (the rounding of ``select.keep_counts``)."""
-    keep = max(size - math.floor(hidden * size + 1e-9), min_channels, 1)
-    if round_to and round_to > 1 and keep < size:
-        keep = min(size, max(round_to, round(keep / round_to) * round_to))
-    return min(keep, size)
 
 
 def _config_streams(work: nn.Module, residual: Stream, size: int, keep: int, inputs: tuple[Any, ...]) -> list[Stream]:

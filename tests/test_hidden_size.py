@@ -320,3 +320,12 @@ def test_the_hidden_oracle_catches_a_wrong_slice(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(hidden_mod, "_slice", off_by_one)
     with pytest.raises(fxprune.InvariantError, match="hidden-size oracle failed"):
         fxprune.prune(build("llama"), 0.0, hidden=0.5, verify=True, output="module", example_inputs=(IDS,))
+
+
+def test_min_channels_holds_after_rounding() -> None:
+    """The hidden size keeps ``min_channels`` after ``round_to`` too, as every other group does: 64 channels at
+    hidden=0.9 keep 7, raised to 17, rounded to a multiple of 16 that is at least 17: 32 (not 16)."""
+    model = build("llama")
+    pruned = fxprune.compile(model, 0.0, hidden=0.9, min_channels=17, round_to=16, output="module",
+                             example_inputs=(IDS,))
+    assert pruned.config.hidden_size == 32
