@@ -13,10 +13,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+import fxprune.rules.builtin as builtin
 from fxprune.passes.base import submodule
 from fxprune.rules.common import pin_all
 from fxprune.rules.context import RuleContext
-from fxprune.rules.registry import OpSpec, function_spec, method_spec, module_spec, register
+from fxprune.rules.registry import OpSpec, add_loader, function_spec, method_spec, module_spec, register
+
+add_loader(builtin.install)  # the built-in entries, registered on the first lookup (rules/builtin.py)
 
 Rule = Callable[[fx.Node, RuleContext], None]
 

@@ -3,7 +3,8 @@
 Ops that carry more than a channel rule (literal sizes, a shape shortcut, a MAC formula, an attribute
 fix-up) are listed one entry per op, with all their parts side by side. The many ops that have only a
 channel rule (elementwise, layout, pooling) come from the rule tables of ``rules/*.py``, registered first.
-``install`` runs once: when ``fxprune.api`` is imported, or on the first registry lookup (``registry.load_builtins``).
+``install`` runs once, on the first registry lookup (``registry.load_builtins``), as the loader that
+``rules/__init__.py`` hands the registry (the registry imports no entry itself).
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.passes import macs, shape_fns
-from fxprune.rules import attention, fixups, functional, literals, modules, tensor_ops, windows
+import fxprune.rules.attention as attention
+import fxprune.rules.fixups as fixups
+import fxprune.rules.functional as functional
+import fxprune.rules.literals as literals
+import fxprune.rules.mac_formulas as macs
+import fxprune.rules.modules as modules
+import fxprune.rules.shape_formulas as shape_fns
+import fxprune.rules.tensor_ops as tensor_ops
+import fxprune.rules.windows as windows
 from fxprune.rules.registry import OpSpec, register
 
 

@@ -89,6 +89,7 @@ _METHODS: dict[str, OpSpec] = {}
 _type_cache: dict[type, OpSpec] = {}
 _EMPTY = OpSpec()
 _builtins_loaded = False
+_loaders: list[Callable[[], None]] = []  # rules/__init__.py adds builtin.install: this module imports no entry
 
 
 def register(op: type | str | Callable[..., Any], spec: OpSpec | None = None, **fields: Any) -> OpSpec:
@@ -134,9 +135,13 @@ def load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        from fxprune.rules import builtin  # registers every built-in entry (one place)
+        for load in _loaders:
+            load()
 
-        builtin.install()
+
+def add_loader(load: Callable[[], None]) -> None:
+    """Have ``load`` register entries before the first lookup (``rules/__init__.py`` adds the built-in ones)."""
+    _loaders.append(load)
 
 
 def fix_attributes(mod: nn.Module, new_in: int | None) -> None:
