@@ -115,10 +115,12 @@ def prune(
     )
     heads = honoured.snapshot(model) if prune_heads else {}  # only a head request is judged by them
     honoured.warn_weight_only_language_model(model, options)
-    if reconstruct == "bias" and example_inputs is not None:  # biases the config can describe, to compensate into
+    if reconstruct == "bias":  # biases the config can describe, to compensate into (fxprune/config_bias.py)
         from fxprune.config_bias import with_config_biases
 
-        example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        options = options.checked()  # calibration read once (a generator): the first batch stands in for inputs
+        example = options.example_inputs if options.example_inputs is not None else options.calibration[0]
+        example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
         model, _ = with_config_biases(model, example, bool(prune_heads))
     result = run(model, options)
     return honoured.report(model, options, result, heads)  # a request that did nothing is said, by default

@@ -108,3 +108,11 @@ def test_streaming_refuses_it(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "in")
     with pytest.raises(ValueError, match="reconstruct='bias'"):
         fxprune.prune_pretrained(tmp_path / "in", tmp_path / "out", 0.5, calibration=CAL, reconstruct="bias")
+
+
+def test_a_calibration_generator_is_read_once() -> None:
+    """The options are checked before the biases are added (the batches listed once): the generator still feeds
+    the refit."""
+    r = fxprune.prune(_llama(), 0.5, example_inputs=(CAL[0][:2],), calibration=(b for b in CAL), reconstruct="bias",
+                      output="module", verify=True)
+    assert r.model.config.mlp_bias and r.reconstruction and all(f.bias for f in r.reconstruction)
