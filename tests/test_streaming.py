@@ -69,6 +69,19 @@ def test_streamed_equals_in_memory(family: str, tmp_path: Path) -> None:
                                            for k, v in streamed.config_changes.items())
 
 
+def test_query_heads_stream_as_in_memory(tmp_path: Path) -> None:
+    """prune_heads="query" while streaming: every key/value head kept, the config (num_attention_heads) follows,
+    and the folder equals the in-memory result."""
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "in")
+    streamed = prune_pretrained(tmp_path / "in", tmp_path / "out", 0.5, prune_heads="query")
+    in_memory = fxprune.prune(model, 0.5, example_inputs=_example(), output="module", prune_heads="query")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    _same_weights(in_memory.model, reloaded)
+    assert (reloaded.config.num_attention_heads, reloaded.config.num_key_value_heads) == (2, 2)
+    assert all(p.oracle == "passed" for p in streamed.parts)
+
+
 def test_tied_bfloat16_and_shards(tmp_path: Path) -> None:
     model = _model("llama", tie=True, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "in")
