@@ -116,3 +116,15 @@ def test_a_calibration_generator_is_read_once() -> None:
     r = fxprune.prune(_llama(), 0.5, example_inputs=(CAL[0][:2],), calibration=(b for b in CAL), reconstruct="bias",
                       output="module", verify=True)
     assert r.model.config.mlp_bias and r.reconstruction and all(f.bias for f in r.reconstruction)
+
+
+def test_the_command_line_adds_biases_in_memory(tmp_path: Path) -> None:
+    from fxprune.cli import main
+
+    _llama().save_pretrained(tmp_path / "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("for i in range(10):\n    print(i * i)\n" * 16)
+    assert main(["compile", f"hf:{tmp_path / 'llama'}", "--ratio", "0.5", "--data", str(text), "--runs", "0",
+                 "--reconstruct-bias", "--save-pretrained", str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.mlp_bias and back.model.layers[0].mlp.down_proj.bias.abs().sum() > 0

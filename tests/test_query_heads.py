@@ -158,8 +158,6 @@ def test_the_command_line_names_the_policy() -> None:
     from fxprune.cli.parser import build_parser
 
     p = build_parser()
-    assert p.parse_args(["compile", "resnet18", "--prune-heads", "query"]).prune_heads == "query"
-    assert p.parse_args(["compile", "resnet18", "--prune-heads"]).prune_heads is True
+    assert p.parse_args(["compile", "resnet18", "--prune-query-heads"]).prune_heads == "query"
+    assert p.parse_args(["compile", "--prune-heads", "resnet18"]).prune_heads is True  # a flag, before the model too
     assert p.parse_args(["compile", "resnet18"]).prune_heads is False
-    with pytest.raises(SystemExit):
-        p.parse_args(["compile", "resnet18", "--prune-heads", "kv"])

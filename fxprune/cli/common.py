@@ -168,7 +168,7 @@ def prune_with_args(model: nn.Module, inputs: Inputs, args: argparse.Namespace, 
         if not batches:
             raise ArgumentError("--reconstruct refits the kept weights on real inputs: pass --data (a folder of "
                                 "images, a .npy/.pt tensor file, or a text file for a language model)")
-        kwargs.update(calibration=batches, reconstruct=True)
+        kwargs.update(calibration=batches, reconstruct=args.reconstruct)
     # Ultralytics' own DetectionModel, which YOLO(path) and `yolo train` load; a Hugging Face model stays its
     # own class, with its config, so that save_pretrained and from_pretrained work
     if is_ultralytics(args) or str(args.model).startswith("hf:") or getattr(args, "save_pretrained", None):

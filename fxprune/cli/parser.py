@@ -93,16 +93,21 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=float, metavar="F",
                    help="language models: also remove this fraction of the hidden size (the residual stream: "
                         "embeddings, every norm and projection, lm_head), e.g. 0.25")
-    g.add_argument("--prune-heads", nargs="?", const=True, default=False, choices=[True, "query"], metavar="query",
+    g.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads instead of thinning every head (a key/value head with its "
-                        "query heads); --prune-heads query: keep every key/value head and remove the same query "
-                        "heads from each group")
+                        "query heads)")
+    g.add_argument("--prune-query-heads", dest="prune_heads", action="store_const", const="query",
+                   help="keep every key/value head and remove the same query heads from each group "
+                        "(grouped-query attention; elsewhere whole heads, as --prune-heads)")
     g.add_argument("--depth", type=float, metavar="N",
                    help="language models: first remove N whole blocks (decoder layers; a fraction < 1: that share "
                         "of them), chosen by the loss on --data (fxprune.prune_depth)")
     g.add_argument("--reconstruct", action="store_true",
                    help="refit the kept weights of every layer that loses inputs by least squares on --data "
                         "(bias compensation where there is a bias); proven by the oracle like the rest")
+    g.add_argument("--reconstruct-bias", dest="reconstruct", action="store_const", const="bias",
+                   help="--reconstruct, after giving a Hugging Face model the biases its config can describe "
+                        "(mlp_bias, attention_bias) for the refit to compensate into (in memory, not streamed)")
     g.add_argument("--module-ratio", action="append", default=[], metavar="MODULE=R",
                    help="a ratio for one submodule (and what is coupled to it), e.g. layer4=0.7 (repeatable)")
     g.add_argument("--data", metavar="PATH",

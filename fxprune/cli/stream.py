@@ -30,6 +30,8 @@ def stream_blockers(args: argparse.Namespace) -> list[str]:
     flags = [flag for attr, flag in _WHOLE if getattr(args, attr, None) not in (None, False, [], ())]
     if (args.importance or "").lower() == "taylor":
         flags.append("--importance taylor")
+    if getattr(args, "reconstruct", False) == "bias":  # every layer's config changes first
+        flags.append("--reconstruct-bias")
     return flags
 
 
