@@ -113,8 +113,9 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
     sol = deps.solution
     dropped = plan.dropped_mask(sol.n_classes)
     committed = np.zeros_like(dropped)
-    calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
-    order = {name: i for i, name in enumerate(calls)}
+    modules = [n for n in gm.graph.nodes if n.op == "call_module"]
+    calls = {str(n.target): n for n in modules}  # a module called twice: its last call (then the plain target)
+    order = {str(n.target): i for i, n in enumerate(modules)}
     names = canonical_names(gm)
     originals: dict[nn.Module, list[torch.Tensor]] = {}
     fits: list[LayerFit] = []
@@ -183,19 +184,18 @@ class _Capture(MaskedInterpreter):
 
 @contextmanager
 def _original_weights(originals: dict[nn.Module, list[torch.Tensor]]) -> Iterator[None]:
-    """The refitted layers' weights as they were before their refit, for the block."""
-    saved = {m: [t.detach().clone() for t in fitted_tensors(m)] for m in originals}
+    """The refitted layers' weights as they were before their refit, for the block (their storage swapped in
+    and back: nothing is copied)."""
+    now = {m: [t.data for t in fitted_tensors(m)] for m in originals}
     try:
-        with torch.no_grad():
-            for m, old in originals.items():
-                for t, o in zip(fitted_tensors(m), old, strict=True):
-                    t.copy_(o)
+        for m, old in originals.items():
+            for t, o in zip(fitted_tensors(m), old, strict=True):
+                t.data = o
         yield
     finally:
-        with torch.no_grad():
-            for m, now in saved.items():
-                for t, o in zip(fitted_tensors(m), now, strict=True):
-                    t.copy_(o)
+        for m, current in now.items():
+            for t, c in zip(fitted_tensors(m), current, strict=True):
+                t.data = c
 
 
 def _paired_statistics(gm: fx.GraphModule, m: nn.Module, residual: tuple[fx.Node, fx.Node, nn.Module | None] | None,
