@@ -23,6 +23,7 @@ import torch.nn as nn
 from fxprune.copying import private_copy
 from fxprune.hf_config import built_mismatch
 from fxprune.outputs import tensors_of
+from fxprune.state import kept_buffers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def with_config_biases(model: nn.Module, example_inputs: tuple[Any, ...], heads:
     if not flags or not hasattr(type(model), "config_class"):
         return model, []
     work = private_copy(model)  # its config is its own copy, shared by its modules
-    with torch.no_grad():
+    with torch.no_grad(), kept_buffers(work):  # the copy goes on to be pruned: no state left behind
         before = tensors_of(work(*example_inputs))
     new = copy.deepcopy(work.config)
     added = []
@@ -65,7 +66,7 @@ def with_config_biases(model: nn.Module, example_inputs: tuple[Any, ...], heads:
     if not problem:
         for flag in flags:
             setattr(work.config, flag, True)
-        with torch.no_grad():
+        with torch.no_grad(), kept_buffers(work):
             after = tensors_of(work(*example_inputs))
         if len(before) != len(after) or not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
             problem = "the model with zero biases computes something else"

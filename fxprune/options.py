@@ -41,7 +41,7 @@ class Options:
     group_ratios: Mapping[int, float] | None = None
     round_to: int | None = None
     min_channels: int = 1
-    prune_heads: bool | str = False  # True: whole heads (a key/value head with its query heads); "query"
+    prune_heads: bool | str = False  # True: whole heads (a kv head with its query heads); "query": query heads
     leaves: tuple[str, ...] = ()
     verify: bool = False
     onnx: str | None = None

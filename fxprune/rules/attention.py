@@ -159,7 +159,7 @@ def expand(node: fx.Node, ctx: RuleContext) -> None:
     for od in range(len(ys)):
         if od >= lead and xs[od - lead] == ys[od]:
             ctx.same(x, od - lead, y, od)
-        elif ys[od] > 1:
+        elif ys[od] > 1 and ctx.query_heads:  # a copy factor, for prune_heads="query" (passes/dependency.py)
             ctx.expanded.add(ctx.space(y, od))
 
 
