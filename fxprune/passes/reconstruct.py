@@ -35,15 +35,15 @@ from fxprune.errors import ArgumentError
 from fxprune.passes.dependency import DependencyResult, canonical_names
 from fxprune.passes.refit import (
     LayerFit,
+    augmented_rows,
     consumers,
     fitted_tensors,
-    input_rows,
+    full_matrix,
     input_space,
     layer_kind,
     output_rows,
     refit,
     statistics,
-    weight_matrix,
 )
 from fxprune.passes.verify import MaskedInterpreter, zero_masks
 from fxprune.plan import PruningPlan
@@ -209,18 +209,11 @@ def _paired_statistics(gm: fx.GraphModule, m: nn.Module, residual: tuple[fx.Node
     layer_out: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
 
-    def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
-        x = input_rows(mod, args[0])
-        if getattr(mod, "bias", None) is not None:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-        seen.append(x)
-
-    full = torch.cat([weight_matrix(m)] + ([m.bias.detach().double()[:, None]] if getattr(m, "bias", None) is not None
-                                      else []), 1)
+    full = full_matrix(m)
     add, stream, norm = residual if residual is not None else (None, None, None)
     h = xty = None
     target = 0.0
-    hook = m.register_forward_pre_hook(record)
+    hook = m.register_forward_pre_hook(lambda mod, args: seen.append(augmented_rows(mod, args[0])))
     out_hook = m.register_forward_hook(lambda mod, args, out: layer_out.append(out))
     try:
         with torch.no_grad(), kept_buffers(gm):

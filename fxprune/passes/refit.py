@@ -36,8 +36,8 @@ class LayerFit:
         name: the layer's module name.
         kept: input channels kept, of ``inputs``.
         inputs: its input channels before pruning.
-        error_before: relative calibration error of its output with the kept columns as they were
-            (``||(W - W_K) X||^2 / ||W X||^2``).
+        error_before: relative calibration error against its target with the kept columns as they were
+            (``||Y - X W_K^T||^2 / ||Y||^2``; ``Y`` what the unpruned model computed, ``reconstruct.py``).
         error_after: the same after the refit (equal to ``error_before`` when the refit was not applied).
         bias: whether its bias absorbed the removed inputs' mean (a layer without a bias cannot).
     """
@@ -129,15 +129,28 @@ def set_weight_matrix(m: nn.Module, w: torch.Tensor) -> None:
         m.weight.copy_(value.to(m.weight.dtype))
 
 
+def augmented_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``input_rows`` with a ones column when the layer has a bias (the bias is then fitted as one more column)."""
+    rows = input_rows(m, x)
+    if getattr(m, "bias", None) is None:
+        return rows
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+
+
+def full_matrix(m: nn.Module) -> torch.Tensor:
+    """``[W b]`` in float64: the weight matrix with the bias as its last column when there is one."""
+    w = weight_matrix(m)
+    b = getattr(m, "bias", None)
+    return w if b is None else torch.cat([w, b.detach().double()[:, None]], 1)
+
+
 def statistics(layers: Sequence[tuple[str, nn.Module, np.ndarray]], run: Callable[[], None]) -> dict[str, torch.Tensor]:
     """``H = sum [x; 1][x; 1]^T`` of each layer's input over the batches ``run`` feeds (ones row: with a bias)."""
     stats: dict[str, torch.Tensor] = {}
     hooks = []
     for name, m, _ in layers:
         def record(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            x = input_rows(mod, args[0])
-            if getattr(mod, "bias", None) is not None:
-                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+            x = augmented_rows(mod, args[0])
             h = x.t() @ x
             stats[name] = stats[name] + h if name in stats else h
 
@@ -158,7 +171,7 @@ def refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor, xty: torch
     w = weight_matrix(m)
     n_in, columns = w.shape[1], weight_columns(m, cols)
     bias = getattr(m, "bias", None) is not None
-    full = torch.cat([w, m.bias.detach().double()[:, None]], 1) if bias else w  # type: ignore[union-attr]
+    full = full_matrix(m)
     keep = torch.as_tensor(np.append(columns, n_in) if bias else columns, dtype=torch.long)
     channels = n_in if layer_kind(m) != "conv" else m.in_channels
     if xty is None:
@@ -190,11 +203,12 @@ def refit(name: str, m: nn.Module, cols: np.ndarray, h: torch.Tensor, xty: torch
 
 
 def output_rows(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """A layer's output as (samples, out) in float64, rows in the order ``_rows`` gives its inputs."""
+    """A layer's output as (samples, out) in float64, rows in the order ``input_rows`` gives its inputs."""
     if layer_kind(m) == "conv":
         return y.detach().double().flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
     return y.detach().double().reshape(-1, y.shape[-1])
 
 
 def fitted_tensors(m: nn.Module) -> list[torch.Tensor]:
+    """The tensors a refit writes: the weight, and the bias when there is one."""
     return [m.weight] + ([m.bias] if getattr(m, "bias", None) is not None else [])
