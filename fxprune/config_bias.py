@@ -35,12 +35,16 @@ def with_config_biases(model: nn.Module, example_inputs: tuple[Any, ...], heads:
     """A private copy of ``model`` with the biases its config can describe (``mlp_bias``; ``attention_bias``
     too when ``heads``, where ``o_proj`` loses inputs), all zero; and what was added or why not.
 
-    Returns ``(model, [])`` unchanged (not copied) when the model has no such config flag that is off.
+    Returns ``(model, [])`` unchanged (not copied), with a warning, when the model has no such config flag
+    that is off.
     """
     config = getattr(model, "config", None)
     flags = [f for f in _FLAGS if config is not None and getattr(config, f, None) is False
              and (heads or f == "mlp_bias")]
-    if not flags or not hasattr(type(model), "config_class"):
+    if not flags or not hasattr(type(model), "config_class"):  # the request adds nothing: said by default
+        log.warning("fxprune: reconstruct='bias': %s has no Hugging Face config flag for biases that is off "
+                    "(mlp_bias%s); refitting with the biases its layers already have", type(model).__name__,
+                    ", attention_bias" if heads else "")
         return model, []
     work = private_copy(model)  # its config is its own copy, shared by its modules
     with torch.no_grad(), kept_buffers(work):  # the copy goes on to be pruned: no state left behind

@@ -72,12 +72,14 @@ def test_the_compensation_is_the_least_squares_solution_with_a_ones_column() -> 
                                atol=1e-5)
 
 
-def test_a_model_without_such_a_config_is_left_as_it_is() -> None:
+def test_a_model_without_such_a_config_is_left_as_it_is_and_said(caplog: pytest.LogCaptureFixture) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     assert with_config_biases(net, (torch.randn(2, 8),), True) == (net, [])
+    assert "Sequential has no Hugging Face config flag" in caplog.text
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     assert with_config_biases(gpt2, (CAL[0],), True) == (gpt2, [])  # biases already: no flag to set
+    assert "GPT2LMHeadModel has no Hugging Face config flag" in caplog.text
 
 
 def test_a_config_that_cannot_describe_them_is_said(caplog: pytest.LogCaptureFixture) -> None:
