@@ -88,8 +88,9 @@ def prune(
             selection, before ``ratio`` prunes heads and MLPs; None (default) keeps it. The Hugging Face
             config follows (docs/hidden-size.md).
         reconstruct: refit the kept input columns (and the bias, where there is one) of every linear
-            consumer of removed channels by least squares on ``calibration`` (required), so each layer
-            computes on the batches what it did before pruning; proven by the oracle like the rest
+            consumer of removed channels, and of every linear layer that runs after one (its input changed),
+            by least squares on ``calibration`` (required), so each layer computes on the batches what it
+            did before pruning; proven by the oracle like the rest
             (``PruneResult.reconstruction`` has each layer's calibration error before and after).
             ``"bias"``: also give the layers a bias where the Hugging Face config can describe one
             (``mlp_bias``, and ``attention_bias`` with ``prune_heads``), zero except where the refit

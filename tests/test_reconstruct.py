@@ -127,9 +127,14 @@ def test_a_llama_pruned_part_by_part_is_refitted_in_every_layer() -> None:
     plain = fxprune.prune(model, 0.5, **kwargs)
     r = fxprune.prune(model, 0.5, reconstruct=True, verify=True, **kwargs)
     assert all(p.oracle in ("passed", "") for p in r.parts)
-    names = {f.name.rsplit(".", 2)[-2] + "." + f.name.rsplit(".", 1)[-1] for f in r.reconstruction}
-    assert names == {"mlp.down_proj"} and len(r.reconstruction) == 2
-    assert all(f.error_after < f.error_before and not f.bias for f in r.reconstruction)
+    names = [f.name.removeprefix("inner.").removeprefix("model.") for f in r.reconstruction]
+    lost = [f.name.removeprefix("inner.").removeprefix("model.") for f in r.reconstruction if f.kept < f.inputs]
+    assert lost == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]  # the consumers of removed channels
+    after = [f"layers.1.{x}" for x in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")]
+    assert sorted(set(names) - set(lost)) == sorted(after)  # what runs after them, on their changed output
+    assert all(f.error_after <= f.error_before and not f.bias for f in r.reconstruction)
+    assert all(f.error_after < f.error_before for f in r.reconstruction if f.kept < f.inputs)
     ids = torch.randint(0, 96, (4, 16), generator=g)
     with torch.no_grad():
         want = model(ids).logits
@@ -206,12 +211,23 @@ def test_a_residual_branch_is_refitted_toward_the_unpruned_sum() -> None:
     model = _Residual().eval()
     r = fxprune.prune(model, 0.5, example_inputs=(CAL[0][:2],), importance="activation", calibration=CAL,
                       reconstruct=True, verify=True, output="module")
-    assert r.oracle.passed and [f.name for f in r.reconstruction] == ["w2", "w4"]
+    assert r.oracle.passed and [f.name for f in r.reconstruction] == ["w2", "w3", "w4"]
+    assert [f.kept < f.inputs for f in r.reconstruction] == [True, False, True]  # w3 loses no input: it runs after w2
     p = r.model
     with torch.no_grad():
         want = torch.cat([model(b) for b in CAL]).double().numpy()  # the unpruned sum
+        h_o = torch.cat([b + model.w2(torch.relu(model.w1(b))) for b in CAL])
         h_p = torch.cat([b + p.w2(torch.relu(p.w1(b))) for b in CAL])
         x_p = torch.relu(p.w3(h_p)).double().numpy()
+    # w3 (every input kept): toward its unpruned output, on the pruned stream
+    x3 = np.concatenate([h_p.double().numpy(), np.ones((len(h_p), 1))], 1)
+    want3 = model.w3(h_o).detach().double().numpy()
+    h3 = x3.T @ x3
+    sol3 = np.linalg.solve(h3 + DAMP * h3.diagonal().mean() * np.eye(len(h3)), x3.T @ want3).T
+    group = next(g for g in r.plan.groups if g.producers == ("w3.weight[0]",))
+    rows = list(r.plan.kept[group.id])  # w3's output rows that stay
+    np.testing.assert_allclose(p.w3.weight.detach().double().numpy(), sol3[rows, :-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p.w3.bias.detach().double().numpy(), sol3[rows, -1], rtol=1e-4, atol=1e-5)
     target = want - h_p.double().numpy()
     xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
     h = xk.T @ xk

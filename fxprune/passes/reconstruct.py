@@ -3,7 +3,10 @@
 Once the plan says which channels go, every linear consumer of removed channels (``nn.Linear``, Hugging Face's
 ``Conv1D`` and ungrouped ``nn.Conv2d``, whose input is read as its unfolded patches) gets its kept input
 columns refitted by least squares on the calibration batches (``passes/refit.py``: the channel-pruning
-reconstruction of He et al. 2017 and ThiNet; FLAP's bias compensation where the layer has a bias). The refit
+reconstruction of He et al. 2017 and ThiNet; FLAP's bias compensation where the layer has a bias). So does
+every linear layer the graph runs after one of them, with all its inputs kept: its input is what the pruned
+upstream gives, and its refit toward the unpruned output makes up for that (a ResNet block whose shortcut
+lost channels but whose own convs did not; a language model's later q/k/v/gate/up and its head). The refit
 changes the private copy's weights before the rewrite, so the mask oracle proves ``pruned == refitted
 original with the removed channels zeroed``: exactness is kept.
 
@@ -12,8 +15,8 @@ refitted upstream gives it (the graph runs with the removed channels of the laye
 toward what the unpruned model computed: the layer's own output, or, for the last layer of a residual
 branch (its output added straight to the stream, or through an eval-mode BatchNorm), the unpruned sum less
 what the pruned stream brings; so each refit also makes up for what the layers before it lost.
-A graph specialised to the example's shapes cannot run batches of other shapes: then every layer is fitted
-on the unpruned model's inputs (the eager copy runs them), a few layers per run so that the float64
+A graph specialised to the example's shapes cannot run batches of other shapes: then every consumer is fitted
+on the unpruned model's inputs (and the layers after them are left: on those inputs a refit changes nothing) (the eager copy runs them), a few layers per run so that the float64
 statistics held at once stay under ``H_BUDGET_BYTES``. Across the parts of a model pruned part by part,
 each part is fitted on what the parts pruned before it give it (``partial.compile_parts``).
 """
@@ -24,6 +27,7 @@ import logging
 import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +47,7 @@ from fxprune.passes.refit import (
     layer_kind,
     output_rows,
     refit,
+    refittable,
     statistics,
 )
 from fxprune.passes.verify import MaskedInterpreter, zero_masks
@@ -54,9 +59,34 @@ log = logging.getLogger(__name__)
 H_BUDGET_BYTES = 256 * 2**20  # float64 statistics held at once
 
 
+def downstream(gm: fx.GraphModule, layers: list[tuple[str, nn.Module, np.ndarray]]) -> list[tuple[str, nn.Module, np.ndarray]]:
+    """``(name, module, every input column)`` of each other refittable layer, called once, that the graph runs
+    on something computed from one of ``layers``' outputs: its input is what the pruned upstream gives."""
+    names = {name for name, _, _ in layers}
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    reached: set[fx.Node] = set()
+    todo = [n for name in names for n in calls.get(name, ())]
+    while todo:
+        for user in todo.pop().users:
+            if user not in reached:
+                reached.add(user)
+                todo.append(user)
+    out = []
+    for name, m in refittable(gm):
+        nodes = calls.get(name, [])
+        if name not in names and len(nodes) == 1 and nodes[0] in reached:
+            width = m.weight.shape[0] if layer_kind(m) == "conv1d" else m.weight.shape[1]
+            out.append((name, m, np.arange(width)))
+    return out
+
+
 def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, batches: Sequence[tuple[Any, ...]],
                 runner: nn.Module | None = None, example: tuple[Any, ...] | None = None) -> tuple[LayerFit, ...]:
-    """Refit every consumer of removed channels of ``gm`` (a private copy) on ``batches``, in place.
+    """Refit every consumer of removed channels of ``gm`` (a private copy), and every layer after one, on
+    ``batches``, in place.
 
     Args:
         gm: the traced private copy the plan was made on; its weights are changed.
@@ -74,6 +104,8 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
         raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches>")
     layers = consumers(gm, deps, plan)
     pieces = batches if runner is None else _example_shaped(batches, example)
+    if pieces is not None:  # on the unpruned inputs (_at_once) the layers after them have nothing to make up
+        layers = layers + downstream(gm, layers)
     fits = _sequential(gm, deps, plan, layers, pieces) if pieces is not None else _at_once(runner, layers, batches)
     for f in fits:
         log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
@@ -109,7 +141,8 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
     the unpruned model computed (the graph run again with the fitted layers' original weights): the layer's
     output, or, where the layer's output is added straight to a residual stream, that sum less what the pruned
     stream brings to it; so a refit also makes up for what the layers before it lost, and errors do not pile
-    up."""
+    up. Layers that do not feed one another (q, k and v; gate and up) are fitted from the same runs (a wave),
+    and each run stops at the last node the wave needs."""
     sol = deps.solution
     dropped = plan.dropped_mask(sol.n_classes)
     committed = np.zeros_like(dropped)
@@ -119,17 +152,67 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
     names = canonical_names(gm)
     originals: dict[nn.Module, list[torch.Tensor]] = {}
     fits: list[LayerFit] = []
+    placed = []
     for name, m, cols in sorted(layers, key=lambda layer: order.get(layer[0], len(order))):
         if name not in order:  # traced through, not called as a module: no hook sees its input
             log.info("fxprune: %s is not one call in the graph: not reconstructed", name)
             continue
+        placed.append(_Layer(name, m, cols, calls[name], _residual(gm, calls[name])))
+    for wave in _waves(placed):
         zero = zero_masks(deps, dropped & committed)
-        h, xty, target = _paired_statistics(gm, m, _residual(gm, calls[name]), zero, originals, batches)
-        if h is not None:
-            originals[m] = [t.detach().clone() for t in fitted_tensors(m)]
-            fits.append(refit(name, m, cols, h, xty, target))
-        committed[sol.space_labels(input_space(m, names))] = True
+        stats = _paired_statistics(gm, wave, zero, originals, batches)
+        for layer in wave:
+            h, xty, target = stats[layer.name]
+            if h is not None:
+                originals[layer.module] = [t.detach().clone() for t in fitted_tensors(layer.module)]
+                fits.append(refit(layer.name, layer.module, layer.cols, h, xty, target))
+        for layer in wave:
+            committed[sol.space_labels(input_space(layer.module, names))] = True
     return fits
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One layer to refit: its call in the graph and, when it ends a residual branch, ``(add, stream, norm)``."""
+
+    name: str
+    module: nn.Module
+    cols: np.ndarray
+    node: fx.Node
+    residual: tuple[fx.Node, fx.Node, nn.Module | None] | None
+
+    @property
+    def needed(self) -> list[fx.Node]:
+        """The nodes whose values its statistics read."""
+        return [self.node] + ([self.residual[0], self.residual[1]] if self.residual is not None else [])
+
+
+def _waves(layers: list[_Layer]) -> list[list[_Layer]]:
+    """``layers`` (in graph order) cut into runs of layers none of which reads another's output, or the sum
+    another's residual branch ends in: each wave can be fitted from one pass over the batches."""
+    waves: list[list[_Layer]] = []
+    outputs: set[fx.Node] = set()  # what the current wave's layers make
+    for layer in layers:
+        if not waves or _reads(layer, outputs):
+            waves.append([])
+            outputs = set()
+        waves[-1].append(layer)
+        outputs |= set(layer.needed)
+    return waves
+
+
+def _reads(layer: _Layer, nodes: set[fx.Node]) -> bool:
+    """Whether anything ``layer`` needs is computed from one of ``nodes``."""
+    todo, seen = list(layer.needed), set()
+    while todo:
+        n = todo.pop()
+        if n in nodes:
+            return True
+        for up in n.all_input_nodes:
+            if up not in seen:
+                seen.add(up)
+                todo.append(up)
+    return False
 
 
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -169,17 +252,26 @@ def _before_norm(norm: nn.Module | None, y: torch.Tensor, plain: torch.Tensor) -
 
 
 class _Capture(MaskedInterpreter):
-    """A ``MaskedInterpreter`` that keeps the values of the nodes ``keep`` names."""
+    """A ``MaskedInterpreter`` that keeps the values of the nodes ``keep`` names and stops after ``last``."""
 
-    def __init__(self, gm: fx.GraphModule, zero: dict[str, list[tuple[int, torch.Tensor]]], keep: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, zero: dict[str, list[tuple[int, torch.Tensor]]], keep: set[str],
+                 last: fx.Node) -> None:
         super().__init__(gm, zero)
-        self.keep, self.kept = keep, {}
+        self.keep, self.kept, self.last = keep, {}, last
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.keep:
-            self.kept[n.name] = out
-        return out
+    def run_until(self, *args: Any) -> None:
+        """Run the graph's nodes in order up to ``last`` (what comes after it is not needed)."""
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*args))
+        for node in self.graph.nodes:
+            out = self.run_node(node)
+            if node.name in self.keep:
+                self.kept[node.name] = out
+            if node is self.last:
+                return
+            self.env[node] = out
+            for gone in self.user_to_last_uses.get(node, []):
+                del self.env[gone]
 
 
 @contextmanager
@@ -198,56 +290,87 @@ def _original_weights(originals: dict[nn.Module, list[torch.Tensor]]) -> Iterato
                 t.data = c
 
 
-def _paired_statistics(gm: fx.GraphModule, m: nn.Module, residual: tuple[fx.Node, fx.Node, nn.Module | None] | None,
-                       zero: dict[str, list[tuple[int, torch.Tensor]]],
-                       originals: dict[nn.Module, list[torch.Tensor]], batches: Sequence[tuple[Any, ...]],
-                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-    """``(X^T X, X^T Y, ||Y||^2)`` of ``m`` over ``batches``: ``X`` its input from the pruned upstream (masked
-    run; a ones column when it has a bias), ``Y`` the target from the unpruned model (plain run, original
-    weights): ``X_o [W b]^T``, or with a ``residual`` ``(add, stream, norm)`` the unpruned sum less the pruned
-    stream (through the norm's inverse). ``(None, None, 0)`` when the layer never ran or shapes do not line up."""
-    layer_out: list[torch.Tensor] = []
-    seen: list[torch.Tensor] = []
+Stats = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
-    full = full_matrix(m)
-    add, stream, norm = residual if residual is not None else (None, None, None)
-    h = xty = None
-    target = 0.0
-    hook = m.register_forward_pre_hook(lambda mod, args: seen.append(augmented_rows(mod, args[0])))
-    out_hook = m.register_forward_hook(lambda mod, args, out: layer_out.append(out))
+
+class _Sums:
+    """One layer's running ``X^T X``, ``X^T Y`` and ``||Y||^2`` (``None``: it never ran, or shapes did not line up)."""
+
+    def __init__(self, layer: _Layer) -> None:
+        self.layer, self.full = layer, full_matrix(layer.module)
+        self.seen: list[torch.Tensor] = []
+        self.out: list[torch.Tensor] = []
+        self.h: torch.Tensor | None = None
+        self.xty: torch.Tensor | None = None
+        self.unpruned: torch.Tensor | None = None  # its output in the unpruned run of the batch at hand
+        self.target, self.failed = 0.0, False
+
+    def add(self, y: torch.Tensor, x: torch.Tensor | None, unpruned_out: torch.Tensor | None,
+            plain: _Capture, masked: _Capture) -> None:
+        if x is None or x.shape[0] != y.shape[0]:
+            self.failed = True
+            return
+        if self.layer.residual is not None:
+            add, stream, norm = self.layer.residual
+            total, part = plain.kept.get(add.name), masked.kept.get(stream.name)
+            if isinstance(total, torch.Tensor) and isinstance(part, torch.Tensor) and total.shape == part.shape \
+                    and (norm is None or isinstance(unpruned_out, torch.Tensor) and unpruned_out.shape == total.shape):
+                residual_y = output_rows(self.layer.module, _before_norm(norm, total - part, unpruned_out))
+                if residual_y.shape == y.shape:
+                    y = residual_y
+        self.h = x.t() @ x if self.h is None else self.h + x.t() @ x
+        self.xty = x.t() @ y if self.xty is None else self.xty + x.t() @ y
+        self.target += float(y.square().sum())
+
+    def result(self) -> Stats:
+        return (None, None, 0.0) if self.failed or self.h is None else (self.h, self.xty, self.target)
+
+
+def _paired_statistics(gm: fx.GraphModule, wave: list[_Layer], zero: dict[str, list[tuple[int, torch.Tensor]]],
+                       originals: dict[nn.Module, list[torch.Tensor]], batches: Sequence[tuple[Any, ...]],
+                       ) -> dict[str, Stats]:
+    """``(X^T X, X^T Y, ||Y||^2)`` of each layer of ``wave`` over ``batches``: ``X`` its input from the pruned
+    upstream (masked run; a ones column when it has a bias), ``Y`` the target from the unpruned model (plain run,
+    original weights): ``X_o [W b]^T``, or with a residual ``(add, stream, norm)`` the unpruned sum less the
+    pruned stream (through the norm's inverse). ``(None, None, 0)`` for a layer that never ran or whose shapes
+    do not line up."""
+    sums = [_Sums(layer) for layer in wave]
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max((n for s in sums for n in s.layer.needed), key=position.__getitem__)
+    adds = {s.layer.residual[0].name for s in sums if s.layer.residual is not None}
+    streams = {s.layer.residual[1].name for s in sums if s.layer.residual is not None}
+    hooks = []
+    for s in sums:
+        hooks.append(s.layer.module.register_forward_pre_hook(
+            lambda mod, args, s=s: s.seen.append(augmented_rows(mod, args[0]))))
+        hooks.append(s.layer.module.register_forward_hook(lambda mod, args, out, s=s: s.out.append(out)))
     try:
         with torch.no_grad(), kept_buffers(gm):
             for inputs in batches:
                 with _original_weights(originals):
-                    plain = _Capture(gm, {}, {add.name} if add is not None else set())
-                    plain.run(*inputs)
-                if not seen:
-                    return None, None, 0.0
-                y = torch.cat(seen) @ full.t()
-                seen.clear()
-                unpruned_out = layer_out[0] if len(layer_out) == 1 else None
-                layer_out.clear()
-                masked = _Capture(gm, zero, {stream.name} if stream is not None else set())
-                masked.run(*inputs)
-                layer_out.clear()
-                x = torch.cat(seen) if seen else None
-                seen.clear()
-                if x is None or x.shape[0] != y.shape[0]:
-                    return None, None, 0.0
-                if add is not None and stream is not None:
-                    total, part = plain.kept.get(add.name), masked.kept.get(stream.name)
-                    if isinstance(total, torch.Tensor) and isinstance(part, torch.Tensor) and total.shape == part.shape \
-                            and (norm is None or isinstance(unpruned_out, torch.Tensor) and unpruned_out.shape == total.shape):
-                        residual_y = output_rows(m, _before_norm(norm, total - part, unpruned_out))
-                        if residual_y.shape == y.shape:
-                            y = residual_y
-                h = x.t() @ x if h is None else h + x.t() @ x
-                xty = x.t() @ y if xty is None else xty + x.t() @ y
-                target += float(y.square().sum())
+                    plain = _Capture(gm, {}, adds, last)
+                    plain.run_until(*inputs)
+                ys = []
+                for s in sums:
+                    ys.append(torch.cat(s.seen) @ s.full.t() if s.seen else None)
+                    s.unpruned = s.out[0] if len(s.out) == 1 else None
+                    s.seen.clear()
+                    s.out.clear()
+                masked = _Capture(gm, zero, streams, last)
+                masked.run_until(*inputs)
+                for s, y in zip(sums, ys, strict=True):
+                    x = torch.cat(s.seen) if s.seen else None
+                    s.seen.clear()
+                    s.out.clear()
+                    if y is None:
+                        s.failed = True
+                    else:
+                        s.add(y, x, s.unpruned, plain, masked)
+                    s.unpruned = None
     finally:
-        hook.remove()
-        out_hook.remove()
-    return h, xty, target
+        for hook in hooks:
+            hook.remove()
+    return {s.layer.name: s.result() for s in sums}
 
 
 def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],

@@ -85,21 +85,27 @@ def consumers(gm: nn.Module, deps: DependencyResult, plan: PruningPlan) -> list[
     A weight shared by several modules (a tie) is left alone: one refit cannot serve two inputs."""
     kept = kept_indices(deps, plan)
     names = canonical_names(gm)
-    uses: dict[int, int] = {}
-    for m in gm.modules():
-        for t in m._parameters.values():
-            if t is not None:
-                uses[id(t)] = uses.get(id(t), 0) + 1
     out = []
-    for name, m in gm.named_modules():
-        kind = layer_kind(m)
-        if kind is None or uses.get(id(m.weight), 0) != 1 or id(m.weight) not in names:
+    for name, m in refittable(gm):
+        if id(m.weight) not in names:
             continue
         space = input_space(m, names)
         cols = kept.get(space)
         if cols is not None and 0 < len(cols) < m.weight.shape[space[1]]:
             out.append((name, m, cols))
     return out
+
+
+def refittable(gm: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every layer a refit can change: a linear map of its input whose weight no other
+    module shares (a tie: one refit cannot serve two inputs)."""
+    uses: dict[int, int] = {}
+    for m in gm.modules():
+        for t in m._parameters.values():
+            if t is not None:
+                uses[id(t)] = uses.get(id(t), 0) + 1
+    return [(name, m) for name, m in gm.named_modules()
+            if layer_kind(m) is not None and uses.get(id(m.weight), 0) == 1]
 
 
 def input_space(m: nn.Module, names: dict[int, str]) -> tuple[str, int]:
