@@ -29,27 +29,13 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from fxprune.errors import FxPruneError
+from fxprune.rules.registry import runtime_traits
 
 Space = tuple[str, int]  # (parameter or buffer name, dim)
 
 
 class HiddenSizeError(FxPruneError):
     """The residual stream (hidden size) of this model cannot be pruned; the message names the op or class."""
-
-
-_ELEMENTWISE = frozenset({
-    "add", "sub", "mul", "div", "true_divide", "where", "pow", "rsqrt", "sqrt", "neg", "abs", "tanh",
-    "sigmoid", "exp", "relu", "gelu", "silu", "dropout", "to", "float", "half", "bfloat16", "double",
-    "type", "type_as", "contiguous", "clone", "detach", "masked_fill", "clamp", "clip", "erf", "softplus",
-    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
-    "__truediv__", "__rtruediv__", "__itruediv__", "__pow__", "__neg__", "add_", "sub_", "mul_", "div_",
-    "clamp_", "masked_fill_", "requires_grad_",
-})
-_SHAPE = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "expand_as", "__getitem__",
-                    "transpose", "permute", "cat", "concat", "stack", "narrow", "select", "split", "chunk",
-                    "unbind", "unflatten", "__get__"})  # __get__: tensor properties (.data, .T)
-_REDUCE = frozenset({"mean", "sum", "var", "std", "norm", "amax", "amin", "var_mean", "std_mean"})
-_NORMS = frozenset({"layer_norm", "rms_norm"})
 
 
 @dataclass(frozen=True)
@@ -86,7 +72,7 @@ class _Probe(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self._see(getattr(func, "__name__", repr(func)), args, kwargs, out)
+        self._see(getattr(func, "__name__", repr(func)), runtime_traits(func), args, kwargs, out)
         return out
 
     def provenance(self, t: Any) -> frozenset[Space]:
@@ -111,7 +97,8 @@ class _Probe(TorchFunctionMode):
         return HiddenSizeError(f"{op} in {self.where[-1] or 'the root'} {what} the hidden dim (the residual "
                                f"stream): fxprune cannot prune the hidden size of this model")
 
-    def _see(self, op: str, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+    def _see(self, op: str, traits: frozenset[str], args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        """Follow the stream through one op (``traits``: what the registry says it is, ``rules/traits.py``)."""
         tensors = [t for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor)]
         touched = [t for t in tensors if self.in_stream(t)]
         outs = [t for t in _flat(out) if isinstance(t, torch.Tensor)]
@@ -122,7 +109,7 @@ class _Probe(TorchFunctionMode):
         elif op == "embedding":
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             self._set(out, self.provenance(weight))
-        elif op in _NORMS:
+        elif "norm" in traits:
             x, weight = args[0], _arg(args, kwargs, 2, "weight")
             extra = [self.provenance(p) for p in (weight, _arg(args, kwargs, 3, "bias")) if p is not None]
             if op == "rms_norm":
@@ -132,11 +119,11 @@ class _Probe(TorchFunctionMode):
                 for p in extra:
                     self.spaces.update(p)
             self._set(out, self.provenance(x).union(*extra))
-        elif op in _ELEMENTWISE:
+        elif "elementwise" in traits:
             self._elementwise(op, tensors, touched, outs[0])
-        elif op in _SHAPE:
+        elif "stream_layout" in traits:
             self._shape(op, tensors, touched, out)
-        elif op in _REDUCE and touched:
+        elif "reduction" in traits and touched:
             if outs[0].dim() and outs[0].shape[-1] == self.size and tensors[0].dim() == outs[0].dim():
                 self._set(outs[0], self.provenance(tensors[0]))  # reduced over another dim
             else:  # a statistic over the hidden dim (a norm's): over the kept channels after pruning

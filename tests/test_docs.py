@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import fxprune.rules.registry as registry
 import models_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,10 @@ def _namespace() -> dict[str, object]:
 @pytest.mark.parametrize("path", [f for f in FILES if "```python" in f.read_text()], ids=lambda p: p.name)
 def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    registry.load_builtins()  # what a block registers (docs/adding-rules.md) stays in the block's test
+    for table in ("_FUNCTIONS", "_METHODS", "_MODULES"):
+        monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+    monkeypatch.setattr(registry, "_type_cache", {})
     namespace = _namespace()
     for i, (skip, block) in enumerate(BLOCK.findall(path.read_text())):
         if skip:

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxprune.depgraph import DependencyGraph, Solution, SpaceKey, param_value, space_label
 from fxprune.passes.base import module_tensors, submodule
 from fxprune.rules import lookup
 from fxprune.rules.common import pin_all, values_of
 from fxprune.rules.context import Regroup, RuleContext
+from fxprune.rules.registry import has_trait
 
 log = logging.getLogger(__name__)
 
@@ -201,32 +199,9 @@ def _policy(rg: Regroup, cands: list[int], heads: frozenset[str]) -> int:
     return max(cands, key=lambda k: (rg.factor_sizes[k], k))
 
 
-# Ops whose batch dims are attention heads, and the layout ops that may sit between them and a head reshape.
-_ATTENTION_OPS = {F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
-_ATTENTION_METHODS = {"matmul", "bmm"}
-_LAYOUT_OPS = {torch.transpose, torch.permute, torch.unbind, torch.chunk, torch.split, operator.getitem,
-               torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
-_LAYOUT_METHODS = {"transpose", "permute", "unbind", "chunk", "split", "contiguous", "view", "reshape", "expand",
-                   "unsqueeze", "squeeze", "flatten", "repeat_interleave", "__getitem__"}
-
-
-def _is(node: fx.Node, functions: set[Any], methods: set[str]) -> bool:
-    return (node.op == "call_function" and node.target in functions) or (
-        node.op == "call_method" and node.target in methods
-    )
-
-
-# Elementwise ops a rotary embedding puts between a head reshape and the attention product.
-_ROTARY_OPS = {operator.mul, operator.add, operator.sub, operator.neg, torch.mul, torch.add, torch.cat, torch.neg}
-_ROTARY_METHODS = {"mul", "add", "neg", "float", "type_as", "to"}
-
-
 def _attention_reshapes(gm: fx.GraphModule, names: set[str], rotary: bool = False) -> frozenset[str]:
     """The reshapes (by node name) that reach an attention product through layout ops only, either way
     (``rotary``: also through the elementwise ops of a rotary embedding)."""
-    layout, methods = _LAYOUT_OPS, _LAYOUT_METHODS
-    if rotary:
-        layout, methods = layout | _ROTARY_OPS, methods | _ROTARY_METHODS
     found = set()
     for node in gm.graph.nodes:
         if node.name not in names:
@@ -239,9 +214,9 @@ def _attention_reshapes(gm: fx.GraphModule, names: set[str], rotary: bool = Fals
                     if m in seen:
                         continue
                     seen.add(m)
-                    if _is(m, _ATTENTION_OPS, _ATTENTION_METHODS):
+                    if has_trait(m, "attention_product"):
                         found.add(node.name)
-                    elif _is(m, layout, methods):
+                    elif has_trait(m, "head_layout") or (rotary and has_trait(m, "rotary")):
                         nxt.append(m)
             frontier = nxt
     return frozenset(found)

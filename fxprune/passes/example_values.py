@@ -26,10 +26,11 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 
+from fxprune.rules.registry import has_trait
+
 UNKNOWN = object()
-# Methods that turn tensor data into Python values: a branch on them depends on the data, not on shapes, so
-# their values are never recorded (a branch on them can then never follow the example inputs).
-_DATA = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__"}
+# Methods that turn tensor data into Python values (trait "to_python"): a branch on them depends on the data,
+# not on shapes, so their values are never recorded (a branch on them can then never follow the example inputs).
 _KEY = "fxprune_example_value"
 _SAFE_MODULES = (torch, operator, builtins, math)
 
@@ -109,7 +110,7 @@ class ExampleEvaluator:
         if node.op == "call_function":
             return node.target(*args, **kwargs) if _is_torch_code(node.target) else UNKNOWN  # type: ignore[operator]
         if node.op == "call_method":
-            if not isinstance(args[0], (torch.Tensor, torch.Size)) or node.target in _DATA:
+            if not isinstance(args[0], (torch.Tensor, torch.Size)) or has_trait(node, "to_python"):
                 return UNKNOWN
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         if node.op == "call_module":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from fxprune.passes.verify import check_shapes
 from fxprune.plan import PruningPlan
 from fxprune.rules.attributes import fix_attention_attributes
 from fxprune.rules.common import node_values
-from fxprune.rules.registry import call_spec, fix_attributes
+from fxprune.rules.registry import call_spec, fix_attributes, has_trait
 from fxprune.state import kept_buffers
 
 log = logging.getLogger(__name__)
@@ -169,10 +168,6 @@ def _check_divisible(node: fx.Node, mod: nn.Module) -> None:
 
 
 
-_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
-
-
 def _writes(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` may write into one of its inputs (in-place op, ``inplace=True``, ``out=``)."""
     if node.kwargs.get("inplace") or "out" in node.kwargs:
@@ -181,7 +176,7 @@ def _writes(node: fx.Node, gm: fx.GraphModule) -> bool:
         name = str(node.target)
         return name.endswith("_") and not name.startswith("__")
     if node.op == "call_function":
-        return node.target in _IN_PLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+        return has_trait(node, "in_place") or getattr(node.target, "__name__", "").endswith("_")
     if node.op == "call_module":
         return bool(getattr(submodule(gm, str(node.target)), "inplace", False))
     return False

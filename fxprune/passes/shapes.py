@@ -12,35 +12,24 @@ with ``rules.register``) are not opaque: their forwards were read and must cache
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.func as func
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxprune import fast
 from fxprune.errors import ShapeError
 from fxprune.passes.base import submodule
 from fxprune.rules.modules import SHAPE_KEEPING_MODULES
-from fxprune.rules.registry import is_leaf
+from fxprune.rules.registry import has_trait, is_leaf
 
 Shape = tuple[int, ...]
 
 
 class _NotOnMeta(Exception):
     """The meta run cannot stand in for a real one at this node."""
-
-
-_MATMUL_LIKE = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul,
-                torch.mm, torch.bmm, torch.addmm, torch.einsum, F.conv_transpose1d, F.conv_transpose2d,
-                F.conv_transpose3d, F.scaled_dot_product_attention, operator.matmul}
-
-
-_BATCH_NORM_FNS = frozenset({F.batch_norm, torch.batch_norm})
-_LAYER_NORM_FNS = frozenset({F.layer_norm, torch.layer_norm})
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -63,7 +52,7 @@ class _ShapeRecorder(fx.Interpreter):
             if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
                 return
             tensors += [t for t in mod._parameters.values() if t is not None]
-        elif n.op != "call_function" or n.target not in _MATMUL_LIKE:
+        elif n.op != "call_function" or not has_trait(n, "contraction"):
             return
         if len({t.dtype for t in tensors}) > 1:
             raise _NotOnMeta(n.format_node())
@@ -97,7 +86,7 @@ class _ShapeRecorder(fx.Interpreter):
             if tuple(x.shape[len(x.shape) - len(norm):]) != norm:
                 raise _NotOnMeta(n.format_node())  # the real run names the mismatch
             return x
-        if n.op == "call_function" and n.target in _BATCH_NORM_FNS:
+        if n.op == "call_function" and has_trait(n, "batch_norm"):
             stats: list[Any] = [*args[1:], *kwargs.values()]
         elif n.op == "call_module" and len(args) == 1:
             if type(mod) not in SHAPE_KEEPING_MODULES and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -133,7 +122,7 @@ def _layer_norm_shape(n: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
     None for anything else."""
     if n.op == "call_module" and type(mod) is nn.LayerNorm and len(args) == 1 and not kwargs:
         shape, tensors = tuple(mod.normalized_shape), [mod.weight, mod.bias]
-    elif n.op == "call_function" and n.target in _LAYER_NORM_FNS and len(args) >= 2:
+    elif n.op == "call_function" and has_trait(n, "layer_norm") and len(args) >= 2:
         shape = tuple(args[1]) if isinstance(args[1], (list, tuple, torch.Size)) else (args[1],)
         tensors = [*args[2:4], kwargs.get("weight"), kwargs.get("bias")]
     else:

@@ -23,6 +23,7 @@ import fxprune.rules.mac_formulas as macs
 import fxprune.rules.modules as modules
 import fxprune.rules.shape_formulas as shape_fns
 import fxprune.rules.tensor_ops as tensor_ops
+import fxprune.rules.traits as traits
 import fxprune.rules.windows as windows
 from fxprune.rules.registry import OpSpec, register
 
@@ -116,3 +117,4 @@ def install() -> None:
     _modules()
     _functions()
     _methods()
+    traits.install()  # last: the traits join the entries above

@@ -11,6 +11,26 @@ An ``OpSpec`` holds up to five things, each optional:
   None (run the kernel).
 - ``macs(query)``: multiply-accumulates from shapes alone (``MacQuery``), with torch's own flop formulas.
 - ``fixup(module, new_in)``: updates a module's size attributes after its parameters were sliced.
+- ``traits``: names of what the op is, for the passes that ask about a kind of op rather than one op
+  (``has_trait``); registering traits adds to those already there. The built-in ones and who reads them:
+
+  ====================== ==============================================================================
+  ``attention_product``  batch dims are attention heads (``passes/dependency.py``: head reshapes)
+  ``head_layout``        may sit between a head reshape and an attention product (``passes/dependency.py``)
+  ``rotary``             elementwise ops a rotary embedding puts there too (``prune_heads="query"``)
+  ``contraction``        multiplies its operands (``passes/shapes.py``: mixed dtypes run for real)
+  ``batch_norm``         ``F.batch_norm``-like: per-channel statistics (``passes/shapes.py``)
+  ``layer_norm``         ``F.layer_norm``-like: normalised trailing shape (``passes/shapes.py``)
+  ``in_place``           writes into its first input (``passes/rewrite.py``)
+  ``to_python``          turns tensor data into a Python value (``passes/example_values.py``: never recorded)
+  ``elementwise``        the hidden-size probe lets the stream through, value by value (``hidden_streams.py``)
+  ``stream_layout``      the probe follows the stream's last dim through it (``hidden_streams.py``)
+  ``reduction``          the probe reads it as a statistic when it reduces the stream (``hidden_streams.py``)
+  ``norm``               the probe records a norm over the stream (``hidden_streams.py``)
+  ====================== ==============================================================================
+
+  The hidden-size probe sees ops as they run (``TorchFunctionMode``), by function or by name: it reads the
+  traits of the function and of the tensor method of the same name.
 
 Keys: a module type (``nn.Conv2d``), a dotted class path for classes of optional packages matched without
 importing them (``"transformers.pytorch_utils.Conv1D"``), a function object, or a method name (no dot).
@@ -77,6 +97,7 @@ class OpSpec:
     shape: Callable[..., Any] | None = None
     macs: MacFn | None = None
     fixup: FixUp | None = None
+    traits: frozenset[str] | None = None
     qualifies: Callable[[nn.Module], bool] | None = None
     """Only for dotted class paths: the entry applies to an instance only when this is true (a composite
     whose parts were checked); such a module is then traced as one leaf."""
@@ -98,7 +119,8 @@ def register(op: type | str | Callable[..., Any], spec: OpSpec | None = None, **
     Args:
         op: a module type, a dotted class path, a function, or a tensor method name.
         spec: a whole entry; fields of ``spec`` that are None keep the registered ones.
-        **fields: single fields (``rule=``, ``literals=``, ``shape=``, ``macs=``, ``fixup=``, ``qualifies=``).
+        **fields: single fields (``rule=``, ``literals=``, ``shape=``, ``macs=``, ``fixup=``, ``traits=``,
+            ``qualifies=``); ``traits`` (any iterable of names) are added to the registered ones.
 
     Returns:
         The entry now registered.
@@ -110,7 +132,12 @@ def register(op: type | str | Callable[..., Any], spec: OpSpec | None = None, **
     unknown = set(new) - {f.name for f in dataclasses.fields(OpSpec)}
     if unknown:
         raise TypeError(f"register(): unknown OpSpec fields {sorted(unknown)}")
-    entry = dataclasses.replace(table.get(key, _EMPTY), **new)
+    old = table.get(key, _EMPTY)
+    if "traits" in new:
+        if isinstance(new["traits"], str):
+            raise TypeError(f"register(): traits is a collection of names, got the string {new['traits']!r}")
+        new["traits"] = frozenset(old.traits or ()) | frozenset(new["traits"])
+    entry = dataclasses.replace(old, **new)
     table[key] = entry
     _type_cache.clear()
     return entry
@@ -214,6 +241,19 @@ def method_spec(name: str) -> OpSpec:
     """The entry of a tensor method name."""
     load_builtins()
     return _METHODS.get(name, _EMPTY)
+
+
+def has_trait(node: fx.Node, trait: str) -> bool:
+    """Whether the function or tensor method ``node`` calls has ``trait`` (module docstring)."""
+    return trait in (call_spec(node).traits or ())
+
+
+def runtime_traits(func: Any) -> frozenset[str]:
+    """The traits of a function seen while it runs (the hidden-size probe): its own, and those of the tensor
+    method of its name (``torch.Tensor.add`` arrives as a method descriptor named ``add``)."""
+    name = getattr(func, "__name__", None)
+    return (function_spec(func).traits or frozenset()) | (
+        (method_spec(name).traits or frozenset()) if isinstance(name, str) else frozenset())
 
 
 def call_spec(node: fx.Node) -> OpSpec:
