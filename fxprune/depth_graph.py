@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,14 +39,13 @@ from fxprune.outputs import restore_output_class, tensors_of
 from fxprune.passes.eager_check import check_graph_matches_eager, restore_state
 from fxprune.passes.trace import trace
 from fxprune.passes.verify import OracleReport, _Float64
+from fxprune.rules.registry import has_trait
 from fxprune.state import kept_buffers
 from fxprune.validate import check_model
 
 log = logging.getLogger(__name__)
 
 TOL = 1e-9  # float64 on both sides: |pruned - reference| <= TOL * max|reference|
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.Tensor.add)
-_ADD_METHODS = ("add", "add_")
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ def _is_add(n: fx.Node) -> bool:
     """An add of two distinct nodes, without ``alpha`` or ``out``."""
     if n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args) or n.args[0] is n.args[1]:
         return False
-    return (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target in _ADD_METHODS)
+    return has_trait(n, "residual_add")
 
 
 def _branch(b: fx.Node, s: fx.Node, fed: set[fx.Node], order: dict[fx.Node, int]) -> tuple[set[fx.Node], set[fx.Node]] | None:

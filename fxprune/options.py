@@ -51,6 +51,8 @@ class Options:
     hidden: float | None = None
     reconstruct: bool | str = False  # "bias": with biases the config can describe (fxprune/config_bias.py)
     pinned: tuple[tuple[str, int, str], ...] = ()  # internal: parameter dims kept whole (the hidden size's)
+    # internal, a part's: what the unpruned model fed it, batch for batch with ``calibration`` (the refit's targets)
+    reconstruct_targets: tuple[tuple[Any, ...], ...] | None = None
 
     @property
     def budget(self) -> bool:
@@ -103,8 +105,16 @@ class Options:
             hidden = check_hidden(self.hidden)
             if self.budget:
                 raise ArgumentError("hidden cannot be combined with target_macs or target_params: give a ratio")
+        targets = self.reconstruct_targets
+        if targets and calibration is not None:  # cast as the batches were
+            targets = checked_batches(targets, tuple(example) if isinstance(example, (list, tuple)) else None,
+                                      "reconstruct_targets")
+        if not targets or calibration is None or len(targets) != len(calibration):
+            targets = None  # not batch for batch: a part's refit targets what it computes on its own batches
+        else:
+            targets = tuple(t if isinstance(t, tuple) else (t,) for t in targets)
         return replace(self, ratio=check_ratio(self.ratio), ignore=tuple(self.ignore), leaves=tuple(self.leaves),
-                       hidden=hidden, calibration=calibration, importance=importance)
+                       hidden=hidden, calibration=calibration, importance=importance, reconstruct_targets=targets)
 
     def part_options(self) -> Options:
         """The options a part of the model is pruned with (piecewise): its own module tree, no ONNX, proven
@@ -112,7 +122,7 @@ class Options:
         return replace(self, example_inputs=None, ignore=(), leaves=(), onnx=None, output="module", partial=True,
                        hidden=None, pinned=(),  # the whole model's residual stream, pruned before its parts
                        ratios=None, group_ratios=None,  # those name the root's modules and groups
-                       calibration=None)  # the root's batches: each part is given its own (compile_parts)
+                       calibration=None, reconstruct_targets=None)  # the root's batches: each part is given its own
 
     def calibration_batches(self) -> list[tuple[Any, ...]] | None:
         """The calibration batches as tuples of model inputs: ``calibration``, or those of an

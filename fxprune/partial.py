@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from fxprune import experts
 from fxprune.errors import FxPruneError, TraceError
-from fxprune.importance_taylor import PartGradients, WholeModelGradients
+from fxprune.importance_taylor import WholeModelGradients
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.select import Policy, lone_keep
 from fxprune.passes.ties import retie
@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 # (part, inputs, ignore, calibration, importance, name) -> PruneResult; calibration: the part's own inputs per
 # calibration batch; importance: the part's own criterion when its scores need the whole model (else None);
 # name: the part's qualified name in the root ("" for a module that is no part of it)
-CompilePart = Callable[
-    [nn.Module, tuple[Any, ...], list[Any], list[tuple[Any, ...]] | None, PartGradients | None, str], Any
-]
+# compile_fn(part, inputs, ignore, calibration, gradients, name[, targets=]): ``targets``, given with
+# ``sequential`` only, are what the unpruned model fed the part, batch for batch with ``calibration``
+CompilePart = Callable[..., Any]
 
 
 @dataclass
@@ -230,15 +230,23 @@ def compile_parts(
     reports: list[PartReport] = []
     calls: dict[str, _Call] = {}
     calibration_calls: list[dict[str, _Call]] = []
+    unpruned_calls: list[dict[str, _Call]] = []  # with ``sequential``: recorded before any part changes
     gradients: WholeModelGradients | None = None  # set below, before the first part is visited
 
-    def part_calibration(name: str, bound: _Bound) -> list[tuple[Any, ...]] | None:
+    def part_calibration(name: str, bound: _Bound) -> tuple[list[tuple[Any, ...]] | None, list[tuple[Any, ...]] | None]:
+        """The part's calibration batches and, with ``sequential``, what the unpruned model gave it on the same
+        batches (the refit's targets; None when they do not line up)."""
         if calibration is None:
-            return None
-        if sequential:  # what the parts pruned so far give this one
-            with kept_buffers(root):
-                calibration_calls[:] = [record_calls(root, scope, batch) for batch in calibration]
-        return fed_batches(name, bound, [c.get(name) for c in calibration_calls])
+            return None, None
+        if not sequential:
+            return fed_batches(name, bound, [c.get(name) for c in calibration_calls]), None
+        with kept_buffers(root):  # what the parts pruned so far give this one
+            calibration_calls[:] = [record_calls(root, scope, batch) for batch in calibration]
+        pairs = [(c.get(name), o.get(name)) for c, o in zip(calibration_calls, unpruned_calls, strict=True)]
+        batches = fed_batches(name, bound, [c for c, _ in pairs])
+        targets = [bound.tensors(o) for c, o in pairs
+                   if c is not None and bound.fits(c) and o is not None and bound.fits(o)]
+        return batches, targets if len(targets) == len(batches) else None
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in parent.named_children():
@@ -275,7 +283,10 @@ def compile_parts(
                 continue
             try:
                 own = None if gradients is None else gradients.for_part(bound, full)
-                result = compile_fn(bound, tensors, inside, part_calibration(name, bound), own, full)
+                batches, targets = part_calibration(name, bound)
+                if sequential and batches:  # traced on its first batch: its specialised graph runs them all in order
+                    tensors = batches[0]
+                result = compile_fn(bound, tensors, inside, batches, own, full, **({"targets": targets} if targets else {}))
             except TraceError:
                 visit(child, name)  # not traceable as a whole: try its children
                 continue
@@ -300,6 +311,8 @@ def compile_parts(
     with no_kv_cache(root):
         calls.update(record_calls(root, scope, inputs))
         calibration_calls.extend(record_calls(root, scope, batch) for batch in calibration or ())
+        if sequential:
+            unpruned_calls.extend(calibration_calls)
         gradients = WholeModelGradients.of(root, importance)  # before the first part is replaced
         visit(scope, "")
     return reports

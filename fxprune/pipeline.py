@@ -111,7 +111,8 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         scores = score_groups(a.gm, a.deps, a.groups, resolve(options.importance, options.calibration), eager)  # b.
         cost = CostModel(a.gm, a.deps, params_before)
         plan = _select(a, options, scores, cost)  # c. which channels stay
-        fits = reconstruct(a.gm, a.deps, plan, options.calibration_batches() or (), eager, a.inputs) \
+        fits = reconstruct(a.gm, a.deps, plan, options.calibration_batches() or (), eager, a.inputs,
+                           options.reconstruct_targets) \
             if options.reconstruct else ()  # c'. the kept weights refitted on the calibration batches, before the rewrite proves them
         # d. rewrite and prove; the ONNX waits for the parts when there are some. With output="module" a
         # write-back may name modules whose own forward cannot take the plan (an attribute, another tensor):
@@ -270,10 +271,12 @@ def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan
     fits: dict[str, tuple[Any, ...]] = {}
 
     def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
-                     calibration: list[tuple[Any, ...]] | None, importance: Any, name: str) -> PruneResult:
+                     calibration: list[tuple[Any, ...]] | None, importance: Any, name: str,
+                     targets: list[tuple[Any, ...]] | None = None) -> PruneResult:
         own = replace(part, example_inputs=inputs, ignore=tuple(ignore))
-        if data:  # measured (and refitted) on what arrives at this part, not at the root
-            own = replace(own, calibration=calibration or [inputs])
+        if data:  # measured (and refitted) on what arrives at this part, not at the root; the refit's targets
+            # on what the unpruned model gave it (``targets``, batch for batch)
+            own = replace(own, calibration=calibration or [inputs], reconstruct_targets=targets if calibration else None)
         if activation:
             own = replace(own, importance="activation")
         if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it

@@ -197,6 +197,7 @@ def _stream(sk: Skeleton, options: Options, stage: Path, max_shard_bytes: int,
     reports: list[PartReport] = []
     hidden = hidden_of(calls[0])
     cal_hidden = [hidden_of(c[0]) for c in cal_calls or ()]
+    unpruned = list(cal_hidden) if options.reconstruct else None  # the unpruned model's: the refit's targets
     params_after, last = 0, None
     n = len(sk.layers)
     for i in range(n):
@@ -204,7 +205,12 @@ def _stream(sk: Skeleton, options: Options, stage: Path, max_shard_bytes: int,
         layer = sk.load_layer(i)
         call = _with_hidden(calls[i], hidden)
         own = None if cal_calls is None else [_with_hidden(c[i], h) for c, h in zip(cal_calls, cal_hidden, strict=True)]
-        pruned, report = _prune_layer(layer, name, call, own, options, compile_part)
+        targets = None
+        if unpruned is not None and cal_calls is not None:  # the unpruned layer on the unpruned model's states
+            targets = [_with_hidden(c[i], h) for c, h in zip(cal_calls, unpruned, strict=True)]
+            with torch.no_grad():
+                unpruned = [_layer_output(layer, t, name) for t in targets]
+        pruned, report = _prune_layer(layer, name, call, own, options, compile_part, targets)
         reports.append(report)
         with torch.no_grad():  # what the next layer sees: the pruned layer's outputs
             hidden = _layer_output(pruned, call, name)
@@ -260,16 +266,23 @@ def _layer_output(layer: nn.Module, call: _Call, name: str) -> torch.Tensor:
 
 
 def _prune_layer(layer: nn.Module, name: str, call: _Call, calibration: list[_Call] | None, options: Options,
-                 compile_part: Any) -> tuple[nn.Module, PartReport]:
-    """One layer through the in-memory path's per-part compile; kept whole (with the reason) when it fails."""
+                 compile_part: Any, targets: list[_Call] | None = None) -> tuple[nn.Module, PartReport]:
+    """One layer through the in-memory path's per-part compile; kept whole (with the reason) when it fails.
+    ``targets``: the unpruned model's calls of the layer, batch for batch with ``calibration`` (the refit's)."""
     before = sum(p.numel() for p in layer.parameters())
     inside = _part_ignore(name, list(options.ignore))
     if inside is None:
         return layer, PartReport(name, before, before, skipped="ignored by the user")
     bound = _Bound(layer, call)
     own = None if calibration is None else fed_batches(name, bound, list(calibration))
+    fed = None if calibration is None or targets is None else [
+        bound.tensors(t) for c, t in zip(calibration, targets, strict=True) if bound.fits(c) and bound.fits(t)]
+    # With a refit, the layer is traced on its first calibration batch: a graph specialised to the example's
+    # shapes then runs every batch of those shapes, layers fitted in order (passes/reconstruct.py)
+    example = own[0] if options.reconstruct and own else bound.tensors(call)
     try:
-        result = compile_part(bound, bound.tensors(call), inside, own, None, name)
+        result = compile_part(bound, example, inside, own, None, name,
+                              targets=fed if fed and own is not None and len(fed) == len(own) else None)
     except FxPruneError as e:
         log.warning("fxprune: layer %s kept whole: %s", name, first_line(e, typed=True))
         return layer, PartReport(name, before, before, skipped=first_line(e, typed=True))

@@ -234,3 +234,18 @@ def test_a_residual_branch_is_refitted_toward_the_unpruned_sum() -> None:
     solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
     np.testing.assert_allclose(p.w4.weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(p.w4.bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_batches_are_cut_to_the_example_shapes() -> None:
+    """A batch of the example's shapes is one piece; k times its rows, k pieces; a one-row tensor in both (a
+    broadcast mask, rotary tables) goes into every piece; anything else cannot be run by a specialised graph."""
+    from fxprune.passes.reconstruct import _example_shaped
+
+    x, cos = torch.randn(2, 5, 4), torch.randn(1, 5, 3)
+    assert [tuple(t.shape for t in p) for p in _example_shaped([(x, cos)], (x, cos))] == [((2, 5, 4), (1, 5, 3))]
+    big = torch.randn(6, 5, 4)
+    pieces = _example_shaped([(big, cos)], (x, cos))
+    assert len(pieces) == 3 and all(p[1] is cos for p in pieces) and torch.equal(pieces[2][0], big[4:6])
+    assert _example_shaped([(torch.randn(3, 5, 4), cos)], (x, cos)) is None  # not a multiple
+    assert _example_shaped([(big, torch.randn(2, 5, 3))], (x, cos)) is None  # 3 pieces of one, 2 of the other
+    assert _example_shaped([(torch.randn(2, 6, 4), cos)], (x, cos)) is None  # another sequence length

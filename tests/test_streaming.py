@@ -257,3 +257,35 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path)
         (d / "model.safetensors").write_bytes(b"partial")
     prune_pretrained(tmp_path / "in", tmp_path / "out", 0.5)
     assert not dead.exists() and live.exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_streamed_refit_aims_at_the_unpruned_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each streamed layer is refitted on what the streamed layers before it give (its batches) toward what the
+    unpruned model computes (its targets: the unpruned model's hidden states entering that layer), both checked
+    against the eager models' own hidden states."""
+    import fxprune.pipeline as pipeline
+
+    seen: list[tuple[list, list | None]] = []
+    real = pipeline.reconstruct
+
+    def spy(gm, deps, plan, batches, runner=None, example=None, targets=None):  # noqa: ANN001, ANN202
+        seen.append((list(batches), None if targets is None else list(targets)))
+        return real(gm, deps, plan, batches, runner, example, targets)
+
+    monkeypatch.setattr(pipeline, "reconstruct", spy)
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "in")
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 96, (2, 16), generator=g) for _ in range(3)]
+    prune_pretrained(tmp_path / "in", tmp_path / "out", 0.5, calibration=batches, reconstruct=True, prune_heads=True)
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert len(seen) == 3 and all(t is not None and len(t) == len(b) == 3 for b, t in seen)
+    with torch.no_grad():
+        unpruned = [model(b, output_hidden_states=True).hidden_states for b in batches]
+        pruned = [streamed(b, output_hidden_states=True).hidden_states for b in batches]
+    for i, (got, targets) in enumerate(seen):
+        for k in range(3):
+            torch.testing.assert_close(targets[k][0], unpruned[k][i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[k][0], pruned[k][i], rtol=1e-4, atol=1e-5)
+        if i:  # past the first layer the two differ: the refit makes up for what the layers before lost
+            assert not torch.allclose(targets[0][0], got[0][0], atol=1e-3)

@@ -22,6 +22,7 @@ An ``OpSpec`` holds up to five things, each optional:
   ``batch_norm``         ``F.batch_norm``-like: per-channel statistics (``passes/shapes.py``)
   ``layer_norm``         ``F.layer_norm``-like: normalised trailing shape (``passes/shapes.py``)
   ``in_place``           writes into its first input (``passes/rewrite.py``)
+  ``residual_add``       ``a + b`` that can close a residual branch (``passes/paired_runs.py``, ``depth_graph.py``)
   ``to_python``          turns tensor data into a Python value (``passes/example_values.py``: never recorded)
   ``elementwise``        the hidden-size probe lets the stream through, value by value (``hidden_streams.py``)
   ``stream_layout``      the probe follows the stream's last dim through it (``hidden_streams.py``)

@@ -33,6 +33,7 @@ TRAITS: dict[str, tuple[tuple[Any, ...], tuple[str, ...]]] = {  # trait: (functi
     "layer_norm": ((F.layer_norm, torch.layer_norm), ()),
     "in_place": ((operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
                   operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem), ()),
+    "residual_add": ((operator.add, operator.iadd, torch.add, torch.Tensor.add), ("add", "add_")),
     "to_python": ((), ("item", "tolist", "numpy", "__bool__", "__int__", "__float__")),
     # The hidden-size probe (hidden_streams.py) sees ops as they run, by the name of what runs.
     "elementwise": ((), (
