@@ -239,13 +239,35 @@ def test_a_residual_branch_is_refitted_toward_the_unpruned_sum() -> None:
 def test_batches_are_cut_to_the_example_shapes() -> None:
     """A batch of the example's shapes is one piece; k times its rows, k pieces; a one-row tensor in both (a
     broadcast mask, rotary tables) goes into every piece; anything else cannot be run by a specialised graph."""
-    from fxprune.passes.reconstruct import _example_shaped
+    from fxprune.passes.reconstruct import example_shaped
 
     x, cos = torch.randn(2, 5, 4), torch.randn(1, 5, 3)
-    assert [tuple(t.shape for t in p) for p in _example_shaped([(x, cos)], (x, cos))] == [((2, 5, 4), (1, 5, 3))]
+    assert [tuple(t.shape for t in p) for p in example_shaped([(x, cos)], (x, cos))] == [((2, 5, 4), (1, 5, 3))]
     big = torch.randn(6, 5, 4)
-    pieces = _example_shaped([(big, cos)], (x, cos))
+    pieces = example_shaped([(big, cos)], (x, cos))
     assert len(pieces) == 3 and all(p[1] is cos for p in pieces) and torch.equal(pieces[2][0], big[4:6])
-    assert _example_shaped([(torch.randn(3, 5, 4), cos)], (x, cos)) is None  # not a multiple
-    assert _example_shaped([(big, torch.randn(2, 5, 3))], (x, cos)) is None  # 3 pieces of one, 2 of the other
-    assert _example_shaped([(torch.randn(2, 6, 4), cos)], (x, cos)) is None  # another sequence length
+    assert example_shaped([(torch.randn(3, 5, 4), cos)], (x, cos)) is None  # not a multiple
+    assert example_shaped([(big, torch.randn(2, 5, 3))], (x, cos)) is None  # 3 pieces of one, 2 of the other
+    assert example_shaped([(torch.randn(2, 6, 4), cos)], (x, cos)) is None  # another sequence length
+
+
+def test_an_example_of_another_length_still_gets_the_sequential_refit(caplog: pytest.LogCaptureFixture) -> None:
+    """output="module" specialises the graph to the example's shapes: with batches of another sequence length the
+    model (here: each part of it) is traced on the first batch, so the layers are refitted in order (the layers after a consumer are
+    refitted too, which only the sequential refit does); batches of mixed lengths fall back, and say so."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    cal = [torch.randint(0, 96, (4, 16), generator=g) for _ in range(3)]
+    kwargs = dict(example_inputs=(torch.randint(0, 96, (1, 8), generator=g),), calibration=cal, reconstruct=True,
+                  output="module", verify=True)
+    r = fxprune.prune(model, 0.5, **kwargs)
+    assert all(p.oracle in ("passed", "") for p in r.parts) and any(p.oracle == "passed" for p in r.parts)
+    assert any(f.kept == f.inputs for f in r.reconstruction)
+    assert "refitted on the unpruned model's inputs" not in caplog.text
+    mixed = [cal[0], torch.randint(0, 96, (2, 12), generator=g)]
+    r = fxprune.prune(model, 0.5, **{**kwargs, "calibration": mixed})
+    assert r.reconstruction and all(f.kept < f.inputs for f in r.reconstruction)  # consumers only, at once
+    assert "refitted on the unpruned model's inputs" in caplog.text

@@ -104,7 +104,7 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
     if not batches:
         raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches>")
     layers = consumers(gm, deps, plan)
-    pieces = batches if runner is None else _example_shaped(batches, example)
+    pieces = batches if runner is None else example_shaped(batches, example)
     sources = _targets(pieces, targets, runner, example)
     if pieces is not None:  # on the unpruned inputs (_at_once) the layers after them have nothing to make up
         layers = layers + downstream(gm, layers)
@@ -132,7 +132,7 @@ def _targets(pieces: Sequence[tuple[Any, ...]] | None, targets: Sequence[tuple[A
     own = pieces or ()
     if targets is None or pieces is None:
         return own
-    cut = targets if runner is None else _example_shaped(targets, example)
+    cut = targets if runner is None else example_shaped(targets, example)
     if cut is None or len(cut) != len(own) or any(
             len(t) != len(p) or any(isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or
                                     (isinstance(a, torch.Tensor) and a.shape != b.shape) for a, b in zip(t, p, strict=True))
@@ -143,7 +143,7 @@ def _targets(pieces: Sequence[tuple[Any, ...]] | None, targets: Sequence[tuple[A
     return cut
 
 
-def _example_shaped(batches: Sequence[tuple[Any, ...]], example: tuple[Any, ...] | None) -> list[tuple[Any, ...]] | None:
+def example_shaped(batches: Sequence[tuple[Any, ...]], example: tuple[Any, ...] | None) -> list[tuple[Any, ...]] | None:
     """``batches`` cut along dim 0 into pieces of the example's shapes; None when some batch cannot be.
 
     A batch of the example's shapes is one piece; one whose tensors are each ``k`` times the example's along
