@@ -116,12 +116,17 @@ class _Capture(MaskedInterpreter):
         for node in self.graph.nodes:
             out = self.run_node(node)
             if node.name in self.keep:
-                self.kept[node.name] = out
+                self.kept[node.name] = _copy(out)  # an in-place op further on (ReLU(inplace=True)) must not reach it
             if node is self.last:
                 return
             self.env[node] = out
             for gone in self.user_to_last_uses.get(node, []):
                 del self.env[gone]
+
+
+def _copy(value: Any) -> Any:
+    """A tensor copied (what later in-place ops would write into); anything else as it is."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 @contextmanager
@@ -193,7 +198,7 @@ def paired_statistics(gm: fx.GraphModule, wave: list[Layer], zero: dict[str, lis
     for s in sums:
         hooks.append(s.layer.module.register_forward_pre_hook(
             lambda mod, args, s=s: s.seen.append(augmented_rows(mod, args[0]))))
-        hooks.append(s.layer.module.register_forward_hook(lambda mod, args, out, s=s: s.out.append(out)))
+        hooks.append(s.layer.module.register_forward_hook(lambda mod, args, out, s=s: s.out.append(_copy(out))))
     try:
         with torch.no_grad(), kept_buffers(gm):
             for inputs, unpruned in zip(batches, sources, strict=True):
