@@ -6,7 +6,8 @@ on the held-out images right after the cut (no gradient step):
 
 - the cut alone (l2; activation-aware on the calibration images);
 - BatchNorm statistics re-estimated on the calibration images (the cheapest recovery);
-- ``reconstruct=True`` on the same 256 training images (l2 and activation-aware selection).
+- ``reconstruct=True`` on the same 256 training images (l2 and activation-aware selection);
+- for the ResNet, also the first stage's residual stream alone (every other group kept), cut and refitted.
 
 The ResNet (``models_zoo.resnet.resnet_basic``: 16/32 channels, BasicBlocks) reads the grey image as three
 channels. Prints a markdown table with machine, date and commit.
@@ -62,7 +63,14 @@ def rows(kind: str, seed: int, ratio: float, images: int) -> list[list[str]]:
     calibration = [train_set.tensors[0][i:i + 64] for i in range(0, images, 64)]
     example = (x_test[:1],)
     out = [[kind, str(seed), "unpruned", f"{acc(model):.2f}", "-", "-"]]
-    for label, kwargs in (("cut (l2)", {"importance": "l2"}),
+    runs: list[tuple[str, dict]] = []
+    if kind == "resnet":  # only the first stage's residual stream (the stem's channels, through every add)
+        groups = fxprune.prune(model, ratio, example_inputs=example).plan.groups
+        others = {g.id: 0.0 for g in groups if "conv1.weight[0]" not in g.producers}
+        runs += [("stage-1 stream only, cut (activation)", {"calibration": calibration, "group_ratios": others}),
+                 ("stage-1 stream only, activation + reconstruction",
+                  {"calibration": calibration, "group_ratios": others, "reconstruct": True})]
+    for label, kwargs in (*runs,("cut (l2)", {"importance": "l2"}),
                           ("cut (activation)", {"importance": "activation", "calibration": calibration}),
                           ("cut (l2) + BatchNorm re-estimated", {"importance": "l2", "recal": True}),
                           ("l2 + reconstruction", {"importance": "l2", "calibration": calibration,
