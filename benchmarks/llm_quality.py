@@ -189,6 +189,8 @@ def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool | 
         kwargs["calibration"] = [x for x, _ in calib]
     if refit:
         kwargs["reconstruct"] = refit
+    if args.stream:  # saved, streamed one decoder layer at a time (fxprune.prune_pretrained), reloaded
+        return _streamed(model, ratio, heads, kwargs), "per layer"
     r = fxprune.prune(model, ratio, example_inputs=(calib[0][0][:2],), output="module", verify=args.verify,
                       prune_heads=heads, round_to=args.round_to, **kwargs)
     if r.oracle is not None:
@@ -198,6 +200,19 @@ def prune_fxprune(model: nn.Module, ratio: float, criterion: str, heads: bool | 
     else:
         oracle = "-"
     return r.model, oracle
+
+
+def _streamed(model: nn.Module, ratio: float, heads: bool | str, kwargs: dict[str, Any]) -> nn.Module:
+    """``model`` saved to a folder, pruned by ``fxprune.prune_pretrained`` (each layer proven by its oracle) and
+    loaded back."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(f"{d}/in")
+        r = fxprune.prune_pretrained(f"{d}/in", f"{d}/out", ratio, prune_heads=heads, **kwargs)
+        bad = [p for p in r.parts if p.params_after < p.params_before and p.oracle != "passed"]
+        assert not bad, bad
+        return transformers.AutoModelForCausalLM.from_pretrained(f"{d}/out").eval()
 
 
 def prune_torch_pruning(model: nn.Module, ratio: float, pin_hidden: bool, example: torch.Tensor) -> nn.Module:
@@ -344,6 +359,8 @@ def main() -> None:
     p.add_argument("--kd-alpha", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=2.0)
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip fxprune's oracle")
+    p.add_argument("--stream", action="store_true",
+                   help="fxprune rows through fxprune.prune_pretrained (saved, streamed layer by layer, reloaded)")
     p.add_argument("--no-torch-pruning", dest="torch_pruning", action="store_false")
     p.add_argument("--no-workflow", dest="workflow", action="store_false", help="skip the save/load/generate check")
     p.add_argument("--no-depth", dest="depth", action="store_false", help="skip the one-block depth table")

@@ -31,12 +31,55 @@ from fxprune.state import kept_buffers
 
 log = logging.getLogger(__name__)
 
-# (part, inputs, ignore, calibration, importance, name) -> PruneResult; calibration: the part's own inputs per
-# calibration batch; importance: the part's own criterion when its scores need the whole model (else None);
-# name: the part's qualified name in the root ("" for a module that is no part of it)
-# compile_fn(part, inputs, ignore, calibration, gradients, name[, targets=]): ``targets``, given with
-# ``sequential`` only, are what the unpruned model fed the part, batch for batch with ``calibration``
-CompilePart = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A part compiled: its ``PruneResult`` (``output="module"``, the part bound to its call)."""
+
+    result: Any
+
+
+@dataclass(frozen=True)
+class Untraced:
+    """A part that is not compiled as a whole (not traceable; in a replay, no plan of its own): its children are."""
+
+    reason: str
+    error: FxPruneError | None = None  # the trace's error, when there was one
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A part whose compile failed (its proof, its criterion, its recording): reported as kept whole, and its
+    children are tried."""
+
+    error: FxPruneError
+
+    @property
+    def reason(self) -> str:
+        return f"{type(self.error).__name__}: {str(self.error)[:200]}"
+
+
+PartOutcome = Pruned | Untraced | Failed
+
+
+def outcome_of(compile_part: Callable[[], Any]) -> PartOutcome:
+    """``compile_part()``'s result as a typed outcome: the errors that say "not this part" become outcomes
+    here, at the call into the pipeline, so that no walker reads an exception as a signal."""
+    try:
+        return Pruned(compile_part())
+    except TraceError as e:
+        return Untraced(str(e), e)
+    except FxPruneError as e:
+        return Failed(e)
+
+
+# compile_fn(part, inputs, ignore, calibration, gradients, name[, targets=]) -> PartOutcome; calibration: the
+# part's own inputs per calibration batch; gradients: the part's own criterion when its scores need the whole
+# model (else None); name: the part's qualified name in the root ("" for a module that is no part of it);
+# ``targets``, given with ``sequential`` only, are what the unpruned model fed the part, batch for batch with
+# ``calibration``. An error it raises (rather than returns as ``Failed``) stops the whole walk (a replay).
+CompilePart = Callable[..., PartOutcome]
 
 
 @dataclass
@@ -281,19 +324,24 @@ def compile_parts(
             if not tensors:
                 reports.append(PartReport(full, skipped="no tensor inputs"))
                 continue
-            try:
-                own = None if gradients is None else gradients.for_part(bound, full)
-                batches, targets = part_calibration(name, bound)
+            ready = outcome_of(lambda b=bound, f=full, n=name: (
+                None if gradients is None else gradients.for_part(b, f), *part_calibration(n, b)))
+            if isinstance(ready, Pruned):  # its gradients and batches: compiled
+                own, batches, targets = ready.result
                 if sequential and batches:  # traced on its first batch: its specialised graph runs them all in order
                     tensors = batches[0]
-                result = compile_fn(bound, tensors, inside, batches, own, full, **({"targets": targets} if targets else {}))
-            except TraceError:
-                visit(child, name)  # not traceable as a whole: try its children
+                outcome = compile_fn(bound, tensors, inside, batches, own, full,
+                                     **({"targets": targets} if targets else {}))
+            else:
+                outcome = ready
+            if isinstance(outcome, Untraced):
+                visit(child, name)  # not compiled as a whole: try its children
                 continue
-            except FxPruneError as e:
-                reports.append(PartReport(full, skipped=f"{type(e).__name__}: {str(e)[:200]}"))
+            if isinstance(outcome, Failed):
+                reports.append(PartReport(full, skipped=outcome.reason))
                 visit(child, name)  # the whole failed its proof: its children may still be pruned
                 continue
+            result = outcome.result
             if not gc.isenabled():  # paused by the enclosing compile: this part's copy and graphs go now
                 gc.collect()
             pruned = result.model.inner  # type: ignore[union-attr]

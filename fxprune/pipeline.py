@@ -36,7 +36,15 @@ from fxprune.errors import FxPruneError, TraceError
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_macs, count_params
 from fxprune.options import Options
-from fxprune.partial import CompilePart, PartReport, compile_parts, settle_parts
+from fxprune.partial import (
+    CompilePart,
+    PartOutcome,
+    PartReport,
+    Pruned,
+    compile_parts,
+    outcome_of,
+    settle_parts,
+)
 from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.importance import resolve, score_groups
@@ -273,7 +281,7 @@ def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan
 
     def compile_part(module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any],
                      calibration: list[tuple[Any, ...]] | None, importance: Any, name: str,
-                     targets: list[tuple[Any, ...]] | None = None) -> PruneResult:
+                     targets: list[tuple[Any, ...]] | None = None) -> PartOutcome:
         own = replace(part, example_inputs=inputs, ignore=tuple(ignore))
         if data:  # measured (and refitted) on what arrives at this part, not at the root; the refit's targets
             # on what the unpruned model gave it (``targets``, batch for batch)
@@ -282,11 +290,11 @@ def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan
             own = replace(own, importance="activation")
         if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it
             own = replace(own, importance=importance)
-        result = run(module, own)
-        if name:
-            plans[name] = result.plan
-            fits[name] = result.reconstruction
-        return result
+        outcome = outcome_of(lambda: run(module, own))
+        if name and isinstance(outcome, Pruned):
+            plans[name] = outcome.result.plan
+            fits[name] = outcome.result.reconstruction
+        return outcome
 
     return compile_part, plans, fits
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from fxprune.copying import private_copy
 from fxprune.errors import ArgumentError, PlanMismatchError, TraceError
 from fxprune.metrics import count_params
-from fxprune.partial import compile_parts, settle_parts
+from fxprune.partial import PartOutcome, Pruned, Untraced, compile_parts, settle_parts
 from fxprune.passes.budget import CostModel
 from fxprune.passes.select import plan_from_kept
 from fxprune.passes.train_mode import restore_flags
@@ -91,10 +91,6 @@ def _settle(result: nn.Module, original: nn.Module) -> None:
     restore_flags(result, {n: m.training for n, m in original.named_modules()})
 
 
-class _Failed(Exception):  # noqa: N818 - carries a part's replay error through compile_parts
-    """A part's replay failed: ``compile_parts`` would take an ``FxPruneError`` as "try its children"."""
-
-
 class _PartReplayer:
     """``compile_parts``' per-part compile that replays each part's recorded plan, found by the part's name.
 
@@ -112,10 +108,7 @@ class _PartReplayer:
     def run(self, scope: nn.Module, scope_name: str, inputs: tuple[Any, ...], ignore: list[Any],
             only: str | None = None) -> None:
         """Replay every planned part under ``scope``."""
-        try:
-            compile_parts(self.root, scope, scope_name, inputs, self, ignore, only=only)
-        except _Failed as e:
-            raise e.__cause__ from None  # type: ignore[misc]
+        compile_parts(self.root, scope, scope_name, inputs, self, ignore, only=only)
 
     def finish(self) -> None:
         """Every part the plan holds must have been replayed."""
@@ -124,16 +117,15 @@ class _PartReplayer:
             raise PlanMismatchError(f"the plan has parts this model does not call as planned: {missing[:3]}")
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], ignore: list[Any], _calibration: Any,
-                 _importance: Any, name: str) -> PruneResult:
+                 _importance: Any, name: str) -> PartOutcome:
+        """A part's outcome: replayed by its own plan, or untraced (its children are tried) when it has none.
+        A replay that fails raises: the walk stops (a part left whole would be pruned less than planned)."""
         own = self.plans.get(name)
         if own is None:
-            raise TraceError(f"{name}: no plan of its own")
-        try:
-            pruned = replay(module, own, inputs, tuple(ignore), (), self.verify, output="module")
-        except Exception as e:
-            raise _Failed(name) from e
+            return Untraced(f"{name}: no plan of its own")
+        pruned = replay(module, own, inputs, tuple(ignore), (), self.verify, output="module")
         self.done.add(name)
-        return PruneResult(pruned, own, True, count_params(module), count_params(pruned), 0, 0, None, 0.0)
+        return Pruned(PruneResult(pruned, own, True, count_params(module), count_params(pruned), 0, 0, None, 0.0))
 
 
 def _checked(a: Prepared, plan: PruningPlan, model: nn.Module) -> PruningPlan:

@@ -34,7 +34,16 @@ from fxprune.errors import ArgumentError, FxPruneError, first_line
 from fxprune.hf_config import _same_structure, propose
 from fxprune.options import Options
 from fxprune.outputs import tensors_of
-from fxprune.partial import PartReport, _Bound, _Call, _part_ignore, fed_batches, no_kv_cache, oracle_verdict
+from fxprune.partial import (
+    PartReport,
+    Pruned,
+    _Bound,
+    _Call,
+    _part_ignore,
+    fed_batches,
+    no_kv_cache,
+    oracle_verdict,
+)
 from fxprune.passes.importance import resolve
 from fxprune.pipeline import _part_compiler
 from fxprune.shards import ShardWriter
@@ -280,12 +289,13 @@ def _prune_layer(layer: nn.Module, name: str, call: _Call, calibration: list[_Ca
     # With a refit, the layer is traced on its first calibration batch: a graph specialised to the example's
     # shapes then runs every batch of those shapes, layers fitted in order (passes/reconstruct.py)
     example = own[0] if options.reconstruct and own else bound.tensors(call)
-    try:
-        result = compile_part(bound, example, inside, own, None, name,
-                              targets=fed if fed and own is not None and len(fed) == len(own) else None)
-    except FxPruneError as e:
-        log.warning("fxprune: layer %s kept whole: %s", name, first_line(e, typed=True))
-        return layer, PartReport(name, before, before, skipped=first_line(e, typed=True))
+    outcome = compile_part(bound, example, inside, own, None, name,
+                           targets=fed if fed and own is not None and len(fed) == len(own) else None)
+    if not isinstance(outcome, Pruned):  # a layer is not split further when streaming: it is kept whole
+        why = outcome.reason if outcome.error is None else first_line(outcome.error, typed=True)
+        log.warning("fxprune: layer %s kept whole: %s", name, why)
+        return layer, PartReport(name, before, before, skipped=why)
+    result = outcome.result
     pruned = result.model.inner.eval()
     return pruned, PartReport(name, result.params_before, result.params_after, oracle_verdict(result.oracle))
 

@@ -271,3 +271,30 @@ def test_budget_counts_opaque_parts_once(target: str) -> None:
     frac = r.params_after / r.params_before if target == "target_params" else r.macs_after / r.macs_before
     assert 0.4 <= frac <= 0.5
     assert any(p.name == "head" and p.params_after < p.params_before for p in r.parts)
+
+
+def test_part_outcomes_steer_the_walk() -> None:
+    """``compile_fn`` answers with a typed outcome, never an exception read as a signal: a failed part is
+    reported as kept whole and its children are tried; an untraced one, its children, silently."""
+    from fxprune.errors import FxPruneError
+    from fxprune.partial import Failed, Untraced, compile_parts
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    seen: list[str] = []
+
+    def compile_fn(part, inputs, ignore, calibration, gradients, name, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(name)
+        return Failed(FxPruneError("its proof failed")) if name == "a" else Untraced("not whole")
+
+    root = Net()
+    reports = compile_parts(root, root, "", (torch.randn(2, 4),), compile_fn, [])
+    assert seen == ["a", "a.0", "a.2", "b"]
+    assert [(r.name, r.skipped) for r in reports] == [("a", "FxPruneError: its proof failed")]
