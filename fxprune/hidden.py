@@ -12,7 +12,7 @@ the model once and follows the hidden dim through its ops. Heads and key/value h
 Layers whose width the config derives from ``hidden_size`` but which do not carry the residual (BERT's
 pooler and masked-LM transform) are found by building the model from the new config on the meta device,
 followed as streams of their own and pruned to the same width, so ``save_pretrained`` then ``from_pretrained``
-gives back the pruned model (``hidden_config``). ``pipeline.run`` calls ``prune_with_hidden`` when the
+gives back the pruned model (``hidden_config``). ``pipeline.run`` calls ``hidden_stage`` when the
 ``hidden`` option is set: this pass first, then heads and MLPs on its result.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,6 @@ from fxprune.errors import ArgumentError, InvariantError, PlanMismatchError
 from fxprune.hidden_config import (
     HIDDEN_FIELDS,
     derived_spaces,
-    quiet,
     rename_hidden_attributes,
     sync_hidden_config,
 )
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HiddenPlan", "HiddenResult", "HiddenSizeError", "prune_hidden", "prune_with_hidden", "replay_hidden"]
+__all__ = ["HiddenPlan", "HiddenResult", "HiddenSizeError", "prune_hidden", "hidden_stage", "finish_hidden", "replay_hidden"]
 
 
 @dataclass(frozen=True)
@@ -348,10 +346,34 @@ def _slice(work: nn.Module, plan: HiddenPlan) -> None:
             resize_normalized_shape(work.get_submodule(name) if name else work, stream.size, len(kept))
 
 
-def prune_with_hidden(model: nn.Module, options: Options,
-                      run_rest: Callable[[nn.Module, Options], PruneResult]) -> PruneResult:
-    """``pipeline.run`` with the ``hidden`` option: the hidden size first (on a private copy), then heads and
-    MLPs by ``run_rest`` (the pipeline, without ``hidden``) on its result, then the config.
+@dataclass(frozen=True)
+class HiddenStage:
+    """The hidden size pruned (``hidden_stage``), waiting for heads and MLPs on ``work``.
+
+    Attributes:
+        work: the private copy with its hidden size pruned.
+        plan: the kept hidden channels.
+        proof: the hidden-size oracle (None when not asked for or nothing went).
+        inputs: the example inputs.
+        rest: the options heads and MLPs are pruned with on ``work`` (no ``hidden``; the stream pinned).
+        params_before: macs_before: the caller's model's counts.
+        t0: when the stage began.
+    """
+
+    work: nn.Module
+    plan: HiddenPlan
+    proof: Any
+    inputs: tuple[Any, ...]
+    rest: Options
+    params_before: int
+    macs_before: int
+    t0: float
+
+
+def hidden_stage(model: nn.Module, options: Options) -> HiddenStage | PruneResult:
+    """The ``hidden`` option of ``pipeline.run``: the hidden size first, on a private copy. Returns the whole
+    result when nothing else is asked for (``ratio=0``, no ONNX), else the stage for ``pipeline.run`` to prune
+    heads and MLPs on (``HiddenStage.rest``) and hand to ``finish_hidden``.
 
     The layers the config sizes with the hidden size (BERT's pooler and masked-LM transform) keep their new
     width in the second pass (they are added to ``ignore``)."""
@@ -383,13 +405,17 @@ def prune_with_hidden(model: nn.Module, options: Options,
     # hidden= alone decides the residual stream's width: a graph of the whole model would otherwise see it as
     # one more coupled group and prune it again by ratio= (the table in docs/hidden-size.md)
     pinned = tuple((name, dim, "hidden size set by hidden=") for s in plan.streams for name, dim in s.spaces)
-    rest_options = replace(options, hidden=None, example_inputs=inputs, ignore=(*options.ignore, *keep_width),
-                           pinned=pinned)
-    with quiet("fxprune.hf_config"):
-        rest = run_rest(work, rest_options)
+    rest = replace(options, hidden=None, example_inputs=inputs, ignore=(*options.ignore, *keep_width), pinned=pinned)
+    return HiddenStage(work, plan, proof, inputs, rest, params_before, macs_before, t0)
+
+
+def finish_hidden(stage: HiddenStage, rest: PruneResult) -> PruneResult:
+    """The whole result: ``rest`` (heads and MLPs pruned on ``stage.work``) with the hidden size's plan, proof
+    and config."""
+    plan, inputs = stage.plan, stage.inputs
     if rest.modified or plan.new_size < plan.size:
         sync_hidden_config(rest.model, inputs, plan.size)
-    return replace(rest, plan=replace(rest.plan, hidden=plan.kept), oracle=both(proof, rest.oracle),
-                   modified=rest.modified or plan.new_size < plan.size, params_before=params_before,
-                   params_after=count_params(rest.model), macs_before=macs_before,
-                   macs_after=count_macs(rest.model, inputs), seconds=time.perf_counter() - t0)
+    return replace(rest, plan=replace(rest.plan, hidden=plan.kept), oracle=both(stage.proof, rest.oracle),
+                   modified=rest.modified or plan.new_size < plan.size, params_before=stage.params_before,
+                   params_after=count_params(rest.model), macs_before=stage.macs_before,
+                   macs_after=count_macs(rest.model, inputs), seconds=time.perf_counter() - stage.t0)

@@ -1,7 +1,9 @@
 """``run``: the whole of ``fxprune.prune``, one non-recursive function read top to bottom.
 
     run(model, options)
-      0. check the model and every option (output paths included) before any work
+      0. check the model and every option (output paths included) before any work; with ``hidden``, the
+         hidden size first (``hidden.hidden_stage``), steps 1-2 on its result, then ``hidden.finish_hidden``
+      _widths(model, options): steps 1-2
       1. compile once at the requested policy (``_compile``)
            a. prepare: private copy, trace, eager check, train-mode check, channel dependencies
               (``stages.prepare``); a root that cannot be traced goes to the piecewise strategy (1e)
@@ -15,8 +17,9 @@
          compile of step 1 declines, and one uniform ratio is bisected over the whole model instead
          (``_search_uniform_ratio``), each probe a step-1 compile
 
-Every strategy is a named function below, called from ``run`` or ``_compile`` only; none calls ``run``.
-Piecewise pruning compiles each part with the function ``compile_parts`` is given.
+Every strategy is a named function below, called from ``run``, ``_widths`` or ``_compile`` only; no module
+calls ``run`` but the public entry points (``api.py``). Piecewise pruning compiles each part with the function
+``compile_parts`` is given (``_part_compiler``: ``_widths`` on the part), which answers with a typed outcome.
 """
 
 from __future__ import annotations
@@ -67,11 +70,26 @@ def run(model: nn.Module, options: Options) -> PruneResult:
     written or modified; the result owns every tensor."""
     options = options.checked()  # 0. every option, the output path included, before any work (the model is
     # checked first thing in ``stages.prepare``, which every entry point goes through)
-    if options.hidden is not None:  # the hidden size first, then this function on its result (fxprune/hidden.py)
-        from fxprune.hidden import prune_with_hidden
+    if options.hidden is None:
+        return _widths(model, options)
+    from fxprune.hidden import (  # the hidden size first (fxprune/hidden.py)
+        HiddenStage,
+        finish_hidden,
+        hidden_stage,
+    )
+    from fxprune.hidden_config import quiet
 
-        with torch.inference_mode(False):
-            return prune_with_hidden(model, options, run)
+    with torch.inference_mode(False):
+        stage = hidden_stage(model, options)
+        if not isinstance(stage, HiddenStage):  # nothing else asked for
+            return stage
+        with quiet("fxprune.hf_config"):
+            rest = _widths(stage.work, stage.rest)  # then heads and MLPs on its result
+        return finish_hidden(stage, rest)
+
+
+def _widths(model: nn.Module, options: Options) -> PruneResult:
+    """``run`` without the hidden size: heads, MLPs and every other width (``options`` checked)."""
     t0 = time.perf_counter()
     with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
         result = _compile(model, options)  # 1. the requested policy
@@ -290,7 +308,7 @@ def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan
             own = replace(own, importance="activation")
         if importance is not None:  # gradients of the whole model's loss (Taylor): the part cannot run it
             own = replace(own, importance=importance)
-        outcome = outcome_of(lambda: run(module, own))
+        outcome = outcome_of(lambda: _widths(module, own.checked()))
         if name and isinstance(outcome, Pruned):
             plans[name] = outcome.result.plan
             fits[name] = outcome.result.reconstruction
