@@ -28,14 +28,14 @@ import contextlib
 import gc
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from fxprune.copying import private_copy
-from fxprune.errors import FxPruneError, TraceError
+from fxprune.errors import FxPruneError, InvariantError, TraceError
 from fxprune.hf_config import sync_config
 from fxprune.metrics import count_macs, count_params
 from fxprune.options import Options
@@ -93,15 +93,24 @@ def _widths(model: nn.Module, options: Options) -> PruneResult:
     t0 = time.perf_counter()
     with torch.inference_mode(False):  # the pruned parameters stay trainable under a caller's inference_mode
         result = _compile(model, options)  # 1. the requested policy
-        if result is None:  # 2. a budget over parts: one uniform ratio, searched over the whole model
+        if isinstance(result, BudgetOverParts):  # 2. one uniform ratio, searched over the whole model
+            log.info("fxprune: %s: one uniform ratio is searched over the whole model", result.reason)
             result = _search_uniform_ratio(model, options)
     result = replace(result, seconds=time.perf_counter() - t0)
     log.info("fxprune: %d -> %d parameters in %.2fs", result.params_before, result.params_after, result.seconds)
     return result
 
 
-def _compile(model: nn.Module, options: Options) -> PruneResult | None:
-    """Step 1: one compile at ``options``' policy; None when a budget must be searched over parts (step 2).
+@dataclass(frozen=True)
+class BudgetOverParts:
+    """Step 1's answer when a MAC or parameter budget meets a model with parts: a search inside each part would
+    compound (0.3 of 0.3), so step 2 searches one uniform ratio over the whole model instead."""
+
+    reason: str
+
+
+def _compile(model: nn.Module, options: Options) -> PruneResult | BudgetOverParts:
+    """Step 1: one compile at ``options``' policy (a ``BudgetOverParts`` when step 2 must search the budget).
 
     The cyclic garbage collector is paused for the whole compile, not only inside each stage: re-enabled
     between stages, the first allocation after one could start a full collection of everything the
@@ -112,7 +121,7 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | None:
         return _compile_paused(model, options)
 
 
-def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
+def _compile_paused(model: nn.Module, options: Options) -> PruneResult | BudgetOverParts:
     options = _refit_example(options)
     try:  # a. prepare (must precede everything: the graph, its groups and the inputs come from it)
         a = prepare(model, options.example_inputs, options.ignore, options.leaves, prune_heads=options.prune_heads,
@@ -124,13 +133,16 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | None:
         # the piecewise strategy makes its own (a whole model's worth of memory)
         _forget_frames(e)
         gc.collect()
-        return None if options.budget else _compile_root_parts(model, options, e)  # e. piecewise, the root
+        if options.budget:
+            return BudgetOverParts("the root cannot be traced: its parts are pruned one by one")
+        return _compile_root_parts(model, options, e)  # e. piecewise, the root
     # Opaque modules are compiled piecewise; one inside another is covered by its outermost ancestor.
     opaque = [n for n in sorted(a.opaque) if not any(n.startswith(o + ".") for o in a.opaque)]
     # A module the user named in ``leaves`` is kept whole, insides included; the other opaque ones are not.
     opaque = [n for n in opaque if options.partial and not any(n == x or n.startswith(x + ".") for x in options.leaves)]
     if opaque and options.budget:
-        return None  # the graph's search would see each opaque part as fixed
+        return BudgetOverParts(f"{len(opaque)} opaque module(s) are pruned as parts")  # the graph's search
+        # would see each opaque part as fixed
     params_before = count_params(model)
     kept_whole: tuple[str, ...] = ()  # by the write-back, recorded in the plan: a replay keeps them whole too
     for attempt in range(MAX_WRITE_BACK_RETRIES + 1):
@@ -236,8 +248,7 @@ def _search_uniform_ratio(model: nn.Module, options: Options) -> PruneResult:
     lo, hi, best = 0.0, 0.95, None
     for _ in range(8):  # the ratio to within 0.004: the fraction to within about 1%
         mid = (lo + hi) / 2
-        r = _compile(model, replace(probe, ratio=mid))
-        assert r is not None  # a compile without a budget never declines
+        r = _by_ratio(model, replace(probe, ratio=mid))
         frac = r.macs_after / r.macs_before if options.target_macs is not None else r.params_after / r.params_before
         if frac <= target:  # type: ignore[operator]
             best, hi = mid, mid
@@ -246,8 +257,14 @@ def _search_uniform_ratio(model: nn.Module, options: Options) -> PruneResult:
     if best is None:
         raise FxPruneError(f"the budget {target} cannot be met even at ratio 0.95 (too much is pinned)")
     log.info("fxprune: ratio %.3f meets the budget over the whole model, parts included", best)
-    result = _compile(model, replace(by_ratio, ratio=best))
-    assert result is not None
+    return _by_ratio(model, replace(by_ratio, ratio=best))
+
+
+def _by_ratio(model: nn.Module, options: Options) -> PruneResult:
+    """Step 1 without a budget (it always compiles)."""
+    result = _compile(model, options)
+    if not isinstance(result, PruneResult):
+        raise InvariantError(f"a compile by ratio declined: {result.reason}")
     return result
 
 
