@@ -310,3 +310,38 @@ def test_in_place_ops_after_the_sum_do_not_reach_the_target() -> None:
     solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
     np.testing.assert_allclose(p.w2.weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(p.w2.bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+
+
+class _Normed(nn.Module):
+    """Two consumers of a LayerNorm over a pruned stream: ``cat(a(ln(w0 x)), b(ln(w0 x)))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w0, self.ln, self.a, self.b = nn.Linear(12, 16), nn.LayerNorm(16), nn.Linear(16, 6), nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.w0(x))
+        return torch.cat([self.a(h), self.b(h)], -1)
+
+
+def test_consumers_behind_a_norm_are_fitted_on_the_pruned_norm() -> None:
+    """A norm over the pruned channels normalises over the kept ones in the pruned model: every consumer behind
+    it (the first included) is fitted on that, toward its unpruned output (numpy on the eager models)."""
+    torch.manual_seed(5)
+    model = _Normed().eval()
+    cal = [torch.randn(8, 12, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    r = fxprune.prune(model, 0.5, example_inputs=(cal[0][:2],), importance="activation", calibration=cal,
+                      reconstruct=True, verify=True, output="module")
+    assert r.oracle.passed and r.model.ln.normalized_shape == (8,)
+    p = r.model
+    with torch.no_grad():
+        x = torch.cat(cal)
+        x_p = p.ln(p.w0(x)).double().numpy()  # the pruned model's own norm: over the kept channels
+        xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
+        h = xk.T @ xk
+        for name in ("a", "b"):
+            want = getattr(model, name)(model.ln(model.w0(x))).double().numpy()
+            solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ want).T
+            got = getattr(p, name)
+            np.testing.assert_allclose(got.weight.double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got.bias.double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)

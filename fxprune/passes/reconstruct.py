@@ -11,7 +11,8 @@ changes the private copy's weights before the rewrite, so the mask oracle proves
 original with the removed channels zeroed``: exactness is kept.
 
 Sequential, as SlimGPT and GPTQ are: layers are fitted in graph order, each on what the already pruned and
-refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far zeroed),
+refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far, and of its
+own inputs, zeroed: its input is the pruned model's, norms over pruned channels included),
 toward what the unpruned model computed: the layer's own output, or, for the last layer of a residual
 branch (its output added straight to the stream, or through an eval-mode BatchNorm), the unpruned sum less
 what the pruned stream brings; so each refit also makes up for what the layers before it lost.
@@ -169,8 +170,9 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
                 layers: list[tuple[str, nn.Module, np.ndarray]], batches: Sequence[tuple[Any, ...]],
                 sources: Sequence[tuple[Any, ...]]) -> list[LayerFit]:
     """Layers in graph order, each fitted on what the pruned, refitted upstream gives it: the graph runs with
-    the removed channels of every layer already fitted set to zero (``MaskedInterpreter``), while the
-    layer's own removed inputs are still there (they are what its refit makes up for). The target is what
+    the removed channels of every layer fitted so far and of its own inputs set to zero, norms over them
+    normalising over the kept ones (``MaskedInterpreter``): its input is the pruned model's (the refit reads
+    only the kept columns; what the removed ones carried is in the target). The target is what
     the unpruned model computed (the graph run again with the fitted layers' original weights): the layer's
     output, or, where the layer's output is added straight to a residual stream, that sum less what the pruned
     stream brings to it; so a refit also makes up for what the layers before it lost, and errors do not pile
@@ -192,6 +194,9 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
             continue
         placed.append(Layer(name, m, cols, calls[name], residual_of(gm, calls[name])))
     for wave in waves(placed):
+        for layer in wave:  # their own removed inputs too: a refit reads only the kept columns, and a norm over
+            # the pruned channels between them and their producer normalises over the kept ones, as pruned
+            committed[sol.space_labels(input_space(layer.module, names))] = True
         zero = zero_masks(deps, dropped & committed)
         stats = paired_statistics(gm, wave, zero, originals, batches, sources)
         for layer in wave:
@@ -199,8 +204,6 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
             if h is not None:
                 originals[layer.module] = [t.detach().clone() for t in fitted_tensors(layer.module)]
                 fits.append(refit(layer.name, layer.module, layer.cols, h, xty, target))
-        for layer in wave:
-            committed[sol.space_labels(input_space(layer.module, names))] = True
     return fits
 
 
