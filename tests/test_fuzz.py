@@ -126,3 +126,10 @@ def test_regression_file_runs(tmp_path) -> None:
     exec(compile(text, str(tmp_path / "test_fuzz_seed_3.py"), "exec"), namespace)  # noqa: S102
     assert "xfail(strict=True" in text and "class Net(nn.Module)" in text
     namespace["test_fuzz_seed_3"]()  # type: ignore[operator]  # seed 3 passes: the file runs as written
+
+
+def test_a_regression_file_keeps_the_runs_options() -> None:
+    """A case found with reconstruct=True or a head policy is written with them (seed 170041's file was not)."""
+    spec = dataclasses.replace(random_spec(5), seed=5)
+    text = regression_source(spec, Run("l2", 0.5, reconstruct=True, heads="query"), "KeyError: x", "2026-12-08")
+    assert "reconstruct=True" in text and "heads='query'" in text

@@ -345,3 +345,20 @@ def test_consumers_behind_a_norm_are_fitted_on_the_pruned_norm() -> None:
             got = getattr(p, name)
             np.testing.assert_allclose(got.weight.double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(got.bias.double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_independent_refit_check_sees_a_spoiled_refit() -> None:
+    """``testing.refit_check`` recomputes each own-target refit from the eager models alone: a correct refit
+    has no gap, a refit off its least-squares fit (here: one weight nudged) a clear one."""
+    from fxprune.testing.refit_check import TOLERANCE, refit_gaps
+
+    torch.manual_seed(5)
+    model = _Normed().eval()
+    cal = [torch.randn(8, 12, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    r = fxprune.prune(model, 0.5, example_inputs=(cal[0][:2],), calibration=cal, reconstruct=True)
+    batches = [(b,) for b in cal]
+    gaps = refit_gaps(model, r.model, r.reconstruction, batches)
+    assert set(gaps) == {"a", "b"} and max(gaps.values()) < 1e-9
+    with torch.no_grad():
+        r.model.get_submodule("a").weight[0, 0] += 0.1
+    assert refit_gaps(model, r.model, r.reconstruction, batches)["a"] > TOLERANCE

@@ -124,6 +124,17 @@ class _Capture(MaskedInterpreter):
                 del self.env[gone]
 
 
+def _state(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's buffers."""
+    return {name: b.detach().clone() for name, b in gm.named_buffers()}
+
+
+def _load(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The buffers set back to ``state`` (in place: the graph holds them)."""
+    for name, b in gm.named_buffers():
+        b.copy_(state[name])
+
+
 def _copy(value: Any) -> Any:
     """A tensor copied (what later in-place ops would write into); anything else as it is."""
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -145,7 +156,7 @@ def original_weights(originals: dict[nn.Module, list[torch.Tensor]]) -> Iterator
                 t.data = c
 
 
-Stats = tuple[torch.Tensor | None, torch.Tensor | None, float]
+Stats = tuple[torch.Tensor | None, torch.Tensor | None, float, str]  # X^T X, X^T Y, ||Y||^2, the target's kind
 
 
 class _Sums:
@@ -158,7 +169,7 @@ class _Sums:
         self.h: torch.Tensor | None = None
         self.xty: torch.Tensor | None = None
         self.unpruned: torch.Tensor | None = None  # its output in the unpruned run of the batch at hand
-        self.target, self.failed = 0.0, False
+        self.target, self.failed, self.residual = 0.0, False, False
 
     def add(self, y: torch.Tensor, x: torch.Tensor | None, unpruned_out: torch.Tensor | None,
             plain: _Capture, masked: _Capture) -> None:
@@ -172,13 +183,14 @@ class _Sums:
                     and (norm is None or isinstance(unpruned_out, torch.Tensor) and unpruned_out.shape == total.shape):
                 residual_y = output_rows(self.layer.module, _before_norm(norm, total - part, unpruned_out))
                 if residual_y.shape == y.shape:
-                    y = residual_y
+                    y, self.residual = residual_y, True
         self.h = x.t() @ x if self.h is None else self.h + x.t() @ x
         self.xty = x.t() @ y if self.xty is None else self.xty + x.t() @ y
         self.target += float(y.square().sum())
 
     def result(self) -> Stats:
-        return (None, None, 0.0) if self.failed or self.h is None else (self.h, self.xty, self.target)
+        kind = "residual" if self.residual else "own"
+        return (None, None, 0.0, kind) if self.failed or self.h is None else (self.h, self.xty, self.target, kind)
 
 
 def paired_statistics(gm: fx.GraphModule, wave: list[Layer], zero: dict[str, list[tuple[int, torch.Tensor]]],
@@ -201,10 +213,15 @@ def paired_statistics(gm: fx.GraphModule, wave: list[Layer], zero: dict[str, lis
         hooks.append(s.layer.module.register_forward_hook(lambda mod, args, out, s=s: s.out.append(_copy(out))))
     try:
         with torch.no_grad(), kept_buffers(gm):
+            states = {"plain": _state(gm)}
             for inputs, unpruned in zip(batches, sources, strict=True):
+                states["masked"] = _state(gm)  # the unpruned and the pruned model each keep their own state (a
+                _load(gm, states["plain"])  # forward that counts its calls), advanced once per batch, as theirs
                 with original_weights(originals):
                     plain = _Capture(gm, {}, adds, last)
                     plain.run_until(*unpruned)
+                states["plain"] = _state(gm)
+                _load(gm, states["masked"])
                 ys = []
                 for s in sums:
                     ys.append(torch.cat(s.seen) @ s.full.t() if s.seen else None)

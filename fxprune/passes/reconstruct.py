@@ -11,8 +11,8 @@ changes the private copy's weights before the rewrite, so the mask oracle proves
 original with the removed channels zeroed``: exactness is kept.
 
 Sequential, as SlimGPT and GPTQ are: layers are fitted in graph order, each on what the already pruned and
-refitted upstream gives it (the graph runs with the removed channels of the layers fitted so far, and of its
-own inputs, zeroed: its input is the pruned model's, norms over pruned channels included),
+refitted upstream gives it (the graph runs with every removed channel zeroed: its input is the pruned
+model's, norms over pruned channels and layers no refit changes included),
 toward what the unpruned model computed: the layer's own output, or, for the last layer of a residual
 branch (its output added straight to the stream, or through an eval-mode BatchNorm), the unpruned sum less
 what the pruned stream brings; so each refit also makes up for what the layers before it lost.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -57,10 +58,14 @@ log = logging.getLogger(__name__)
 H_BUDGET_BYTES = 256 * 2**20  # float64 statistics held at once
 
 
-def downstream(gm: fx.GraphModule, layers: list[tuple[str, nn.Module, np.ndarray]]) -> list[tuple[str, nn.Module, np.ndarray]]:
+def downstream(gm: fx.GraphModule, deps: DependencyResult,
+               layers: list[tuple[str, nn.Module, np.ndarray]]) -> list[tuple[str, nn.Module, np.ndarray]]:
     """``(name, module, every input column)`` of each other refittable layer, called once, that the graph runs
-    on something computed from one of ``layers``' outputs: its input is what the pruned upstream gives."""
+    on something computed from one of ``layers``' outputs: its input is what the pruned upstream gives. Only
+    layers whose input channels the dependency analysis tracks (the refit masks by them)."""
     names = {name for name, _, _ in layers}
+    params = canonical_names(gm)
+    tracked = deps.solution.offsets
     calls: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
@@ -75,7 +80,8 @@ def downstream(gm: fx.GraphModule, layers: list[tuple[str, nn.Module, np.ndarray
     out = []
     for name, m in refittable(gm):
         nodes = calls.get(name, [])
-        if name not in names and len(nodes) == 1 and nodes[0] in reached:
+        if name not in names and len(nodes) == 1 and nodes[0] in reached and id(m.weight) in params \
+                and input_space(m, params) in tracked:
             width = m.weight.shape[0] if layer_kind(m) == "conv1d" else m.weight.shape[1]
             out.append((name, m, np.arange(width)))
     return out
@@ -108,7 +114,7 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
     pieces = batches if runner is None else example_shaped(batches, example)
     sources = _targets(pieces, targets, runner, example)
     if pieces is not None:  # on the unpruned inputs (_at_once) the layers after them have nothing to make up
-        layers = layers + downstream(gm, layers)
+        layers = layers + downstream(gm, deps, layers)
     if pieces is None:
         log.warning("fxprune: reconstruct: the calibration batches are not shaped like the example inputs (or a "
                     "multiple of their batch size), so every layer is refitted on the unpruned model's inputs, "
@@ -170,21 +176,19 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
                 layers: list[tuple[str, nn.Module, np.ndarray]], batches: Sequence[tuple[Any, ...]],
                 sources: Sequence[tuple[Any, ...]]) -> list[LayerFit]:
     """Layers in graph order, each fitted on what the pruned, refitted upstream gives it: the graph runs with
-    the removed channels of every layer fitted so far and of its own inputs set to zero, norms over them
-    normalising over the kept ones (``MaskedInterpreter``): its input is the pruned model's (the refit reads
-    only the kept columns; what the removed ones carried is in the target). The target is what
+    every removed channel set to zero, norms over them normalising over the kept ones (``MaskedInterpreter``),
+    and the layers fitted so far refitted: its input is the pruned model's, whatever consumed the removed
+    channels on the way (a grouped conv, a layer no refit can change). The refit reads only the kept columns;
+    what the removed ones carried is in the target. The target is what
     the unpruned model computed (the graph run again with the fitted layers' original weights): the layer's
     output, or, where the layer's output is added straight to a residual stream, that sum less what the pruned
     stream brings to it; so a refit also makes up for what the layers before it lost, and errors do not pile
     up. Layers that do not feed one another (q, k and v; gate and up) are fitted from the same runs (a wave),
     and each run stops at the last node the wave needs."""
-    sol = deps.solution
-    dropped = plan.dropped_mask(sol.n_classes)
-    committed = np.zeros_like(dropped)
+    zero = zero_masks(deps, plan.dropped_mask(deps.solution.n_classes))  # the pruned model, at full widths
     modules = [n for n in gm.graph.nodes if n.op == "call_module"]
     calls = {str(n.target): n for n in modules}  # a module called twice: its last call (then the plain target)
     order = {str(n.target): i for i, n in enumerate(modules)}
-    names = canonical_names(gm)
     originals: dict[nn.Module, list[torch.Tensor]] = {}
     fits: list[LayerFit] = []
     placed = []
@@ -194,16 +198,12 @@ def _sequential(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan,
             continue
         placed.append(Layer(name, m, cols, calls[name], residual_of(gm, calls[name])))
     for wave in waves(placed):
-        for layer in wave:  # their own removed inputs too: a refit reads only the kept columns, and a norm over
-            # the pruned channels between them and their producer normalises over the kept ones, as pruned
-            committed[sol.space_labels(input_space(layer.module, names))] = True
-        zero = zero_masks(deps, dropped & committed)
         stats = paired_statistics(gm, wave, zero, originals, batches, sources)
         for layer in wave:
-            h, xty, target = stats[layer.name]
+            h, xty, target, kind = stats[layer.name]
             if h is not None:
                 originals[layer.module] = [t.detach().clone() for t in fitted_tensors(layer.module)]
-                fits.append(refit(layer.name, layer.module, layer.cols, h, xty, target))
+                fits.append(replace(refit(layer.name, layer.module, layer.cols, h, xty, target), target=kind))
     return fits
 
 
@@ -228,6 +228,6 @@ def _at_once(model: nn.Module, layers: list[tuple[str, nn.Module, np.ndarray]],
             stats = statistics(chunk, run)
             for name, m, cols in chunk:
                 if name in stats:
-                    fits.append(refit(name, m, cols, stats.pop(name)))
+                    fits.append(replace(refit(name, m, cols, stats.pop(name)), target="unpruned inputs"))
             chunk, size = [], 0
     return fits

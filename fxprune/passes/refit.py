@@ -40,6 +40,9 @@ class LayerFit:
             (``||Y - X W_K^T||^2 / ||Y||^2``; ``Y`` what the unpruned model computed, ``reconstruct.py``).
         error_after: the same after the refit (equal to ``error_before`` when the refit was not applied).
         bias: whether its bias absorbed the removed inputs' mean (a layer without a bias cannot).
+        target: what it was fitted toward: "own" (its unpruned output, on the pruned model's input), "residual"
+            (the unpruned sum its residual branch ends in, less the pruned stream) or "unpruned inputs" (its
+            unpruned output, on the unpruned model's input: batches the graph could not run in order).
     """
 
     name: str
@@ -48,6 +51,7 @@ class LayerFit:
     error_before: float
     error_after: float
     bias: bool
+    target: str = "own"
 
 
 def layer_kind(m: nn.Module) -> str | None:

@@ -100,6 +100,9 @@ class MaskedInterpreter(fx.Interpreter):
         out = self._norm_over_kept(n)
         if out is None:
             out = super().run_node(n)
+        if n.op == "get_attr" and isinstance(out, nn.Parameter) and n.name in self.zero:
+            out = out.detach().clone()  # the model's own weight: masked in a copy, never in place (a buffer is
+            # state: masked in place, as the pruned model's sliced one is updated in place)
         if isinstance(out, torch.Tensor):
             return self._mask(n.name, out)
         if isinstance(out, (tuple, list)) and any(f"{n.name}#{i}" in self.zero for i in range(len(out))):

@@ -37,6 +37,8 @@ from fxprune.state import kept_buffers
 from fxprune.testing.invalid import InvalidNet
 from fxprune.testing.netgen import random_spec
 from fxprune.testing.netspec import NetSpec, Step, build, to_source
+from fxprune.testing.refit_check import TOLERANCE as REFIT_TOLERANCE
+from fxprune.testing.refit_check import refit_gaps
 from fxprune.testing.trust_ops import STATE_REFUSAL
 
 
@@ -147,6 +149,11 @@ def check_case(
     _expect(result.oracle is not None, "verify=True gave no oracle report")
     with kept_buffers(model, result.model):  # the checks' calls leave no state behind (a forward's counter)
         _check_result(model, inputs, result, onnx_path, dynamic_batch)
+    if reconstruct:  # each refit against a least-squares fit computed from the eager models alone
+        gaps = refit_gaps(model, result.model, result.reconstruction, extra["calibration"])
+        worst = max(gaps.items(), key=lambda kv: kv[1], default=("", 0.0))
+        _expect(worst[1] <= REFIT_TOLERANCE, f"the refit of {worst[0]} is {worst[1]:.3g} of its target's energy worse "
+                f"than the least-squares fit on the eager models' own inputs and outputs")
     if replay:  # from the state both models were handed back with
         with kept_buffers(model, result.model):
             _check_replay(model, inputs, result)
@@ -456,6 +463,8 @@ def regression_source(spec: NetSpec, run: Run, error: str, date: str) -> str:
     scorer = f"random_importance({spec.seed})" if run.importance == "random" else '"l2"'
     onnx = ', onnx_path=str(tmp_path / "m.onnx")' if run.onnx else ""
     onnx += ", dynamic_batch=False" if spec.literal_batch else ""
+    onnx += ", reconstruct=True" if run.reconstruct else ""  # the run's options, as the case ran them
+    onnx += f", heads={run.heads!r}" if run.heads else ""
     return _TEMPLATE.format(
         seed=spec.seed, n=len(spec.steps), importance=run.importance, ratio=run.ratio, error=error, date=date,
         imports="\n".join(third) + "\n\n" + "\n".join(first), source=source, raises=raises,
