@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 
 from fxprune import experts
-from fxprune.errors import FxPruneError, TraceError
+from fxprune.errors import FxPruneError
 from fxprune.importance_taylor import WholeModelGradients
+from fxprune.part_outcomes import Failed, PartOutcome, Pruned, Untraced, outcome_of
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.select import Policy, lone_keep
 from fxprune.passes.ties import retie
@@ -31,47 +32,6 @@ from fxprune.state import kept_buffers
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """A part compiled: its ``PruneResult`` (``output="module"``, the part bound to its call)."""
-
-    result: Any
-
-
-@dataclass(frozen=True)
-class Untraced:
-    """A part that is not compiled as a whole (not traceable; in a replay, no plan of its own): its children are."""
-
-    reason: str
-    error: FxPruneError | None = None  # the trace's error, when there was one
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A part whose compile failed (its proof, its criterion, its recording): reported as kept whole, and its
-    children are tried."""
-
-    error: FxPruneError
-
-    @property
-    def reason(self) -> str:
-        return f"{type(self.error).__name__}: {str(self.error)[:200]}"
-
-
-PartOutcome = Pruned | Untraced | Failed
-
-
-def outcome_of(compile_part: Callable[[], Any]) -> PartOutcome:
-    """``compile_part()``'s result as a typed outcome: the errors that say "not this part" become outcomes
-    here, at the call into the pipeline, so that no walker reads an exception as a signal."""
-    try:
-        return Pruned(compile_part())
-    except TraceError as e:
-        return Untraced(str(e), e)
-    except FxPruneError as e:
-        return Failed(e)
 
 
 # compile_fn(part, inputs, ignore, calibration, gradients, name[, targets=]) -> PartOutcome; calibration: the

@@ -23,7 +23,8 @@ import torch.nn as nn
 from fxprune.copying import private_copy
 from fxprune.errors import ArgumentError, PlanMismatchError, TraceError
 from fxprune.metrics import count_params
-from fxprune.partial import PartOutcome, Pruned, Untraced, compile_parts, settle_parts
+from fxprune.part_outcomes import PartOutcome, Pruned, Untraced
+from fxprune.partial import compile_parts, settle_parts
 from fxprune.passes.budget import CostModel
 from fxprune.passes.select import plan_from_kept
 from fxprune.passes.train_mode import restore_flags

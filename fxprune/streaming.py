@@ -34,9 +34,9 @@ from fxprune.errors import ArgumentError, FxPruneError, first_line
 from fxprune.hf_config import _same_structure, propose
 from fxprune.options import Options
 from fxprune.outputs import tensors_of
+from fxprune.part_outcomes import Pruned
 from fxprune.partial import (
     PartReport,
-    Pruned,
     _Bound,
     _Call,
     _part_ignore,

@@ -277,7 +277,8 @@ def test_part_outcomes_steer_the_walk() -> None:
     """``compile_fn`` answers with a typed outcome, never an exception read as a signal: a failed part is
     reported as kept whole and its children are tried; an untraced one, its children, silently."""
     from fxprune.errors import FxPruneError
-    from fxprune.partial import Failed, Untraced, compile_parts
+    from fxprune.part_outcomes import Failed, Untraced
+    from fxprune.partial import compile_parts
 
     class Net(nn.Module):
         def __init__(self) -> None:
