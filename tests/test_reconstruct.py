@@ -116,11 +116,15 @@ def test_reconstruct_needs_calibration() -> None:
 transformers = pytest.importorskip("transformers")
 
 
-def test_a_llama_pruned_part_by_part_is_refitted_in_every_layer() -> None:
+def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_a_llama_pruned_part_by_part_is_refitted_in_every_layer() -> None:
+    model = _tiny_llama()
     g = torch.Generator().manual_seed(0)
     cal = [torch.randint(0, 96, (4, 16), generator=g) for _ in range(4)]
     kwargs = dict(example_inputs=(cal[0][:1],), importance="activation", calibration=cal, output="module")
@@ -253,12 +257,10 @@ def test_batches_are_cut_to_the_example_shapes() -> None:
 
 def test_an_example_of_another_length_still_gets_the_sequential_refit(caplog: pytest.LogCaptureFixture) -> None:
     """output="module" specialises the graph to the example's shapes: with batches of another sequence length the
-    model (here: each part of it) is traced on the first batch, so the layers are refitted in order (the layers after a consumer are
-    refitted too, which only the sequential refit does); batches of mixed lengths fall back, and say so."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model (here: each part of it) is traced on the first batch, so the layers are refitted in order (the layers
+    after a consumer are refitted too, which only the sequential refit does); batches of mixed lengths fall back,
+    and say so."""
+    model = _tiny_llama()
     g = torch.Generator().manual_seed(0)
     cal = [torch.randint(0, 96, (4, 16), generator=g) for _ in range(3)]
     kwargs = dict(example_inputs=(torch.randint(0, 96, (1, 8), generator=g),), calibration=cal, reconstruct=True,
