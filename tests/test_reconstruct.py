@@ -224,20 +224,20 @@ def test_a_residual_branch_is_refitted_toward_the_unpruned_sum() -> None:
         h_p = torch.cat([b + p.w2(torch.relu(p.w1(b))) for b in CAL])
         x_p = torch.relu(p.w3(h_p)).double().numpy()
     # w3 (every input kept): toward its unpruned output, on the pruned stream
-    x3 = np.concatenate([h_p.double().numpy(), np.ones((len(h_p), 1))], 1)
-    want3 = model.w3(h_o).detach().double().numpy()
-    h3 = x3.T @ x3
-    sol3 = np.linalg.solve(h3 + DAMP * h3.diagonal().mean() * np.eye(len(h3)), x3.T @ want3).T
     group = next(g for g in r.plan.groups if g.producers == ("w3.weight[0]",))
     rows = list(r.plan.kept[group.id])  # w3's output rows that stay
-    np.testing.assert_allclose(p.w3.weight.detach().double().numpy(), sol3[rows, :-1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(p.w3.bias.detach().double().numpy(), sol3[rows, -1], rtol=1e-4, atol=1e-5)
-    target = want - h_p.double().numpy()
-    xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
+    _assert_fit(p.w3, h_p.double().numpy(), model.w3(h_o).detach().double().numpy(), rows)
+    _assert_fit(p.w4, x_p, want - h_p.double().numpy())
+
+
+def _assert_fit(layer: nn.Linear, x: np.ndarray, target: np.ndarray, rows: list[int] | None = None) -> None:
+    """``layer``'s ``[W b]`` is the damped least-squares fit of ``target`` on ``[x, 1]`` (numpy; ``rows`` of it)."""
+    xk = np.concatenate([x, np.ones((len(x), 1))], 1)
     h = xk.T @ xk
     solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
-    np.testing.assert_allclose(p.w4.weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(p.w4.bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+    solution = solution if rows is None else solution[rows]
+    np.testing.assert_allclose(layer.weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_batches_are_cut_to_the_example_shapes() -> None:
@@ -306,12 +306,7 @@ def test_in_place_ops_after_the_sum_do_not_reach_the_target() -> None:
         unpruned_sum = (s0 + model.w2(torch.relu(model.w1(s0)))).double().numpy()[:, kept]
         s_p = p.w0(x)
         x_p = torch.relu(p.w1(s_p)).double().numpy()
-    target = unpruned_sum - s_p.double().numpy()
-    xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
-    h = xk.T @ xk
-    solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ target).T
-    np.testing.assert_allclose(p.w2.weight.detach().double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(p.w2.bias.detach().double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+    _assert_fit(p.w2, x_p, unpruned_sum - s_p.double().numpy())
 
 
 class _Normed(nn.Module):
@@ -339,14 +334,8 @@ def test_consumers_behind_a_norm_are_fitted_on_the_pruned_norm() -> None:
     with torch.no_grad():
         x = torch.cat(cal)
         x_p = p.ln(p.w0(x)).double().numpy()  # the pruned model's own norm: over the kept channels
-        xk = np.concatenate([x_p, np.ones((len(x_p), 1))], 1)
-        h = xk.T @ xk
         for name in ("a", "b"):
-            want = getattr(model, name)(model.ln(model.w0(x))).double().numpy()
-            solution = np.linalg.solve(h + DAMP * h.diagonal().mean() * np.eye(len(h)), xk.T @ want).T
-            got = getattr(p, name)
-            np.testing.assert_allclose(got.weight.double().numpy(), solution[:, :-1], rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(got.bias.double().numpy(), solution[:, -1], rtol=1e-4, atol=1e-5)
+            _assert_fit(getattr(p, name), x_p, getattr(model, name)(model.ln(model.w0(x))).double().numpy())
 
 
 def test_the_independent_refit_check_sees_a_spoiled_refit() -> None:
