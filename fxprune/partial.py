@@ -326,11 +326,12 @@ def compile_parts(
     return reports
 
 
-def settle_parts(result: nn.Module, original: nn.Module) -> None:
+def settle_parts(result: nn.Module, original: nn.Module, refitted: frozenset[str] = frozenset()) -> None:
     """Each part was copied privately: ties into it and state (a recording run may update buffers) come
-    from the caller's model again. (Training flags are restored by the caller, after its last eval run.)"""
+    from the caller's model again, except the tensors a refit wrote (``refitted``: qualified names).
+    (Training flags are restored by the caller, after its last eval run.)"""
     retie(result, original)
-    restore_state(result, original)
+    restore_state(result, original, skip=refitted)
     share_configs(result, original)
 
 

@@ -187,7 +187,7 @@ def _compile_paused(model: nn.Module, options: Options) -> PruneResult | BudgetO
     if not parts:
         return PruneResult(done.model, plan, done.modified, params_before, done.params_after, cost.macs_before,
                            done.macs_after, done.oracle, 0.0, reconstruction=fits)
-    settle_parts(done.model, model)
+    settle_parts(done.model, model, _refitted(fits, part_fits))
     if options.output == "module":  # the parts changed widths after the graph's config sync
         sync_config(done.model, a.inputs)
     restore_flags(done.model, {n: m.training for n, m in model.named_modules()})
@@ -281,7 +281,7 @@ def _compile_root_parts(model: nn.Module, options: Options, error: TraceError) -
     parts = compile_parts(root, root, "", inputs, compile_part, [*options.ignore, *options.leaves],
                           calibration=options.calibration_batches(), importance=options.importance,
                           expert_policy=_policy(options.part_options()), sequential=options.reconstruct)
-    settle_parts(root, model)
+    settle_parts(root, model, _refitted((), part_fits))
     sync_config(root, inputs)  # a Hugging Face config follows the pruned widths where it can (in eval mode)
     modified = any(p.params_after < p.params_before for p in parts)
     if not modified and (options.ratio > 0 or all(p.skipped for p in parts)):  # at ratio 0 parts stay whole
@@ -332,6 +332,14 @@ def _part_compiler(options: Options) -> tuple[CompilePart, dict[str, PruningPlan
         return outcome
 
     return compile_part, plans, fits
+
+
+def _refitted(fits: tuple[Any, ...], part_fits: dict[str, tuple[Any, ...]]) -> frozenset[str]:
+    """The qualified names of the tensors the refits wrote: the root graph's layers (``fits``) and each part's
+    (``part_fits``, by part; a part's layers are named inside its binding, ``inner.``)."""
+    layers = {f.name for f in fits} | {f"{part}.{f.name.removeprefix('inner.')}" if part else f.name.removeprefix("inner.")
+                                       for part, found in part_fits.items() for f in found}
+    return frozenset(f"{layer}.{t}" for layer in layers for t in ("weight", "bias"))
 
 
 def _refit_example(options: Options) -> Options:

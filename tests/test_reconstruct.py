@@ -137,6 +137,8 @@ def test_a_llama_pruned_part_by_part_is_refitted_in_every_layer() -> None:
     after = [f"layers.1.{x}" for x in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")]
     assert sorted(set(names) - set(lost)) == sorted(after)  # what runs after them, on their changed output
+    q = r.model.model.layers[1].self_attn.q_proj.weight  # refitted with its shape unchanged: kept once settled
+    assert not torch.equal(q, model.model.layers[1].self_attn.q_proj.weight)
     assert all(f.error_after <= f.error_before and not f.bias for f in r.reconstruction)
     assert all(f.error_after < f.error_before for f in r.reconstruction if f.kept < f.inputs)
     ids = torch.randint(0, 96, (4, 16), generator=g)

@@ -110,18 +110,20 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_state(work: nn.Module, original: nn.Module, only: set[str] | None = None) -> None:
+def restore_state(work: nn.Module, original: nn.Module, only: set[str] | None = None,
+                  skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Copy back every parameter and buffer of ``work`` whose value a run changed (read from ``original``).
 
     ``work`` is fxprune's private deep copy of ``original``; a forward may update buffers (running
     statistics, call counters) or even parameters (``Embedding(max_norm=...)`` renormalises its weight).
-    ``only``: the names a ``_WriteWatch`` saw written (the others are not compared).
+    ``only``: the names a ``_WriteWatch`` saw written (the others are not compared); ``skip``: names fxprune
+    changed on purpose (a refit's weights and biases), never copied back.
     """
     mine, theirs = named_tensors(work), named_tensors(original)
     with torch.no_grad():
         for name, t in mine.items():
             src = theirs.get(name)
-            if only is not None and name not in only:
+            if (only is not None and name not in only) or name in skip:
                 continue
             if src is None or src.shape != t.shape or src.dtype != t.dtype or src.is_meta or t.is_meta:
                 continue
