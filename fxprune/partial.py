@@ -288,8 +288,6 @@ def compile_parts(
                 None if gradients is None else gradients.for_part(b, f), *part_calibration(n, b)))
             if isinstance(ready, Pruned):  # its gradients and batches: compiled
                 own, batches, targets = ready.result
-                if sequential and batches:  # traced on its first batch: its specialised graph runs them all in order
-                    tensors = batches[0]
                 outcome = compile_fn(bound, tensors, inside, batches, own, full,
                                      **({"targets": targets} if targets else {}))
             else:

@@ -51,7 +51,7 @@ from fxprune.partial import (
 from fxprune.passes.budget import CostModel, plan_for_budget
 from fxprune.passes.eager_check import restore_state
 from fxprune.passes.importance import resolve, score_groups
-from fxprune.passes.reconstruct import example_shaped, reconstruct
+from fxprune.passes.reconstruct import reconstruct
 from fxprune.passes.select import Policy, select_channels
 from fxprune.passes.train_mode import restore_flags
 from fxprune.passes.writeback import WriteBackError, repeats_of
@@ -122,7 +122,6 @@ def _compile(model: nn.Module, options: Options) -> PruneResult | BudgetOverPart
 
 
 def _compile_paused(model: nn.Module, options: Options) -> PruneResult | BudgetOverParts:
-    options = _refit_example(options)
     try:  # a. prepare (must precede everything: the graph, its groups and the inputs come from it)
         a = prepare(model, options.example_inputs, options.ignore, options.leaves, prune_heads=options.prune_heads,
                     specialize=options.output == "module", pinned=options.pinned)
@@ -340,22 +339,6 @@ def _refitted(fits: tuple[Any, ...], part_fits: dict[str, tuple[Any, ...]]) -> f
     layers = {f.name for f in fits} | {f"{part}.{f.name.removeprefix('inner.')}" if part else f.name.removeprefix("inner.")
                                        for part, found in part_fits.items() for f in found}
     return frozenset(f"{layer}.{t}" for layer in layers for t in ("weight", "bias"))
-
-
-def _refit_example(options: Options) -> Options:
-    """With ``reconstruct`` and ``output="module"`` the graph is specialised to the example's shapes, and the
-    sequential refit runs the calibration batches through it: when they do not fit the example (another
-    sequence length) but fit their first one, that batch is the example the model is traced on."""
-    batches = options.calibration_batches() if options.reconstruct and options.output == "module" else None
-    if not batches:
-        return options
-    example = options.example_inputs
-    example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-    if example_shaped(batches, example) is not None or example_shaped(batches, batches[0]) is None:
-        return options
-    log.info("fxprune: reconstruct: traced on the first calibration batch (the example inputs are shaped "
-             "otherwise), so that the layers are refitted in order on the batches")
-    return replace(options, example_inputs=batches[0])
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], path: str, opset: int) -> None:

@@ -257,23 +257,25 @@ def test_batches_are_cut_to_the_example_shapes() -> None:
     assert example_shaped([(torch.randn(2, 6, 4), cos)], (x, cos)) is None  # another sequence length
 
 
-def test_an_example_of_another_length_still_gets_the_sequential_refit(caplog: pytest.LogCaptureFixture) -> None:
-    """output="module" specialises the graph to the example's shapes: with batches of another sequence length the
-    model (here: each part of it) is traced on the first batch, so the layers are refitted in order (the layers
-    after a consumer are refitted too, which only the sequential refit does); batches of mixed lengths fall back,
-    and say so."""
+def test_the_refit_in_order_needs_batches_of_the_example_shape(caplog: pytest.LogCaptureFixture) -> None:
+    """output="module" specialises each part's graph to the example's shapes: batches of the example's length
+    (any multiple of its batch size) are refitted in order (the layers after a consumer too, which only the
+    sequential refit does), and the plan replays with the same example; batches of another length fall back to
+    the refit on the unpruned inputs, and say so."""
     model = _tiny_llama()
     g = torch.Generator().manual_seed(0)
     cal = [torch.randint(0, 96, (4, 16), generator=g) for _ in range(3)]
-    kwargs = dict(example_inputs=(torch.randint(0, 96, (1, 8), generator=g),), calibration=cal, reconstruct=True,
-                  output="module", verify=True)
-    r = fxprune.prune(model, 0.5, **kwargs)
+    example = (cal[0][:1],)
+    r = fxprune.prune(model, 0.5, example_inputs=example, calibration=cal, reconstruct=True, output="module",
+                      verify=True)
     assert all(p.oracle in ("passed", "") for p in r.parts) and any(p.oracle == "passed" for p in r.parts)
     assert any(f.kept == f.inputs for f in r.reconstruction)
     assert "refitted on the unpruned model's inputs" not in caplog.text
-    mixed = [cal[0], torch.randint(0, 96, (2, 12), generator=g)]
-    r = fxprune.prune(model, 0.5, **{**kwargs, "calibration": mixed})
-    assert r.reconstruction and all(f.kept < f.inputs for f in r.reconstruction)  # consumers only, at once
+    back = fxprune.apply(model, r.plan, example_inputs=example)  # the channels replay (the refit does not)
+    assert sum(p.numel() for p in back.parameters()) == r.params_after
+    other = (torch.randint(0, 96, (1, 8), generator=g),)
+    r = fxprune.prune(model, 0.5, example_inputs=other, calibration=cal, reconstruct=True, output="module")
+    assert r.reconstruction and all(f.kept < f.inputs and f.target == "unpruned inputs" for f in r.reconstruction)
     assert "refitted on the unpruned model's inputs" in caplog.text
 
 
