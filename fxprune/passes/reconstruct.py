@@ -17,8 +17,9 @@ toward what the unpruned model computed: the layer's own output, or, for the las
 branch (its output added straight to the stream, or through an eval-mode BatchNorm), the unpruned sum less
 what the pruned stream brings; so each refit also makes up for what the layers before it lost.
 A graph specialised to the example's shapes cannot run batches of other shapes: then every consumer is fitted
-on the unpruned model's inputs (and the layers after them are left: on those inputs a refit changes nothing) (the eager copy runs them), a few layers per run so that the float64
-statistics held at once stay under ``H_BUDGET_BYTES``. Across the parts of a model pruned part by part
+on the unpruned model's inputs (the eager copy runs them; the layers after them are left, since on those
+inputs a refit changes nothing), a few layers per run so that the float64 statistics held at once stay under
+``H_BUDGET_BYTES``. Across the parts of a model pruned part by part
 (``partial.compile_parts``) or streamed layer by layer (``streaming.py``), each part is fitted on what the parts
 pruned before it give it, toward what the unpruned model computed there (``targets``: the unpruned model's
 inputs to the part, batch for batch), so a layer also makes up for what the layers before it lost.
@@ -112,16 +113,15 @@ def reconstruct(gm: fx.GraphModule, deps: DependencyResult, plan: PruningPlan, b
         raise ArgumentError("reconstruct=True refits the kept weights on data: pass calibration=<batches>")
     layers = consumers(gm, deps, plan)
     pieces = batches if runner is None else example_shaped(batches, example)
-    sources = _targets(pieces, targets, runner, example)
-    if pieces is not None:  # on the unpruned inputs (_at_once) the layers after them have nothing to make up
-        layers = layers + downstream(gm, deps, layers)
-    if pieces is None:
+    if pieces is not None:
+        sources = _targets(pieces, targets, runner, example)
+        fits = _sequential(gm, deps, plan, layers + downstream(gm, deps, layers), pieces, sources)
+    else:  # on the unpruned inputs the layers after the consumers have nothing to make up
         log.warning("fxprune: reconstruct: the calibration batches are not shaped like the example inputs (or a "
                     "multiple of their batch size), so every layer is refitted on the unpruned model's inputs, "
                     "not in order on the pruned ones; pass example_inputs shaped like one calibration batch for "
                     "the sequential refit")
-    fits = _sequential(gm, deps, plan, layers, pieces, sources) if pieces is not None \
-        else _at_once(runner, layers, batches)
+        fits = _at_once(runner, layers, batches)
     for f in fits:
         log.info("fxprune: reconstructed %s (%d of %d inputs%s): calibration error %.3g -> %.3g", f.name, f.kept,
                  f.inputs, ", bias compensated" if f.bias else "", f.error_before, f.error_after)
